@@ -1,0 +1,448 @@
+"""Activations: streamed harvest with early exit, a shuffling buffer, and a memory-mapped disk cache.
+
+Every source yields training batches as {hook_name: float32 [batch, d]} and can report and restore its
+position (`state_dict` / `load_state_dict`), so a resumed training run sees exactly the batches an
+uninterrupted one would have seen. Memory stays bounded by the buffer or one shard, whatever the
+dataset size.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from saelab.data import DataConfig, exclusion_mask, token_batches
+from saelab.errors import ActivationError, DataError
+from saelab.fileio import atomic_write_json
+
+CACHE_VERSION = 1
+MANIFEST = "manifest.json"
+
+
+def check_finite(acts: dict[str, torch.Tensor], where: str) -> None:
+    """Refuse NaN/inf activations with advice instead of training on garbage."""
+    for hook, tensor in acts.items():
+        if not torch.isfinite(tensor).all():
+            bad = int((~torch.isfinite(tensor)).any(-1).sum())
+            raise ActivationError(
+                f"{bad} activation vectors at {hook!r} ({where}) contain NaN or inf values. Load the model "
+                "in float32 (half precision can overflow in the residual stream), keep the attention-sink "
+                "position excluded (exclude_bos), or re-harvest a corrupted activation cache."
+            )
+
+
+def harvest(
+    lm,
+    data: DataConfig,
+    hooks: Sequence[str],
+    n_tokens: int | None,
+    batch_contexts: int = 32,
+    skip_contexts: int = 0,
+    progress: bool = True,
+    desc: str = "harvest",
+) -> Iterator[tuple[dict[str, torch.Tensor], int]]:
+    """Yield ({hook: [kept_tokens, d] float32}, contexts_used) batches until n_tokens kept tokens.
+
+    One forward pass per batch captures every hook and stops after the last needed layer. Excluded
+    positions (the position-0 attention sink / BOS, special tokens) never leave this function.
+    """
+    hooks = list(dict.fromkeys(hooks))
+    for hook in hooks:
+        lm.hook_dim(hook)  # raises UnknownHookError early with the list of valid names
+    produced = 0
+    bar = tqdm(total=n_tokens, desc=desc, unit="tok", unit_scale=True, disable=not progress, leave=False)
+    batches = token_batches(
+        data.source,
+        lm.tokenizer,
+        context_size=data.context_size,
+        batch_size=batch_contexts,
+        prepend_bos=data.prepend_bos,
+        split=data.split,
+        text_field=data.text_field,
+        dataset_config=data.dataset_config,
+        skip_contexts=skip_contexts,
+    )
+    try:
+        for input_ids in batches:
+            keep = ~exclusion_mask(
+                input_ids, lm.tokenizer, exclude_bos=data.exclude_bos, exclude_special=data.exclude_special
+            )
+            captured = lm.capture(input_ids.to(lm.device), hooks)
+            keep = keep.to(lm.device)
+            acts = {hook: captured[hook][keep].float().cpu() for hook in hooks}
+            check_finite(acts, "harvest")
+            count = int(keep.sum())
+            if n_tokens is not None and produced + count > n_tokens:
+                acts = {hook: value[: n_tokens - produced] for hook, value in acts.items()}
+                count = n_tokens - produced
+            produced += count
+            bar.update(count)
+            yield acts, int(input_ids.shape[0])
+            if n_tokens is not None and produced >= n_tokens:
+                return
+    finally:
+        bar.close()
+    if produced == 0:
+        raise DataError(
+            f"the dataset {data.source or 'embedded corpus'!r} gave no usable tokens: every position was "
+            "excluded or the text was empty. Point --data at a non-empty source."
+        )
+
+
+class ShuffleBuffer:
+    """A bounded pool of activation rows: filled from a stream, shuffled, drained from the end."""
+
+    def __init__(self, dims: dict[str, int], capacity: int, generator: torch.Generator):
+        self.dims = dims
+        self.capacity = capacity
+        self.generator = generator
+        self.rows = {hook: torch.empty(0, d) for hook, d in dims.items()}
+
+    def __len__(self) -> int:
+        return next(iter(self.rows.values())).shape[0]
+
+    def add(self, acts: dict[str, torch.Tensor]) -> None:
+        self.rows = {hook: torch.cat([self.rows[hook], acts[hook]]) for hook in self.dims}
+
+    def shuffle(self) -> None:
+        order = torch.randperm(len(self), generator=self.generator)
+        self.rows = {hook: value[order] for hook, value in self.rows.items()}
+
+    def take(self, n: int) -> dict[str, torch.Tensor]:
+        keep = len(self) - n
+        out = {hook: value[keep:] for hook, value in self.rows.items()}
+        self.rows = {hook: value[:keep] for hook, value in self.rows.items()}
+        return out
+
+
+class StreamingActivations:
+    """Train straight from the model: harvest into a shuffle buffer, no disk. Resumable exactly."""
+
+    def __init__(
+        self,
+        lm,
+        data: DataConfig,
+        hooks: Sequence[str],
+        batch_size: int,
+        n_tokens: int | None = None,
+        buffer_tokens: int = 65536,
+        batch_contexts: int = 32,
+        seed: int = 0,
+        progress: bool = True,
+    ):
+        self.lm, self.data, self.hooks = lm, data, list(dict.fromkeys(hooks))
+        self.batch_size, self.n_tokens = batch_size, n_tokens
+        self.capacity = max(buffer_tokens, 2 * batch_size)
+        self.batch_contexts, self.progress = batch_contexts, progress
+        self.generator = torch.Generator().manual_seed(seed)
+        self.buffer = ShuffleBuffer({h: lm.hook_dim(h) for h in self.hooks}, self.capacity, self.generator)
+        self.contexts_used = 0
+        self.tokens_harvested = 0
+        self.exhausted = False
+        self._stream: Iterator | None = None
+
+    def _refill(self) -> None:
+        if self._stream is None:
+            remaining = None if self.n_tokens is None else self.n_tokens - self.tokens_harvested
+            self._stream = harvest(
+                self.lm,
+                self.data,
+                self.hooks,
+                remaining,
+                self.batch_contexts,
+                skip_contexts=self.contexts_used,
+                progress=False,
+            )
+        while len(self.buffer) < self.capacity:
+            try:
+                acts, contexts = next(self._stream)
+            except StopIteration:
+                self.exhausted = True
+                break
+            self.buffer.add(acts)
+            self.contexts_used += contexts
+            self.tokens_harvested += next(iter(acts.values())).shape[0]
+        self.buffer.shuffle()
+
+    def next_batch(self) -> dict[str, torch.Tensor] | None:
+        """The next training batch, or None when the stream is exhausted."""
+        if len(self.buffer) < self.capacity // 2 + self.batch_size and not self.exhausted:
+            self._refill()
+        if len(self.buffer) < self.batch_size:
+            return None
+        return self.buffer.take(self.batch_size)
+
+    def peek(self, n_rows: int) -> dict[str, torch.Tensor]:
+        """The first n_rows of the stream, without consuming them (to initialise scales and b_dec)."""
+        if len(self.buffer) < self.capacity // 2 + self.batch_size and not self.exhausted:
+            self._refill()
+        if len(self.buffer) == 0:
+            raise DataError("no activations to initialise from: the dataset gave no usable tokens.")
+        return {hook: value[-n_rows:].clone() for hook, value in self.buffer.rows.items()}
+
+    def state_dict(self) -> dict:
+        return {
+            "kind": "stream",
+            "contexts_used": self.contexts_used,
+            "tokens_harvested": self.tokens_harvested,
+            "exhausted": self.exhausted,
+            "rng": self.generator.get_state(),
+            "buffer": {hook: value.clone() for hook, value in self.buffer.rows.items()},
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.contexts_used = int(state["contexts_used"])
+        self.tokens_harvested = int(state["tokens_harvested"])
+        self.exhausted = bool(state["exhausted"])
+        self.generator.set_state(state["rng"])
+        self.buffer.rows = {hook: value.clone() for hook, value in state["buffer"].items()}
+        self._stream = None
+
+
+# ---- the on-disk cache --------------------------------------------------------------------------
+
+
+def _hook_folder(hook: str) -> str:
+    return hook.replace("/", "_")
+
+
+@dataclass
+class CacheInfo:
+    """What a cache's manifest says: its hooks and widths, shards, and where its tokens came from."""
+
+    path: Path
+    hooks: dict[str, int]
+    shards: list[int]
+    n_tokens: int
+    complete: bool
+    source: dict
+
+    @classmethod
+    def read(cls, path: str | Path) -> CacheInfo:
+        path = Path(path)
+        manifest = path / MANIFEST
+        if not manifest.exists():
+            raise ActivationError(
+                f"{path} is not an activation cache (no {MANIFEST}). Create one with `saelab harvest "
+                f"--out {path}`, or pass the folder that `saelab harvest` wrote."
+            )
+        try:
+            data = json.loads(manifest.read_text())
+            return cls(
+                path, dict(data["hooks"]), list(data["shards"]), int(data["n_tokens"]), bool(data["complete"]),
+                dict(data.get("source", {})),
+            )
+        except (ValueError, KeyError, TypeError) as err:
+            raise ActivationError(
+                f"the activation cache manifest {manifest} is corrupt ({err}). Delete the folder and run "
+                "`saelab harvest` again."
+            ) from None
+
+    def write(self) -> None:
+        atomic_write_json(
+            self.path / MANIFEST,
+            {
+                "version": CACHE_VERSION,
+                "hooks": self.hooks,
+                "shards": self.shards,
+                "n_tokens": self.n_tokens,
+                "complete": self.complete,
+                "dtype": "float32",
+                "source": self.source,
+            },
+        )
+
+    def shard_path(self, hook: str, index: int) -> Path:
+        return self.path / _hook_folder(hook) / f"shard_{index:05d}.npy"
+
+
+def _save_npy_atomic(path: Path, array: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as handle:
+        np.save(handle, array, allow_pickle=False)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def harvest_to_cache(
+    lm,
+    data: DataConfig,
+    hooks: Sequence[str],
+    n_tokens: int,
+    out: str | Path,
+    shard_tokens: int = 32768,
+    batch_contexts: int = 32,
+    seed: int = 0,
+    progress: bool = True,
+) -> CacheInfo:
+    """Harvest n_tokens into memory-mapped .npy shards (rows pre-shuffled across ~4 shards).
+
+    Resumable: the manifest is rewritten after each shard, and a rerun continues after the last
+    complete shard. Memory is bounded by the shuffle buffer (about 4 shards).
+    """
+    out = Path(out)
+    hooks = list(dict.fromkeys(hooks))
+    dims = {hook: lm.hook_dim(hook) for hook in hooks}
+    source = {"model": lm.name, "data": data.to_dict(), "seed": seed, "shard_tokens": shard_tokens}
+    if (out / MANIFEST).exists():
+        info = CacheInfo.read(out)
+        if info.hooks != dims or info.source.get("data") != source["data"] or info.source.get("model") != lm.name:
+            raise ActivationError(
+                f"{out} already holds activations from another model, dataset or hook set. "
+                "Choose a new --out folder, or delete this one."
+            )
+        if info.complete and info.n_tokens >= n_tokens:
+            return info
+    else:
+        info = CacheInfo(out, dims, [], 0, False, source)
+    state = info.source.setdefault("state", {"contexts_used": 0})
+    generator = torch.Generator().manual_seed(seed + len(info.shards))
+    buffer = ShuffleBuffer(dims, 4 * shard_tokens, generator)
+    bar = tqdm(total=n_tokens, initial=info.n_tokens, desc="harvest", unit="tok", unit_scale=True,
+               disable=not progress)
+    stream = harvest(lm, data, hooks, n_tokens - info.n_tokens, batch_contexts,
+                     skip_contexts=state["contexts_used"], progress=False)
+    skipped = state["contexts_used"]
+    read = 0
+
+    def flush(count: int) -> None:
+        rows = buffer.take(count)
+        index = len(info.shards)
+        for hook in hooks:
+            _save_npy_atomic(info.shard_path(hook, index), rows[hook].numpy())
+        info.shards.append(count)
+        info.n_tokens += count
+        # After a crash the rerun skips every context read so far: rows still in the buffer are
+        # dropped (never duplicated), a small loss for a harvest that is resumable at all.
+        state["contexts_used"] = skipped + read
+        info.write()
+        bar.update(count)
+
+    try:
+        for acts, contexts in stream:
+            buffer.add(acts)
+            read += contexts
+            if len(buffer) >= 4 * shard_tokens:
+                buffer.shuffle()
+                flush(shard_tokens)
+        buffer.shuffle()
+        while len(buffer) > 0:
+            flush(min(shard_tokens, len(buffer)))
+        state["contexts_used"] = skipped + read
+        info.complete = True
+        info.write()
+    finally:
+        bar.close()
+    if info.n_tokens < n_tokens:
+        raise DataError(
+            f"the dataset {data.source or 'embedded corpus'!r} ran out after {info.n_tokens:,} tokens, "
+            f"fewer than the {n_tokens:,} asked for. Ask for fewer tokens (--tokens) or add more text."
+        )
+    return info
+
+
+class CachedActivations:
+    """Training batches from a disk cache: shard order and rows reshuffled every epoch, exact resume.
+
+    With world_size > 1 every rank walks the same global batches and keeps rows rank::world_size, so
+    data-parallel training sees exactly the batches of a single process.
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        hooks: Sequence[str],
+        batch_size: int,
+        seed: int = 0,
+        n_tokens: int | None = None,
+        rank: int = 0,
+        world_size: int = 1,
+    ):
+        self.info = CacheInfo.read(path)
+        missing = [hook for hook in hooks if hook not in self.info.hooks]
+        if missing:
+            raise ActivationError(
+                f"the activation cache {path} has no {missing} (it holds {sorted(self.info.hooks)}). "
+                "Harvest those hook points, or train on the ones it has."
+            )
+        if not self.info.complete:
+            raise ActivationError(
+                f"the activation cache {path} is incomplete (its harvest was interrupted). Run the same "
+                "`saelab harvest` command again to finish it."
+            )
+        self.hooks = list(dict.fromkeys(hooks))
+        self.batch_size, self.seed = batch_size, seed
+        self.n_tokens = n_tokens if n_tokens is not None else self.info.n_tokens
+        self.rank, self.world_size = rank, world_size
+        self.epoch, self.shard_pos, self.row_pos, self.served = 0, 0, 0, 0
+        self._loaded: tuple[int, int, dict[str, torch.Tensor]] | None = None
+        self._carry: dict[str, torch.Tensor] | None = None
+
+    def _order(self, epoch: int) -> list[int]:
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        return torch.randperm(len(self.info.shards), generator=generator).tolist()
+
+    def _shard(self, epoch: int, pos: int) -> dict[str, torch.Tensor]:
+        if self._loaded is not None and self._loaded[:2] == (epoch, pos):
+            return self._loaded[2]
+        index = self._order(epoch)[pos]
+        generator = torch.Generator().manual_seed(self.seed * 7919 + epoch * 104729 + index)
+        perm = torch.randperm(self.info.shards[index], generator=generator)
+        rows = {}
+        for hook in self.hooks:
+            array = np.load(self.info.shard_path(hook, index), mmap_mode="r", allow_pickle=False)
+            rows[hook] = torch.from_numpy(np.ascontiguousarray(array))[perm]
+        check_finite(rows, f"cache shard {index}")
+        self._loaded = (epoch, pos, rows)
+        return rows
+
+    def next_batch(self) -> dict[str, torch.Tensor] | None:
+        if self.served + self.batch_size > self.n_tokens:
+            return None
+        parts: list[dict[str, torch.Tensor]] = []
+        need = self.batch_size
+        while need > 0:
+            rows = self._shard(self.epoch, self.shard_pos)
+            available = next(iter(rows.values())).shape[0] - self.row_pos
+            take = min(need, available)
+            parts.append({h: v[self.row_pos : self.row_pos + take] for h, v in rows.items()})
+            self.row_pos += take
+            need -= take
+            if self.row_pos >= next(iter(rows.values())).shape[0]:
+                self.row_pos = 0
+                self.shard_pos += 1
+                if self.shard_pos >= len(self.info.shards):
+                    self.shard_pos, self.epoch = 0, self.epoch + 1
+        self.served += self.batch_size
+        batch = {h: torch.cat([p[h] for p in parts]) if len(parts) > 1 else parts[0][h] for h in self.hooks}
+        if self.world_size > 1:
+            batch = {h: v[self.rank :: self.world_size] for h, v in batch.items()}
+        return batch
+
+    def peek(self, n_rows: int) -> dict[str, torch.Tensor]:
+        """Rows from the start of epoch 0, without moving the read position."""
+        rows = self._shard(0, 0)
+        return {hook: value[:n_rows].clone() for hook, value in rows.items()}
+
+    def state_dict(self) -> dict:
+        return {"kind": "cache", "epoch": self.epoch, "shard_pos": self.shard_pos, "row_pos": self.row_pos,
+                "served": self.served}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.shard_pos = int(state["epoch"]), int(state["shard_pos"])
+        self.row_pos, self.served = int(state["row_pos"]), int(state["served"])
+        self._loaded = None
+
+
+def steps_for(n_tokens: int, batch_size: int) -> int:
+    return max(1, math.floor(n_tokens / batch_size))

@@ -1,0 +1,189 @@
+"""What every dictionary shares: parameters in SAELens layout, input scaling, and folding it away."""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from saelab.dictionaries.config import UNIT_NORM_DECODER, DictionaryConfig
+from saelab.errors import ActivationError, DimensionMismatchError
+
+
+@dataclass
+class StepContext:
+    """What the trainer tells a dictionary about the step: which latents are dead, how far along."""
+
+    dead_mask: torch.Tensor | None = None
+    progress: float = 1.0
+
+
+@dataclass
+class TrainOutput:
+    """A training step's loss plus the numbers the trainer logs (floats, already detached)."""
+
+    loss: torch.Tensor
+    fired: torch.Tensor  # [d_sae] bool: latents active on at least one token of the batch
+    terms: dict[str, float] = field(default_factory=dict)
+
+
+def geometric_median(points: torch.Tensor, iterations: int = 100, tol: float = 1e-6) -> torch.Tensor:
+    """Weiszfeld's algorithm: the point minimising the summed distance to `points` (robust b_dec init)."""
+    points = points.double()
+    median = points.mean(0)
+    for _ in range(iterations):
+        distances = (points - median).norm(dim=1).clamp_min(1e-8)
+        weights = 1.0 / distances
+        update = (weights[:, None] * points).sum(0) / weights.sum()
+        if (update - median).norm() <= tol * max(1.0, median.norm().item()):
+            median = update
+            break
+        median = update
+    return median.float()
+
+
+class Dictionary(nn.Module, ABC):
+    """Base class of every family. Works on raw activations; scaling lives in two scalar buffers.
+
+    While training, inputs are multiplied by `input_scale` (and targets by `output_scale`) so that
+    hyperparameters carry across models; `fold_scales()` moves those factors into the weights so the
+    saved dictionary is an ordinary SAELens-layout SAE on raw activations.
+    """
+
+    architecture = "base"
+    has_b_enc = True
+
+    def __init__(self, cfg: DictionaryConfig):
+        super().__init__()
+        self.cfg = cfg
+        generator = torch.Generator().manual_seed(cfg.seed)
+        d_in, d_sae, d_out = cfg.d_in, cfg.d_sae, cfg.out_dim
+        W_dec = torch.randn(d_sae, d_out, generator=generator)
+        W_dec /= W_dec.norm(dim=1, keepdim=True)
+        if cfg.architecture not in UNIT_NORM_DECODER:
+            W_dec *= 0.1  # Anthropic's April 2024 init for decoder-norm-weighted L1.
+        if d_out == d_in:
+            W_enc = W_dec.t().clone()
+        else:
+            W_enc = torch.randn(d_in, d_sae, generator=generator) / math.sqrt(d_in)
+        self.W_enc = nn.Parameter(W_enc)
+        if self.has_b_enc:
+            self.b_enc = nn.Parameter(torch.zeros(d_sae))
+        self.W_dec = nn.Parameter(W_dec)
+        self.b_dec = nn.Parameter(torch.zeros(d_out))
+        self.register_buffer("input_scale", torch.tensor(1.0))
+        self.register_buffer("output_scale", torch.tensor(1.0))
+
+    # ---- shapes and checks -------------------------------------------------------------------
+    @property
+    def d_in(self) -> int:
+        return self.cfg.d_in
+
+    @property
+    def d_sae(self) -> int:
+        return self.cfg.d_sae
+
+    def check_input(self, x: torch.Tensor) -> None:
+        if x.shape[-1] != self.cfg.d_in:
+            raise DimensionMismatchError(
+                f"this {self.cfg.architecture} dictionary expects activations of width d_in={self.cfg.d_in} "
+                f"(trained on {self.cfg.hook_name!r}), but got width {x.shape[-1]}. Use the hook point and "
+                "model it was trained on, or train a dictionary for this one."
+            )
+
+    # ---- inference on raw activations --------------------------------------------------------
+    def encoder_input(self, x: torch.Tensor) -> torch.Tensor:
+        x = x * self.input_scale
+        return x - self.b_dec if self.cfg.apply_b_dec_to_input else x
+
+    def preacts(self, x: torch.Tensor) -> torch.Tensor:
+        return self.encoder_input(x) @ self.W_enc + self.b_enc
+
+    @abstractmethod
+    def activation(self, pre: torch.Tensor) -> torch.Tensor:
+        """The family's nonlinearity: pre-activations -> dense latents."""
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """Dense latent activations [..., d_sae] for raw activations [..., d_in]."""
+        self.check_input(x)
+        return self.activation(self.preacts(x.to(self.W_enc.dtype)))
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        return (latents @ self.W_dec + self.b_dec) / self.output_scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.decode(self.encode(x))
+
+    # ---- training helpers --------------------------------------------------------------------
+    def normalized(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return x * self.input_scale, y * self.output_scale
+
+    def decoder_norms(self) -> torch.Tensor:
+        return self.W_dec.norm(dim=1)
+
+    @abstractmethod
+    def training_loss(self, x: torch.Tensor, y: torch.Tensor, ctx: StepContext) -> TrainOutput:
+        """The family's loss on raw inputs x and targets y (y is x for an autoencoder)."""
+
+    @torch.no_grad()
+    def init_from_data(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        """Set the input/output scales and b_dec from a first sample of activations."""
+        if not torch.isfinite(x).all() or not torch.isfinite(y).all():
+            raise ActivationError(
+                "the activations used to initialise the dictionary contain NaN or inf values. "
+                "Check the model's dtype (try float32) and exclude the attention-sink position."
+            )
+        if self.cfg.normalize_activations == "expected_average_only_in":
+            self.input_scale.fill_(math.sqrt(self.cfg.d_in) / x.norm(dim=-1).mean().clamp_min(1e-8))
+            self.output_scale.fill_(math.sqrt(self.cfg.out_dim) / y.norm(dim=-1).mean().clamp_min(1e-8))
+        target = y * self.output_scale
+        if self.cfg.b_dec_init == "geometric_median":
+            self.b_dec.copy_(geometric_median(target[:4096]))
+        elif self.cfg.b_dec_init == "mean":
+            self.b_dec.copy_(target.mean(0))
+
+    @torch.no_grad()
+    def remove_parallel_decoder_grad(self) -> None:
+        """Keep only the gradient component orthogonal to each unit-norm decoder row."""
+        if self.cfg.architecture in UNIT_NORM_DECODER and self.W_dec.grad is not None:
+            rows = self.W_dec / self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-8)
+            parallel = (self.W_dec.grad * rows).sum(dim=1, keepdim=True)
+            self.W_dec.grad.sub_(parallel * rows)
+
+    @torch.no_grad()
+    def after_optimizer_step(self) -> None:
+        if self.cfg.architecture in UNIT_NORM_DECODER:
+            self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-8))
+
+    # ---- saving ------------------------------------------------------------------------------
+    @torch.no_grad()
+    def fold_scales(self) -> None:
+        """Fold the input/output scales into the weights; latent values are unchanged."""
+        s_in, s_out = self.input_scale.item(), self.output_scale.item()
+        self.W_enc.mul_(s_in)
+        self.W_dec.div_(s_out)
+        self.b_dec.div_(s_out)
+        self.input_scale.fill_(1.0)
+        self.output_scale.fill_(1.0)
+
+    def saelens_tensors(self) -> dict[str, torch.Tensor]:
+        """The tensors of the SAELens file, by SAELens name (call fold_scales() first)."""
+        return {
+            name: tensor.detach()
+            for name, tensor in self.state_dict().items()
+            if name not in ("input_scale", "output_scale")
+        }
+
+    def load_saelens_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        own = self.saelens_tensors()
+        missing = sorted(set(own) - set(tensors))
+        if missing:
+            raise KeyError(f"missing tensors {missing}")
+        with torch.no_grad():
+            for name, value in own.items():
+                if tuple(tensors[name].shape) != tuple(value.shape):
+                    raise ValueError(f"tensor {name} has shape {tuple(tensors[name].shape)}, expected {tuple(value.shape)}")
+                value.copy_(tensors[name].to(value.dtype))

@@ -1,0 +1,76 @@
+"""One config for every dictionary: the fields a family does not use are ignored by it."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+ARCHITECTURES = ("relu", "gated", "topk", "batchtopk", "jumprelu")
+
+# Families whose decoder rows are kept at unit norm (their sparsity does not depend on norms).
+UNIT_NORM_DECODER = ("topk", "batchtopk", "jumprelu")
+
+
+@dataclass
+class DictionaryConfig:
+    """Shape and sparsity settings of one dictionary (SAE, or transcoder when output_hook_name is set)."""
+
+    architecture: str = "topk"
+    d_in: int = 576
+    d_sae: int = 4608
+    hook_name: str = "blocks.15.hook_resid_post"
+    # Transcoders read `hook_name` and predict `output_hook_name` (e.g. ln2.hook_normalized -> hook_mlp_out).
+    output_hook_name: str | None = None
+    d_out: int | None = None
+    # topk / batchtopk: latents kept per token (batchtopk: on average over the batch).
+    k: int = 32
+    # relu / gated: coefficient of the decoder-norm-weighted L1 penalty (on normalized inputs).
+    l1_coefficient: float = 5.0
+    # jumprelu: the mean L0 to steer towards, the penalty weight, and the straight-through kernel width.
+    target_l0: float = 32.0
+    l0_coefficient: float = 1.0
+    jumprelu_bandwidth: float = 0.05
+    jumprelu_init_threshold: float = 0.5
+    # AuxK for dead latents (topk, batchtopk): k_aux defaults to d_in // 2.
+    aux_k: int | None = None
+    aux_coefficient: float = 1 / 32
+    # batchtopk: EMA rate of the inference threshold.
+    threshold_momentum: float = 0.99
+    apply_b_dec_to_input: bool = True
+    # "expected_average_only_in": scale inputs by sqrt(d) / E||x|| while training; folded in at save.
+    normalize_activations: str = "expected_average_only_in"
+    b_dec_init: str = "geometric_median"  # or "mean" or "zeros"
+    dtype: str = "float32"
+    seed: int = 0
+    metadata: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.architecture not in ARCHITECTURES:
+            raise ValueError(f"unknown architecture {self.architecture!r}; choose one of {', '.join(ARCHITECTURES)}")
+        if self.output_hook_name and self.d_out is None:
+            self.d_out = self.d_in
+        if self.is_transcoder:
+            # A transcoder's input and output live in different spaces: no b_dec subtraction.
+            self.apply_b_dec_to_input = False
+        if self.architecture in ("topk", "batchtopk") and not 0 < self.k <= self.d_sae:
+            raise ValueError(f"k must be in 1..d_sae ({self.d_sae}), got {self.k}")
+
+    @property
+    def is_transcoder(self) -> bool:
+        return self.output_hook_name is not None and self.output_hook_name != self.hook_name
+
+    @property
+    def out_dim(self) -> int:
+        return self.d_out if self.d_out is not None else self.d_in
+
+    @property
+    def resolved_aux_k(self) -> int:
+        return self.aux_k if self.aux_k is not None else max(1, self.d_in // 2)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> DictionaryConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{key: value for key, value in data.items() if key in known})

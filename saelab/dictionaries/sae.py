@@ -1,0 +1,290 @@
+"""The five trainable families. Each defines its nonlinearity and its training loss; nothing else.
+
+Losses are computed on normalized activations (see Dictionary). TopK, BatchTopK and JumpReLU use
+the fraction of variance unexplained as reconstruction loss (scale-free, as in sparsify); ReLU and
+Gated use the summed squared error with a decoder-norm-weighted L1 penalty (Anthropic, April 2024).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from saelab.dictionaries.base import Dictionary, StepContext, TrainOutput
+from saelab.dictionaries.config import DictionaryConfig
+from saelab.dictionaries.kernels import selected_preacts, sparse_decode, topk_select
+
+
+def _fvu(error: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return error.pow(2).sum() / (target - target.mean(0)).pow(2).sum().clamp_min(1e-8)
+
+
+def _stats(loss, mse_per_token, fvu, l0, **extra) -> dict[str, float]:
+    out = {"loss": float(loss), "mse": float(mse_per_token), "fvu": float(fvu), "l0": float(l0)}
+    out.update({name: float(value) for name, value in extra.items()})
+    return out
+
+
+class ReLUSAE(Dictionary):
+    """ReLU + L1 on f_i * ||W_dec,i|| (Anthropic's April 2024 update; SAELens 'standard')."""
+
+    architecture = "relu"
+
+    def activation(self, pre):
+        return F.relu(pre)
+
+    def l1_weight(self, ctx: StepContext) -> float:
+        warmup = 0.05
+        return self.cfg.l1_coefficient * min(1.0, ctx.progress / warmup)
+
+    def training_loss(self, x, y, ctx):
+        xn, yn = self.normalized(x, y)
+        xin = xn - self.b_dec if self.cfg.apply_b_dec_to_input else xn
+        latents = F.relu(xin @ self.W_enc + self.b_enc)
+        recon = latents @ self.W_dec + self.b_dec
+        error = recon - yn
+        mse = error.pow(2).sum(-1).mean()
+        sparsity = (latents * self.decoder_norms()).sum(-1).mean()
+        loss = mse + self.l1_weight(ctx) * sparsity
+        with torch.no_grad():
+            active = latents > 0
+            terms = _stats(loss, mse, _fvu(error, yn), active.sum(-1).float().mean(), l1=sparsity)
+        return TrainOutput(loss, active.any(0), terms)
+
+
+class GatedSAE(Dictionary):
+    """Gated SAE (Rajamanoharan et al. 2024): a gate path decides, a magnitude path sizes."""
+
+    architecture = "gated"
+    has_b_enc = False
+
+    def __init__(self, cfg: DictionaryConfig):
+        super().__init__(cfg)
+        self.b_gate = nn.Parameter(torch.zeros(cfg.d_sae))
+        self.r_mag = nn.Parameter(torch.zeros(cfg.d_sae))
+        self.b_mag = nn.Parameter(torch.zeros(cfg.d_sae))
+
+    def preacts(self, x):
+        return self.encoder_input(x) @ self.W_enc
+
+    def activation(self, pre):
+        gate = pre + self.b_gate
+        magnitude = F.relu(pre * self.r_mag.exp() + self.b_mag)
+        return (gate > 0).to(pre.dtype) * magnitude
+
+    def training_loss(self, x, y, ctx):
+        xn, yn = self.normalized(x, y)
+        xin = xn - self.b_dec if self.cfg.apply_b_dec_to_input else xn
+        shared = xin @ self.W_enc
+        gate_pre = shared + self.b_gate
+        magnitude = F.relu(shared * self.r_mag.exp() + self.b_mag)
+        latents = (gate_pre > 0).to(shared.dtype) * magnitude
+        recon = latents @ self.W_dec + self.b_dec
+        error = recon - yn
+        mse = error.pow(2).sum(-1).mean()
+        gate_acts = F.relu(gate_pre)
+        sparsity = (gate_acts * self.decoder_norms()).sum(-1).mean()
+        # The gate path alone must reconstruct through a frozen decoder, so it learns magnitudes too.
+        aux_recon = gate_acts @ self.W_dec.detach() + self.b_dec.detach()
+        aux = (aux_recon - yn).pow(2).sum(-1).mean()
+        l1 = self.cfg.l1_coefficient * min(1.0, ctx.progress / 0.05)
+        loss = mse + l1 * sparsity + aux
+        with torch.no_grad():
+            active = latents > 0
+            terms = _stats(loss, mse, _fvu(error, yn), active.sum(-1).float().mean(), l1=sparsity, aux=aux)
+        return TrainOutput(loss, active.any(0), terms)
+
+
+class TopKSAE(Dictionary):
+    """TopK (Gao et al. 2024) with AuxK on dead latents; sparse decoder and sparse backward pass."""
+
+    architecture = "topk"
+
+    def activation(self, pre):
+        values, indices = topk_select(pre, self.cfg.k)
+        return torch.zeros_like(pre).scatter_(-1, indices, F.relu(values))
+
+    def select(self, pre: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Which latents fire on each row, and their (still differentiable-to-be) pre-activations."""
+        return topk_select(pre, self.cfg.k)
+
+    def training_loss(self, x, y, ctx):
+        xn, yn = self.normalized(x, y)
+        xin = xn - self.b_dec if self.cfg.apply_b_dec_to_input else xn
+        with torch.no_grad():
+            pre = torch.addmm(self.b_enc, xin, self.W_enc)
+        values, indices = self.select(pre)
+        values = F.relu(selected_preacts(xin, self.W_enc, self.b_enc, indices, values))
+        recon = sparse_decode(indices, values, self.W_dec) + self.b_dec
+        error = recon - yn
+        fvu = _fvu(error, yn)
+        loss = fvu
+        aux = torch.zeros(())
+        if ctx.dead_mask is not None and bool(ctx.dead_mask.any()):
+            aux = self.auxk_loss(pre, xin.detach(), (yn - recon).detach(), ctx.dead_mask)
+            loss = loss + self.cfg.aux_coefficient * aux
+        with torch.no_grad():
+            fired = torch.zeros(self.cfg.d_sae, dtype=torch.bool, device=x.device)
+            active = values > 0
+            fired[indices[active]] = True
+            mse = error.pow(2).sum(-1).mean()
+            terms = _stats(loss, mse, fvu, active.sum(-1).float().mean(), aux=aux)
+        return TrainOutput(loss, fired, terms)
+
+    def auxk_loss(self, pre, xin, residual, dead_mask) -> torch.Tensor:
+        """The k_aux largest dead latents reconstruct the residual (no b_dec in the target)."""
+        n_dead = int(dead_mask.sum())
+        k_aux = min(self.cfg.resolved_aux_k, n_dead)
+        with torch.no_grad():
+            dead_pre = pre.masked_fill(~dead_mask, -math.inf)
+            values, indices = dead_pre.topk(k_aux, dim=-1, sorted=False)
+        values = F.relu(selected_preacts(xin, self.W_enc, self.b_enc, indices, values))
+        estimate = sparse_decode(indices, values, self.W_dec)
+        scale = min(n_dead / k_aux, 1.0)
+        return scale * _fvu(estimate - residual, residual)
+
+
+class BatchTopKSAE(TopKSAE):
+    """BatchTopK: the k*B largest activations across the batch; a learned threshold at inference."""
+
+    architecture = "batchtopk"
+
+    def __init__(self, cfg: DictionaryConfig):
+        super().__init__(cfg)
+        self.register_buffer("threshold", torch.zeros(cfg.d_sae))
+
+    def activation(self, pre):
+        return pre * (pre > self.threshold).to(pre.dtype)
+
+    def select(self, pre):
+        # Candidates: each row's top min(d_sae, 4k); a row rarely holds more of the batch's top k*B.
+        per_row = min(self.cfg.d_sae, 4 * self.cfg.k)
+        values, indices = pre.topk(per_row, dim=-1, sorted=False)
+        values = F.relu(values)
+        budget = self.cfg.k * pre.shape[0]
+        flat = values.reshape(-1)
+        if budget < flat.numel():
+            cutoff = flat.topk(budget, sorted=False).values.min()
+            keep = values >= cutoff
+        else:
+            cutoff = values[values > 0].min() if bool((values > 0).any()) else values.new_tensor(0.0)
+            keep = values > 0
+        if self.training:
+            self._update_threshold(cutoff)
+        return values * keep, indices
+
+    @torch.no_grad()
+    def _update_threshold(self, cutoff: torch.Tensor) -> None:
+        cutoff = cutoff.clamp_min(0)
+        if float(self.threshold[0]) == 0.0:
+            self.threshold.fill_(float(cutoff))
+        else:
+            m = self.cfg.threshold_momentum
+            self.threshold.mul_(m).add_((1 - m) * cutoff)
+
+    def training_loss(self, x, y, ctx):
+        out = super().training_loss(x, y, ctx)
+        out.terms["threshold"] = float(self.threshold[0])
+        return out
+
+
+class _JumpReLU(torch.autograd.Function):
+    """z * H(z - theta); theta's gradient by a rectangle-kernel straight-through estimator."""
+
+    @staticmethod
+    def forward(ctx, pre, log_threshold, bandwidth):
+        threshold = log_threshold.exp()
+        ctx.save_for_backward(pre, threshold)
+        ctx.bandwidth = bandwidth
+        return pre * (pre > threshold).to(pre.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        pre, threshold = ctx.saved_tensors
+        bw = ctx.bandwidth
+        grad_pre = grad * (pre > threshold).to(pre.dtype)
+        window = ((pre - threshold).abs() < bw / 2).to(pre.dtype)
+        grad_theta = (-(threshold / bw) * window * grad).sum(0)
+        return grad_pre, grad_theta * threshold, None
+
+
+class _Step(torch.autograd.Function):
+    """H(z - theta) with the same straight-through gradient for theta (for the L0 penalty)."""
+
+    @staticmethod
+    def forward(ctx, pre, log_threshold, bandwidth):
+        threshold = log_threshold.exp()
+        ctx.save_for_backward(pre, threshold)
+        ctx.bandwidth = bandwidth
+        return (pre > threshold).to(pre.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        pre, threshold = ctx.saved_tensors
+        bw = ctx.bandwidth
+        window = ((pre - threshold).abs() < bw / 2).to(pre.dtype)
+        grad_theta = (-(1.0 / bw) * window * grad).sum(0)
+        return None, grad_theta * threshold, None
+
+
+class JumpReLUSAE(Dictionary):
+    """JumpReLU (Rajamanoharan et al. 2024) trained towards a target L0: lambda (L0/target - 1)^2."""
+
+    architecture = "jumprelu"
+
+    def __init__(self, cfg: DictionaryConfig):
+        super().__init__(cfg)
+        self.log_threshold = nn.Parameter(torch.full((cfg.d_sae,), math.log(cfg.jumprelu_init_threshold)))
+
+    @property
+    def threshold(self) -> torch.Tensor:
+        return self.log_threshold.exp()
+
+    def activation(self, pre):
+        return pre * (pre > self.threshold).to(pre.dtype)
+
+    def training_loss(self, x, y, ctx):
+        xn, yn = self.normalized(x, y)
+        xin = xn - self.b_dec if self.cfg.apply_b_dec_to_input else xn
+        pre = xin @ self.W_enc + self.b_enc
+        bw = self.cfg.jumprelu_bandwidth
+        latents = _JumpReLU.apply(pre, self.log_threshold, bw)
+        recon = latents @ self.W_dec + self.b_dec
+        error = recon - yn
+        fvu = _fvu(error, yn)
+        l0 = _Step.apply(pre, self.log_threshold, bw).sum(-1).mean()
+        sparsity = (l0 / self.cfg.target_l0 - 1).pow(2)
+        loss = fvu + self.cfg.l0_coefficient * sparsity
+        with torch.no_grad():
+            active = latents > 0
+            mse = error.pow(2).sum(-1).mean()
+            terms = _stats(loss, mse, fvu, l0, sparsity=sparsity)
+        return TrainOutput(loss, active.any(0), terms)
+
+    def saelens_tensors(self):
+        tensors = {k: v for k, v in super().saelens_tensors().items() if k != "log_threshold"}
+        tensors["threshold"] = self.threshold.detach()
+        return tensors
+
+    def load_saelens_tensors(self, tensors):
+        tensors = dict(tensors)
+        threshold = tensors.pop("threshold")
+        with torch.no_grad():
+            self.log_threshold.copy_(threshold.clamp_min(1e-12).log())
+        own = {k: v for k, v in self.state_dict().items() if k not in ("input_scale", "output_scale", "log_threshold")}
+        with torch.no_grad():
+            for name, value in own.items():
+                value.copy_(tensors[name].to(value.dtype))
+
+
+FAMILIES: dict[str, type[Dictionary]] = {
+    cls.architecture: cls for cls in (ReLUSAE, GatedSAE, TopKSAE, BatchTopKSAE, JumpReLUSAE)
+}
+
+
+def build_dictionary(cfg: DictionaryConfig) -> Dictionary:
+    """A freshly initialised dictionary of the configured family."""
+    return FAMILIES[cfg.architecture](cfg)

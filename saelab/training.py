@@ -1,0 +1,348 @@
+"""One trainer for every dictionary family, many dictionaries on one activation stream.
+
+Reads top to bottom: build the activation source, initialise each dictionary from a first sample,
+then loop: one batch -> every dictionary takes an Adam step -> dead-latent bookkeeping -> metrics ->
+an atomic checkpoint now and then. `resume=True` restores weights, optimizer, schedule, data position,
+RNG and dead-latent counters, so the resumed run is the run that would have happened.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from saelab import distributed
+from saelab.activations import CachedActivations, StreamingActivations, harvest_to_cache, steps_for
+from saelab.data import DataConfig
+from saelab.dictionaries import Dictionary, DictionaryConfig, StepContext, build_dictionary
+from saelab.dictionaries.io import save_dictionary
+from saelab.errors import RunFolderError
+from saelab.fileio import atomic_folder, atomic_write_json
+
+DONE = "DONE.json"
+CHECKPOINT = "checkpoint"
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run needs; saved as config.json in the run folder."""
+
+    run_dir: str = "runs/sae"
+    model: str | None = None
+    data: DataConfig = field(default_factory=DataConfig)
+    dictionaries: list[DictionaryConfig] = field(default_factory=lambda: [DictionaryConfig()])
+    activations: str | None = None  # an existing cache; None: harvest into run_dir/activations
+    stream: bool = False  # train straight from the model through a shuffle buffer, no cache
+    n_tokens: int = 1_000_000
+    batch_size: int = 4096
+    lr: float = 5e-4
+    warmup_fraction: float = 0.02
+    decay_fraction: float = 0.2
+    betas: tuple[float, float] = (0.9, 0.999)
+    dead_after_tokens: int = 100_000
+    checkpoint_every: int = 200
+    log_every: int = 10
+    seed: int = 0
+    device: str = "cpu"
+    harvest_batch_contexts: int = 32
+    buffer_tokens: int = 131072
+
+    def to_dict(self) -> dict:
+        out = dataclasses.asdict(self)
+        out["data"] = self.data.to_dict()
+        return out
+
+    @classmethod
+    def from_dict(cls, raw: dict) -> TrainConfig:
+        raw = dict(raw)
+        raw["data"] = DataConfig.from_dict(raw.get("data", {}))
+        raw["dictionaries"] = [DictionaryConfig.from_dict(d) for d in raw.get("dictionaries", [])]
+        raw["betas"] = tuple(raw.get("betas", (0.9, 0.999)))
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in raw.items() if k in known})
+
+    @property
+    def hooks(self) -> list[str]:
+        names: list[str] = []
+        for d in self.dictionaries:
+            names += [d.hook_name] + ([d.output_hook_name] if d.output_hook_name else [])
+        return list(dict.fromkeys(names))
+
+
+def dictionary_name(cfg: DictionaryConfig, index: int, names: set[str]) -> str:
+    """A readable, unique folder name: topk-k32-w4608, relu-l1_5-w4608, ..."""
+    knob = {
+        "topk": f"k{cfg.k}",
+        "batchtopk": f"k{cfg.k}",
+        "jumprelu": f"l0_{cfg.target_l0:g}",
+    }.get(cfg.architecture, f"l1_{cfg.l1_coefficient:g}")
+    name = f"{cfg.architecture}-{knob}-w{cfg.d_sae}"
+    if cfg.is_transcoder:
+        name = "transcoder-" + name
+    return name if name not in names else f"{name}-{index}"
+
+
+def lr_factor(step: int, total: int, warmup_fraction: float, decay_fraction: float) -> float:
+    """Linear warm-up, constant, then linear decay to zero over the last decay_fraction of steps."""
+    warmup = max(1, int(warmup_fraction * total))
+    if step < warmup:
+        return (step + 1) / warmup
+    decay_start = int((1 - decay_fraction) * total)
+    if decay_fraction > 0 and step >= decay_start:
+        return max(0.0, (total - step) / max(1, total - decay_start))
+    return 1.0
+
+
+class _Member:
+    """One dictionary being trained, with its optimizer and dead-latent counters."""
+
+    def __init__(self, name: str, dictionary: Dictionary, cfg: TrainConfig, total_steps: int):
+        self.name, self.dictionary = name, dictionary
+        self.optimizer = torch.optim.Adam(dictionary.parameters(), lr=cfg.lr, betas=cfg.betas)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: lr_factor(s, total_steps, cfg.warmup_fraction, cfg.decay_fraction)
+        )
+        d_sae = dictionary.cfg.d_sae
+        self.tokens_since_fired = torch.zeros(d_sae, dtype=torch.long)
+        self.fire_counts = torch.zeros(d_sae, dtype=torch.long)  # for feature density at save
+        self.count_tokens = 0
+        self.window: list[dict[str, float]] = []
+        self.window_summary: dict[str, float] | None = None
+
+    def state_dict(self) -> dict:
+        return {
+            "dictionary": self.dictionary.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "tokens_since_fired": self.tokens_since_fired,
+            "fire_counts": self.fire_counts,
+            "count_tokens": self.count_tokens,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.dictionary.load_state_dict(state["dictionary"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.tokens_since_fired = state["tokens_since_fired"].clone()
+        self.fire_counts = state["fire_counts"].clone()
+        self.count_tokens = int(state["count_tokens"])
+
+
+def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
+    """Refuse to clobber a run by accident; say which flag does what the user probably meant."""
+    if resume:
+        if not (run_dir / CHECKPOINT / "state.pt").exists():
+            raise RunFolderError(
+                f"cannot resume: {run_dir} holds no checkpoint ({CHECKPOINT}/state.pt). Start a new run "
+                "without --resume, or point --run-dir at the folder of the run you want to continue."
+            )
+        return
+    if (run_dir / DONE).exists() and not overwrite:
+        raise RunFolderError(
+            f"{run_dir} already holds a finished run. Pass --overwrite to replace it, or choose another "
+            "--run-dir."
+        )
+    if (run_dir / CHECKPOINT).exists() and not overwrite:
+        raise RunFolderError(
+            f"{run_dir} holds an unfinished run. Pass --resume to continue it, --overwrite to start over, "
+            "or choose another --run-dir."
+        )
+    if overwrite and run_dir.exists():
+        for child in run_dir.iterdir():
+            if child.name == "activations":
+                continue  # a finished cache is still valid for the same settings
+            shutil.rmtree(child) if child.is_dir() else child.unlink()
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+
+def _load_lm(cfg: TrainConfig):
+    from saelab.models import load_model
+
+    return load_model(cfg.model, device=cfg.device)
+
+
+def build_source(cfg: TrainConfig, rank: int, world_size: int, progress: bool):
+    """The activation stream: an existing cache, a fresh cache in the run folder, or the live model."""
+    if cfg.stream:
+        lm = _load_lm(cfg)
+        return StreamingActivations(
+            lm, cfg.data, cfg.hooks, cfg.batch_size, n_tokens=None, buffer_tokens=cfg.buffer_tokens,
+            batch_contexts=cfg.harvest_batch_contexts, seed=cfg.seed, progress=progress,
+        )
+    path = Path(cfg.activations) if cfg.activations else Path(cfg.run_dir) / "activations"
+    if cfg.activations is None:
+        if rank == 0:
+            lm = _load_lm(cfg)
+            harvest_to_cache(lm, cfg.data, cfg.hooks, cfg.n_tokens, path,
+                             batch_contexts=cfg.harvest_batch_contexts, seed=cfg.seed, progress=progress)
+            del lm
+        distributed.barrier()
+    return CachedActivations(path, cfg.hooks, cfg.batch_size, seed=cfg.seed, n_tokens=cfg.n_tokens,
+                             rank=rank, world_size=world_size)
+
+
+def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False, progress: bool = True,
+          stop_after_steps: int | None = None) -> dict[str, Path]:
+    """Train every dictionary in cfg on one activation stream; return {name: saved SAE folder}.
+
+    `stop_after_steps` ends the process early as if interrupted (after a checkpoint), for tests.
+    """
+    run_dir = Path(cfg.run_dir)
+    rank, world_size = distributed.setup(cfg.device)
+    main = rank == 0
+    if main:
+        prepare_run_dir(run_dir, resume, overwrite)
+    distributed.barrier()
+    if resume:
+        cfg = TrainConfig.from_dict(json.loads((run_dir / "config.json").read_text()))
+    elif main:
+        atomic_write_json(run_dir / "config.json", cfg.to_dict())
+    torch.manual_seed(cfg.seed)
+    source = build_source(cfg, rank, world_size, progress and main)
+    total_steps = steps_for(cfg.n_tokens, cfg.batch_size)
+
+    names: set[str] = set()
+    members: list[_Member] = []
+    init_rows = None
+    for index, dcfg in enumerate(cfg.dictionaries):
+        dictionary = build_dictionary(dcfg).to(cfg.device)
+        if not resume:
+            if init_rows is None:
+                init_rows = source.peek(min(cfg.batch_size * 4, 16384))
+            y_hook = dcfg.output_hook_name or dcfg.hook_name
+            dictionary.init_from_data(init_rows[dcfg.hook_name].to(cfg.device), init_rows[y_hook].to(cfg.device))
+        name = dictionary_name(dcfg, index, names)
+        names.add(name)
+        members.append(_Member(name, dictionary, cfg, total_steps))
+
+    step = 0
+    metrics_path = run_dir / "metrics.jsonl"
+    if resume:
+        state = torch.load(run_dir / CHECKPOINT / "state.pt", map_location="cpu", weights_only=True)
+        step = int(state["step"])
+        source.load_state_dict(state["source"])
+        torch.set_rng_state(state["rng"])
+        for member, member_state in zip(members, state["members"]):
+            member.load_state_dict(member_state)
+        if main:  # drop metrics logged after the checkpoint: they will be logged again
+            lines = metrics_path.read_text().splitlines(keepends=True) if metrics_path.exists() else []
+            metrics_path.write_text("".join(lines[: int(state["metrics_lines"])]))
+
+    bar = tqdm(total=total_steps, initial=step, desc="train", unit="step", disable=not (progress and main))
+    started = time.perf_counter()
+    while step < total_steps:
+        batch = source.next_batch()
+        if batch is None:
+            break
+        for member in members:
+            _train_step(member, batch, cfg, step, total_steps)
+        step += 1
+        bar.update(1)
+        if main and (step % cfg.log_every == 0 or step == total_steps):
+            _log(metrics_path, members, step, cfg, time.perf_counter() - started)
+            first = members[0].window_summary
+            if first:
+                bar.set_postfix(fvu=f"{first['fvu']:.3f}", l0=f"{first['l0']:.1f}")
+        if step % cfg.checkpoint_every == 0 and step < total_steps:
+            _checkpoint(run_dir, members, source, step, metrics_path, main)
+        if stop_after_steps is not None and step >= stop_after_steps:
+            _checkpoint(run_dir, members, source, step, metrics_path, main)
+            bar.close()
+            return {}
+    bar.close()
+
+    saved: dict[str, Path] = {}
+    if main:
+        for member in members:
+            saved[member.name] = _save_member(member, cfg, run_dir)
+        _checkpoint(run_dir, members, source, step, metrics_path, main)
+        atomic_write_json(run_dir / DONE, {"steps": step, "tokens": step * cfg.batch_size,
+                                           "dictionaries": {k: str(v) for k, v in saved.items()}})
+    distributed.barrier()
+    return saved
+
+
+def _train_step(member: _Member, batch: dict[str, torch.Tensor], cfg: TrainConfig, step: int, total: int):
+    dictionary = member.dictionary
+    dcfg = dictionary.cfg
+    x = batch[dcfg.hook_name].to(cfg.device, non_blocking=True)
+    y = batch[dcfg.output_hook_name].to(cfg.device) if dcfg.output_hook_name else x
+    dead = member.tokens_since_fired >= cfg.dead_after_tokens
+    ctx = StepContext(dead_mask=dead.to(cfg.device) if bool(dead.any()) else None, progress=step / total)
+    out = dictionary.training_loss(x, y, ctx)
+    member.optimizer.zero_grad(set_to_none=True)
+    out.loss.backward()
+    distributed.average_gradients(dictionary.parameters())
+    dictionary.remove_parallel_decoder_grad()
+    member.optimizer.step()
+    member.scheduler.step()
+    dictionary.after_optimizer_step()
+    buffers = dict(dictionary.named_buffers())
+    if "threshold" in buffers:  # BatchTopK's running threshold: keep ranks in agreement
+        distributed.average_tensor_(buffers["threshold"])
+    counts = distributed.sum_tensor_(out.fired.to(torch.long).cpu())
+    tokens = x.shape[0] * distributed.world()[1]
+    member.tokens_since_fired += tokens
+    member.tokens_since_fired[counts > 0] = 0
+    member.fire_counts += counts
+    member.count_tokens += tokens
+    terms = dict(out.terms)
+    terms["lr"] = member.scheduler.get_last_lr()[0]
+    member.window.append(terms)
+
+
+def _log(path: Path, members: list[_Member], step: int, cfg: TrainConfig, elapsed: float) -> None:
+    lines = []
+    for member in members:
+        if not member.window:
+            continue
+        summary = {key: sum(w[key] for w in member.window) / len(member.window) for key in member.window[0]}
+        member.window_summary = summary
+        member.window = []
+        dead = float((member.tokens_since_fired >= cfg.dead_after_tokens).float().mean())
+        record = {"step": step, "tokens": step * cfg.batch_size, "dictionary": member.name,
+                  "dead_fraction": dead, "elapsed_s": round(elapsed, 2), **summary}
+        lines.append(json.dumps(record))
+    with open(path, "a", encoding="utf-8") as handle:
+        handle.write("\n".join(lines) + "\n")
+
+
+def _checkpoint(run_dir, members, source, step, metrics_path, main) -> None:
+    """Write the whole training state into a temp folder and rename it over the old checkpoint."""
+    if not main:
+        return
+    metrics_lines = len(metrics_path.read_text().splitlines()) if metrics_path.exists() else 0
+    state = {
+        "step": step,
+        "metrics_lines": metrics_lines,
+        "source": source.state_dict(),
+        "rng": torch.get_rng_state(),
+        "members": [member.state_dict() for member in members],
+    }
+    with atomic_folder(run_dir / CHECKPOINT) as tmp:
+        torch.save(state, tmp / "state.pt")
+
+
+def _save_member(member: _Member, cfg: TrainConfig, run_dir: Path) -> Path:
+    density = member.fire_counts.double() / max(1, member.count_tokens)
+    sparsity = density.clamp_min(1e-10).log10().float()
+    dcfg = member.dictionary.cfg
+    dcfg.metadata.update({
+        "model_name": cfg.model or "HuggingFaceTB/SmolLM2-135M-Instruct",
+        "hook_name": dcfg.hook_name,
+        "context_size": cfg.data.context_size,
+        "prepend_bos": cfg.data.prepend_bos,
+        "dataset_path": cfg.data.source or "saelab:embedded",
+        "exclude_special_tokens": cfg.data.exclude_special,
+        "exclude_bos": cfg.data.exclude_bos,
+        "training_tokens": member.count_tokens,
+    })
+    return save_dictionary(member.dictionary, run_dir / "saes" / member.name, sparsity=sparsity,
+                           training_config=cfg.to_dict())
