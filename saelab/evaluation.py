@@ -1,0 +1,250 @@
+"""Evaluation: how well a dictionary reconstructs, how sparse it is, and what splicing it costs the LM.
+
+Definitions follow SAELens / SAEBench so numbers compare:
+- explained_variance = 1 - sum ||x - x_hat||^2 / sum ||x - mean(x)||^2 (pooled over eval tokens);
+- ce_loss_score = (CE_zero - CE_sae) / (CE_zero - CE_clean), with the hook's output replaced by the
+  reconstruction (CE_sae) or by zeros (CE_zero); kl_score = (KL_zero - KL_sae) / KL_zero;
+- dead = latents that never fire on the eval tokens; dense = latents firing on > 10% of them.
+Excluded positions (the position-0 attention sink / BOS and special tokens) are left untouched when
+splicing and left out of every metric; the language-model losses are averaged over the predictions
+made at kept positions.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from saelab.data import DataConfig, exclusion_mask, token_batches
+from saelab.dictionaries import Dictionary
+from saelab.errors import DataError, DimensionMismatchError
+from saelab.fileio import atomic_write_json
+
+DENSE_THRESHOLD = 0.1
+
+
+@dataclass
+class EvalConfig:
+    n_tokens: int = 65536  # tokens for reconstruction metrics and feature density
+    ce_contexts: int = 128  # contexts run three times through the whole model for CE / KL
+    batch_contexts: int = 16
+    split: str = "eval"
+
+
+class _Sums:
+    """Running float64 sums, so metrics over any number of tokens need one pass and little memory."""
+
+    def __init__(self, d_sae: int, d_out: int):
+        self.n = 0
+        self.sq_err = 0.0
+        self.sum_x = torch.zeros(d_out, dtype=torch.float64)
+        self.sum_sq_x = 0.0
+        self.l0 = 0.0
+        self.l1 = 0.0
+        self.cos = 0.0
+        self.l2_ratio = 0.0
+        self.fires = torch.zeros(d_sae, dtype=torch.long)
+
+    def add(self, target: torch.Tensor, recon: torch.Tensor, latents: torch.Tensor) -> None:
+        target, recon = target.double(), recon.double()
+        self.n += target.shape[0]
+        self.sq_err += float((recon - target).pow(2).sum())
+        self.sum_x += target.sum(0)
+        self.sum_sq_x += float(target.pow(2).sum())
+        active = latents > 0
+        self.l0 += float(active.sum())
+        self.l1 += float(latents.abs().sum())
+        self.cos += float(F.cosine_similarity(recon, target, dim=-1).sum())
+        self.l2_ratio += float((recon.norm(dim=-1) / target.norm(dim=-1).clamp_min(1e-12)).sum())
+        self.fires += active.sum(0).cpu()
+
+    def metrics(self) -> dict[str, float]:
+        n = max(1, self.n)
+        total_var = self.sum_sq_x - float(self.sum_x.pow(2).sum()) / n
+        density = self.fires.double() / n
+        return {
+            "tokens": self.n,
+            "l0": self.l0 / n,
+            "l1": self.l1 / n,
+            "mse": self.sq_err / (n * self.sum_x.numel()),
+            "mse_per_token": self.sq_err / n,
+            "explained_variance": 1 - self.sq_err / max(total_var, 1e-12),
+            "fvu": self.sq_err / max(total_var, 1e-12),
+            "cosine_similarity": self.cos / n,
+            "l2_ratio": self.l2_ratio / n,
+            "dead_fraction": float((density == 0).double().mean()),
+            "dead_latents": int((density == 0).sum()),
+            "dense_fraction": float((density > DENSE_THRESHOLD).double().mean()),
+        }, density
+
+
+def _batches(lm, data: DataConfig, n_contexts: int, batch_contexts: int, split: str):
+    return token_batches(
+        data.source, lm.tokenizer, context_size=data.context_size, batch_size=batch_contexts,
+        prepend_bos=data.prepend_bos, split=split, text_field=data.text_field,
+        dataset_config=data.dataset_config, max_contexts=n_contexts,
+    )
+
+
+def _check_width(lm, dictionary: Dictionary) -> None:
+    width = lm.hook_dim(dictionary.cfg.hook_name)
+    if width != dictionary.cfg.d_in:
+        raise DimensionMismatchError(
+            f"the dictionary expects d_in={dictionary.cfg.d_in} but {dictionary.cfg.hook_name!r} of "
+            f"{lm.name} has width {width}. Evaluate it on the model and hook point it was trained on."
+        )
+
+
+@torch.no_grad()
+def reconstruction_metrics(lm, dictionary: Dictionary, data: DataConfig, cfg: EvalConfig, progress=True):
+    """L0, MSE, explained variance, cosine, density: captured with early exit, no logits needed."""
+    dcfg = dictionary.cfg
+    out_hook = dcfg.output_hook_name or dcfg.hook_name
+    sums = _Sums(dcfg.d_sae, dcfg.out_dim)
+    n_contexts = math.ceil(cfg.n_tokens / max(1, data.context_size - 1)) + cfg.batch_contexts
+    bar = tqdm(total=cfg.n_tokens, desc="eval: reconstruction", unit="tok", unit_scale=True,
+               disable=not progress, leave=False)
+    for input_ids in _batches(lm, data, n_contexts, cfg.batch_contexts, cfg.split):
+        keep = ~exclusion_mask(input_ids, lm.tokenizer, exclude_bos=data.exclude_bos,
+                               exclude_special=data.exclude_special)
+        acts = lm.capture(input_ids.to(lm.device), list(dict.fromkeys([dcfg.hook_name, out_hook])))
+        keep = keep.to(lm.device)
+        x = acts[dcfg.hook_name][keep].float()
+        y = acts[out_hook][keep].float()
+        take = min(x.shape[0], cfg.n_tokens - sums.n)
+        x, y = x[:take], y[:take]
+        latents = dictionary.encode(x)
+        sums.add(y, dictionary.decode(latents), latents)
+        bar.update(take)
+        if sums.n >= cfg.n_tokens:
+            break
+    bar.close()
+    if sums.n == 0:
+        raise DataError("the evaluation data gave no usable tokens; point --data at a non-empty source.")
+    return sums.metrics()
+
+
+def _token_losses(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+    """Next-token cross-entropy per position [B, T-1]."""
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), input_ids[:, 1:].flatten(),
+                           reduction="none").view(input_ids.shape[0], -1)
+
+
+def _kl(clean_logits: torch.Tensor, other_logits: torch.Tensor) -> torch.Tensor:
+    """KL(clean || other) per position [B, T]."""
+    p_log = clean_logits.float().log_softmax(-1)
+    q_log = other_logits.float().log_softmax(-1)
+    return (p_log.exp() * (p_log - q_log)).sum(-1)
+
+
+@torch.no_grad()
+def downstream_metrics(lm, dictionary: Dictionary, data: DataConfig, cfg: EvalConfig, progress=True):
+    """CE and KL of the LM with the dictionary spliced in, against clean and zero-ablated runs."""
+    dcfg = dictionary.cfg
+    in_hook, out_hook = dcfg.hook_name, dcfg.output_hook_name or dcfg.hook_name
+    totals = {"ce_clean": 0.0, "ce_sae": 0.0, "ce_zero": 0.0, "kl_sae": 0.0, "kl_zero": 0.0}
+    count = 0
+    bar = tqdm(total=cfg.ce_contexts, desc="eval: CE/KL", unit="ctx", disable=not progress, leave=False)
+    for input_ids in _batches(lm, data, cfg.ce_contexts, cfg.batch_contexts, cfg.split):
+        input_ids = input_ids.to(lm.device)
+        keep = (~exclusion_mask(input_ids.cpu(), lm.tokenizer, exclude_bos=data.exclude_bos,
+                                exclude_special=data.exclude_special)).to(lm.device)
+        seen: dict[str, torch.Tensor] = {}
+
+        def record(value, name=in_hook):
+            seen[name] = value
+            return None
+
+        with lm.patch({in_hook: record}):
+            clean_logits = lm.forward(input_ids)
+        x = seen[in_hook]
+
+        def splice(value):
+            recon = dictionary(x[keep].float()).to(value.dtype)
+            out = value.clone()
+            out[keep] = recon
+            return out
+
+        def zero(value):
+            out = value.clone()
+            out[keep] = 0
+            return out
+
+        with lm.patch({out_hook: splice}):
+            sae_logits = lm.forward(input_ids)
+        with lm.patch({out_hook: zero}):
+            zero_logits = lm.forward(input_ids)
+        mask = keep[:, :-1].float()  # a prediction counts when it is made at a kept position
+        n = float(mask.sum())
+        totals["ce_clean"] += float((_token_losses(clean_logits, input_ids) * mask).sum())
+        totals["ce_sae"] += float((_token_losses(sae_logits, input_ids) * mask).sum())
+        totals["ce_zero"] += float((_token_losses(zero_logits, input_ids) * mask).sum())
+        totals["kl_sae"] += float((_kl(clean_logits, sae_logits)[:, :-1] * mask).sum())
+        totals["kl_zero"] += float((_kl(clean_logits, zero_logits)[:, :-1] * mask).sum())
+        count += n
+        bar.update(input_ids.shape[0])
+    bar.close()
+    if count == 0:
+        raise DataError("the evaluation data gave no usable tokens; point --data at a non-empty source.")
+    out = {key: value / count for key, value in totals.items()}
+    out["ce_loss_score"] = (out["ce_zero"] - out["ce_sae"]) / max(out["ce_zero"] - out["ce_clean"], 1e-12)
+    out["kl_score"] = (out["kl_zero"] - out["kl_sae"]) / max(out["kl_zero"], 1e-12)
+    out["ce_tokens"] = int(count)
+    return out
+
+
+def density_histogram(density: torch.Tensor, path: Path, title: str) -> None:
+    """log10 feature density of the live latents, with the dead count in the title."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    live = density[density > 0]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if live.numel():
+        ax.hist(live.log10().numpy(), bins=60, color="#3b6ea5")
+    ax.set_xlabel("log10 feature density (fraction of tokens where the latent fires)")
+    ax.set_ylabel("latents")
+    ax.set_title(f"{title}\n{int((density == 0).sum())} of {density.numel()} latents dead on the eval tokens")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def evaluate(lm, dictionary: Dictionary, data: DataConfig, cfg: EvalConfig | None = None,
+             out_dir: str | Path | None = None, progress: bool = True) -> dict:
+    """Every metric above; written as eval.json (+ density.png) into out_dir when given."""
+    cfg = cfg or EvalConfig()
+    _check_width(lm, dictionary)
+    dictionary = dictionary.to(lm.device).eval()
+    metrics, density = reconstruction_metrics(lm, dictionary, data, cfg, progress)
+    if cfg.ce_contexts > 0:
+        metrics.update(downstream_metrics(lm, dictionary, data, cfg, progress))
+    metrics.update({
+        "architecture": dictionary.cfg.architecture,
+        "d_sae": dictionary.cfg.d_sae,
+        "hook_name": dictionary.cfg.hook_name,
+        "output_hook_name": dictionary.cfg.output_hook_name,
+        "model": lm.name,
+        "data": data.to_dict() | {"split": cfg.split},
+        "excluded": "position 0 (BOS / attention sink) and special tokens"
+        if data.exclude_bos and data.exclude_special else "see data",
+    })
+    if out_dir is not None:
+        out_dir = Path(out_dir)
+        atomic_write_json(out_dir / "eval.json", metrics)
+        density_histogram(density, out_dir / "density.png",
+                          f"{dictionary.cfg.architecture} d_sae={dictionary.cfg.d_sae} at {dictionary.cfg.hook_name}")
+    return metrics
+
+
+def load_eval(path: str | Path) -> dict:
+    return json.loads((Path(path) / "eval.json").read_text())
