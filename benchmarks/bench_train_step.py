@@ -91,8 +91,10 @@ def main() -> None:
     t_aux = timed(saelab_step_auxk, args.steps)
     print(f"TopK step, d_in {D_IN}, d_sae {D_SAE}, k {K}, batch {BATCH}, {args.threads} thread(s)")
     print(f"  dense PyTorch reference : {BATCH / t_ref:8,.0f} tok/s  ({t_ref * 1000:.0f} ms/step)")
-    print(f"  saelab TopK             : {BATCH / t_ours:8,.0f} tok/s  ({t_ours * 1000:.0f} ms/step)"
-          f"  -> {t_ref / t_ours:.2f}x the reference")
+    print(
+        f"  saelab TopK             : {BATCH / t_ours:8,.0f} tok/s  ({t_ours * 1000:.0f} ms/step)"
+        f"  -> {t_ref / t_ours:.2f}x the reference"
+    )
     print(f"  saelab TopK + AuxK (half dead): {BATCH / t_aux:8,.0f} tok/s  ({t_aux * 1000:.0f} ms/step)")
 
 

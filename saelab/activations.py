@@ -180,6 +180,9 @@ class StreamingActivations:
             return None
         return self.buffer.take(self.batch_size)
 
+    def dims(self) -> dict[str, int]:
+        return dict(self.buffer.dims)
+
     def peek(self, n_rows: int) -> dict[str, torch.Tensor]:
         """The first n_rows of the stream, without consuming them (to initialise scales and b_dec)."""
         if len(self.buffer) < self.capacity // 2 + self.batch_size and not self.exhausted:
@@ -237,7 +240,11 @@ class CacheInfo:
         try:
             data = json.loads(manifest.read_text())
             return cls(
-                path, dict(data["hooks"]), list(data["shards"]), int(data["n_tokens"]), bool(data["complete"]),
+                path,
+                dict(data["hooks"]),
+                list(data["shards"]),
+                int(data["n_tokens"]),
+                bool(data["complete"]),
                 dict(data.get("source", {})),
             )
         except (ValueError, KeyError, TypeError) as err:
@@ -296,7 +303,11 @@ def harvest_to_cache(
     source = {"model": lm.name, "data": data.to_dict(), "seed": seed, "shard_tokens": shard_tokens}
     if (out / MANIFEST).exists():
         info = CacheInfo.read(out)
-        if info.hooks != dims or info.source.get("data") != source["data"] or info.source.get("model") != lm.name:
+        if (
+            info.hooks != dims
+            or info.source.get("data") != source["data"]
+            or info.source.get("model") != lm.name
+        ):
             raise ActivationError(
                 f"{out} already holds activations from another model, dataset or hook set. "
                 "Choose a new --out folder, or delete this one."
@@ -308,10 +319,23 @@ def harvest_to_cache(
     state = info.source.setdefault("state", {"contexts_used": 0})
     generator = torch.Generator().manual_seed(seed + len(info.shards))
     buffer = ShuffleBuffer(dims, 4 * shard_tokens, generator)
-    bar = tqdm(total=n_tokens, initial=info.n_tokens, desc="harvest", unit="tok", unit_scale=True,
-               disable=not progress)
-    stream = harvest(lm, data, hooks, n_tokens - info.n_tokens, batch_contexts,
-                     skip_contexts=state["contexts_used"], progress=False)
+    bar = tqdm(
+        total=n_tokens,
+        initial=info.n_tokens,
+        desc="harvest",
+        unit="tok",
+        unit_scale=True,
+        disable=not progress,
+    )
+    stream = harvest(
+        lm,
+        data,
+        hooks,
+        n_tokens - info.n_tokens,
+        batch_contexts,
+        skip_contexts=state["contexts_used"],
+        progress=False,
+    )
     skipped = state["contexts_used"]
     read = 0
 
@@ -401,7 +425,7 @@ class CachedActivations:
         rows = {}
         for hook in self.hooks:
             array = np.load(self.info.shard_path(hook, index), mmap_mode="r", allow_pickle=False)
-            rows[hook] = torch.from_numpy(np.ascontiguousarray(array))[perm]
+            rows[hook] = torch.from_numpy(np.array(array))[perm]
         check_finite(rows, f"cache shard {index}")
         self._loaded = (epoch, pos, rows)
         return rows
@@ -429,14 +453,22 @@ class CachedActivations:
             batch = {h: v[self.rank :: self.world_size] for h, v in batch.items()}
         return batch
 
+    def dims(self) -> dict[str, int]:
+        return {hook: int(self.info.hooks[hook]) for hook in self.hooks}
+
     def peek(self, n_rows: int) -> dict[str, torch.Tensor]:
         """Rows from the start of epoch 0, without moving the read position."""
         rows = self._shard(0, 0)
         return {hook: value[:n_rows].clone() for hook, value in rows.items()}
 
     def state_dict(self) -> dict:
-        return {"kind": "cache", "epoch": self.epoch, "shard_pos": self.shard_pos, "row_pos": self.row_pos,
-                "served": self.served}
+        return {
+            "kind": "cache",
+            "epoch": self.epoch,
+            "shard_pos": self.shard_pos,
+            "row_pos": self.row_pos,
+            "served": self.served,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         self.epoch, self.shard_pos = int(state["epoch"]), int(state["shard_pos"])

@@ -20,7 +20,7 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-console = Console()
+console = Console(width=None if sys.stdout.isatty() else 160)
 err_console = Console(stderr=True)
 
 EMBEDDED_HF_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -42,9 +42,16 @@ def main() -> None:
 def _data_config(data, split, text_field, context_size, exclude_bos, exclude_special, dataset_config=None):
     from saelab.data import DataConfig
 
-    return DataConfig(source=data, split=split, text_field=text_field, dataset_config=dataset_config,
-                      context_size=context_size, prepend_bos=True, exclude_bos=exclude_bos,
-                      exclude_special=exclude_special)
+    return DataConfig(
+        source=data,
+        split=split,
+        text_field=text_field,
+        dataset_config=dataset_config,
+        context_size=context_size,
+        prepend_bos=True,
+        exclude_bos=exclude_bos,
+        exclude_special=exclude_special,
+    )
 
 
 def resolve_model(name: str | None) -> str | None:
@@ -60,30 +67,44 @@ def resolve_model(name: str | None) -> str | None:
 @app.command()
 def harvest(
     out: Path = typer.Option(Path("runs/activations"), help="Folder for the activation cache."),
-    model: str = typer.Option(None, help="HF hub id, local HF folder or .gguf file; default: embedded SmolLM2-135M-Instruct."),
-    hook: list[str] = typer.Option([DEFAULT_HOOK], help="Hook point(s) to capture, TransformerLens names; repeat for several."),
-    data: str = typer.Option(None, help="Text: a .txt/.jsonl/.parquet file or folder, or a HF dataset name; default: embedded corpus."),
+    model: str = typer.Option(
+        None, help="HF hub id, local HF folder or .gguf file; default: embedded SmolLM2-135M-Instruct."
+    ),
+    hook: list[str] = typer.Option(
+        [DEFAULT_HOOK], help="Hook point(s) to capture, TransformerLens names; repeat for several."
+    ),
+    data: str = typer.Option(
+        None,
+        help="Text: a .txt/.jsonl/.parquet file or folder, or a HF dataset name; default: embedded corpus.",
+    ),
     text_field: str = typer.Option("text", help="Field holding the text in .jsonl/.parquet/HF datasets."),
     split: str = typer.Option("train", help="Dataset split ('train'/'eval' for the embedded corpus)."),
     context_size: int = typer.Option(128, help="Tokens per context (BOS included)."),
-    tokens: int = typer.Option(1_000_000, help="Activation vectors to store (excluded positions not counted)."),
+    tokens: int = typer.Option(
+        1_000_000, help="Activation vectors to store (excluded positions not counted)."
+    ),
     batch_contexts: int = typer.Option(32, help="Contexts per forward pass."),
-    exclude_bos: bool = typer.Option(True, help="Drop position 0 (BOS / attention sink, norm ~100x the median)."),
+    exclude_bos: bool = typer.Option(
+        True, help="Drop position 0 (BOS / attention sink, norm ~100x the median)."
+    ),
     exclude_special: bool = typer.Option(True, help="Drop special tokens."),
     device: str = typer.Option("cpu", help="cpu, cuda or mps."),
+    dtype: str = typer.Option("bfloat16", help="Model dtype: bfloat16 (fast on CPU) or float32."),
     seed: int = typer.Option(0, help="Shuffling seed."),
 ):
     """Harvest activations into a memory-mapped, resumable disk cache that training can read many times."""
     from saelab.activations import harvest_to_cache
     from saelab.models import load_model
 
-    lm = load_model(resolve_model(model), device=device)
+    lm = load_model(resolve_model(model), device=device, dtype=_dtype(dtype))
     cfg = _data_config(data, split, text_field, context_size, exclude_bos, exclude_special)
     start = time.perf_counter()
     info = harvest_to_cache(lm, cfg, hook, tokens, out, batch_contexts=batch_contexts, seed=seed)
     seconds = time.perf_counter() - start
-    console.print(f"harvested {info.n_tokens:,} tokens x {len(info.hooks)} hook(s) into {out} "
-                  f"in {seconds:.0f} s ({info.n_tokens / max(seconds, 1e-9):,.0f} tok/s)")
+    console.print(
+        f"harvested {info.n_tokens:,} tokens x {len(info.hooks)} hook(s) into {out} "
+        f"in {seconds:.0f} s ({info.n_tokens / max(seconds, 1e-9):,.0f} tok/s)"
+    )
 
 
 # ---- train --------------------------------------------------------------------------------------
@@ -95,38 +116,69 @@ def sweep_configs(architecture, width, k, l1, target_l0, hook, output_hook, d_in
 
     configs = []
     for arch, d_sae in itertools.product(architecture, width):
-        knobs = {"topk": [("k", v) for v in k], "batchtopk": [("k", v) for v in k],
-                 "jumprelu": [("target_l0", v) for v in target_l0]}.get(arch, [("l1_coefficient", v) for v in l1])
+        knobs = {
+            "topk": [("k", v) for v in k],
+            "batchtopk": [("k", v) for v in k],
+            "jumprelu": [("target_l0", v) for v in target_l0],
+        }.get(arch, [("l1_coefficient", v) for v in l1])
         for name, value in knobs:
-            configs.append(DictionaryConfig(architecture=arch, d_in=d_in, d_sae=d_sae, hook_name=hook,
-                                            output_hook_name=output_hook, seed=seed, **{name: value}))
+            configs.append(
+                DictionaryConfig(
+                    architecture=arch,
+                    d_in=d_in,
+                    d_sae=d_sae,
+                    hook_name=hook,
+                    output_hook_name=output_hook,
+                    seed=seed,
+                    **{name: value},
+                )
+            )
     return configs
 
 
 @app.command()
 def train(
-    run_dir: Path = typer.Option(Path("runs/sae"), help="Run folder: config, checkpoints, metrics.jsonl, saes/."),
-    model: str = typer.Option(None, help="HF hub id, local folder or .gguf; default: embedded SmolLM2-135M-Instruct."),
+    run_dir: Path = typer.Option(
+        Path("runs/sae"), help="Run folder: config, checkpoints, metrics.jsonl, saes/."
+    ),
+    model: str = typer.Option(
+        None, help="HF hub id, local folder or .gguf; default: embedded SmolLM2-135M-Instruct."
+    ),
     hook: str = typer.Option(DEFAULT_HOOK, help="Input hook point."),
-    output_hook: str = typer.Option(None, help="Train transcoders: predict this hook from --hook (e.g. blocks.15.hook_mlp_out)."),
-    architecture: list[str] = typer.Option(["topk"], help="relu, gated, topk, batchtopk or jumprelu; repeat to sweep."),
+    output_hook: str = typer.Option(
+        None, help="Train transcoders: predict this hook from --hook (e.g. blocks.15.hook_mlp_out)."
+    ),
+    architecture: list[str] = typer.Option(
+        ["topk"], help="relu, gated, topk, batchtopk or jumprelu; repeat to sweep."
+    ),
     width: list[int] = typer.Option([4608], help="Latents (d_sae); repeat to sweep."),
     k: list[int] = typer.Option([32], help="topk/batchtopk: active latents per token; repeat to sweep."),
     l1: list[float] = typer.Option([5.0], help="relu/gated: L1 coefficient; repeat to sweep."),
     target_l0: list[float] = typer.Option([32.0], help="jumprelu: target L0; repeat to sweep."),
-    data: str = typer.Option(None, help="Text source (file, folder or HF dataset); default: embedded corpus."),
+    data: str = typer.Option(
+        None, help="Text source (file, folder or HF dataset); default: embedded corpus."
+    ),
     text_field: str = typer.Option("text", help="Field holding the text."),
     context_size: int = typer.Option(128, help="Tokens per context."),
-    activations: Path = typer.Option(None, help="Train from this `saelab harvest` cache instead of harvesting."),
-    stream: bool = typer.Option(False, help="Train straight from the model through a shuffle buffer (no disk)."),
+    activations: Path = typer.Option(
+        None, help="Train from this `saelab harvest` cache instead of harvesting."
+    ),
+    stream: bool = typer.Option(
+        False, help="Train straight from the model through a shuffle buffer (no disk)."
+    ),
     tokens: int = typer.Option(1_000_000, help="Training tokens."),
     batch_size: int = typer.Option(4096, help="Activation vectors per step."),
     lr: float = typer.Option(5e-4, help="Adam learning rate (linear warm-up, decay over the last 20%)."),
-    dead_after_tokens: int = typer.Option(100_000, help="A latent silent this long is dead (AuxK revives it)."),
+    dead_after_tokens: int = typer.Option(
+        100_000, help="A latent silent this long is dead (AuxK revives it)."
+    ),
     checkpoint_every: int = typer.Option(200, help="Steps between atomic checkpoints."),
     exclude_bos: bool = typer.Option(True, help="Exclude position 0 (attention sink) from training."),
     exclude_special: bool = typer.Option(True, help="Exclude special tokens from training."),
     device: str = typer.Option("cpu", help="cpu, cuda or mps."),
+    dtype: str = typer.Option(
+        "bfloat16", help="Model dtype while harvesting: bfloat16 (fast on CPU) or float32."
+    ),
     seed: int = typer.Option(0, help="Seed for initialisation and shuffling."),
     resume: bool = typer.Option(False, help="Continue the run in --run-dir from its last checkpoint."),
     overwrite: bool = typer.Option(False, help="Replace a finished or unfinished run in --run-dir."),
@@ -137,35 +189,31 @@ def train(
     from saelab.training import TrainConfig
     from saelab.training import train as run_training
 
-    d_in = _hook_width(model, hook, activations)
     cfg = TrainConfig(
-        run_dir=str(run_dir), model=resolve_model(model),
+        run_dir=str(run_dir),
+        model=resolve_model(model),
         data=_data_config(data, "train", text_field, context_size, exclude_bos, exclude_special),
-        dictionaries=sweep_configs(architecture, width, k, l1, target_l0, hook, output_hook, d_in, seed),
-        activations=str(activations) if activations else None, stream=stream, n_tokens=tokens,
-        batch_size=batch_size, lr=lr, dead_after_tokens=dead_after_tokens,
-        checkpoint_every=checkpoint_every, seed=seed, device=device,
+        dictionaries=sweep_configs(architecture, width, k, l1, target_l0, hook, output_hook, 0, seed),
+        activations=str(activations) if activations else None,
+        stream=stream,
+        n_tokens=tokens,
+        batch_size=batch_size,
+        lr=lr,
+        dead_after_tokens=dead_after_tokens,
+        checkpoint_every=checkpoint_every,
+        seed=seed,
+        device=device,
+        model_dtype=_dtype(dtype, as_name=True),
     )
     saved = run_training(cfg, resume=resume, overwrite=overwrite)
     if saved and distributed.is_main():
         console.print(f"trained {len(saved)} dictionar{'y' if len(saved) == 1 else 'ies'} in {run_dir}")
         if evaluate_after:
-            results = _evaluate_folders(list(saved.values()), cfg.model, cfg.data.source, 65536, 64, device)
+            results = _evaluate_folders(
+                list(saved.values()), cfg.model, cfg.data.source, 65536, 128, device, dtype=dtype
+            )
             _print_table(results)
     distributed.cleanup()
-
-
-def _hook_width(model: str | None, hook: str, activations: Path | None) -> int:
-    """d_in from the cache manifest when there is one, else from the model config (no weights)."""
-    if activations is not None:
-        from saelab.activations import CacheInfo
-
-        info = CacheInfo.read(activations)
-        if hook in info.hooks:
-            return int(info.hooks[hook])
-    from saelab.models import load_model
-
-    return load_model(resolve_model(model)).hook_dim(hook)
 
 
 # ---- eval ---------------------------------------------------------------------------------------
@@ -174,7 +222,9 @@ def _hook_width(model: str | None, hook: str, activations: Path | None) -> int:
 def _sae_folders(path: Path) -> list[Path]:
     if (path / "cfg.json").exists() or (path / "ae.pt").exists():
         return [path]
-    found = sorted(p.parent for p in path.glob("saes/*/cfg.json")) or sorted(p.parent for p in path.glob("*/cfg.json"))
+    found = sorted(p.parent for p in path.glob("saes/*/cfg.json")) or sorted(
+        p.parent for p in path.glob("*/cfg.json")
+    )
     if not found:
         from saelab.errors import DictionaryFileError
 
@@ -185,7 +235,26 @@ def _sae_folders(path: Path) -> list[Path]:
     return found
 
 
-def _evaluate_folders(folders, model, data, tokens, ce_contexts, device, out=None):
+def _dtype(name: str, as_name: bool = False):
+    """Parse a dtype option; as_name=True returns the canonical name instead of the torch dtype."""
+    import torch
+
+    from saelab.errors import SaelabError
+
+    table = {
+        "bfloat16": torch.bfloat16,
+        "bf16": torch.bfloat16,
+        "float32": torch.float32,
+        "fp32": torch.float32,
+        "float16": torch.float16,
+        "fp16": torch.float16,
+    }
+    if name not in table:
+        raise SaelabError(f"unknown dtype {name!r}; use bfloat16, float32 or float16.")
+    return str(table[name]).removeprefix("torch.") if as_name else table[name]
+
+
+def _evaluate_folders(folders, model, data, tokens, ce_contexts, device, out=None, dtype="bfloat16"):
     from saelab.dictionaries.io import load_dictionary
     from saelab.evaluation import EvalConfig, evaluate
     from saelab.models import load_model
@@ -197,13 +266,19 @@ def _evaluate_folders(folders, model, data, tokens, ce_contexts, device, out=Non
         meta = dictionary.cfg.metadata
         name = resolve_model(model or meta.get("model_name"))
         if name not in lms:
-            lms[name] = load_model(name, device=device)
-        cfg = _data_config(data if data is not None else _dataset_of(meta), "eval", "text",
-                           int(meta.get("context_size", 128)), bool(meta.get("exclude_bos", True)),
-                           bool(meta.get("exclude_special_tokens", True)))
+            lms[name] = load_model(name, device=device, dtype=_dtype(dtype))
+        cfg = _data_config(
+            data if data is not None else _dataset_of(meta),
+            "eval",
+            "text",
+            int(meta.get("context_size", 128)),
+            bool(meta.get("exclude_bos", True)),
+            bool(meta.get("exclude_special_tokens", True)),
+        )
         target = Path(out) / folder.name if out and len(folders) > 1 else (Path(out) if out else folder)
-        results[folder.name] = evaluate(lms[name], dictionary, cfg, EvalConfig(n_tokens=tokens, ce_contexts=ce_contexts),
-                                        out_dir=target)
+        results[folder.name] = evaluate(
+            lms[name], dictionary, cfg, EvalConfig(n_tokens=tokens, ce_contexts=ce_contexts), out_dir=target
+        )
     return results
 
 
@@ -214,11 +289,19 @@ def _dataset_of(meta: dict) -> str | None:
 
 def _print_table(results: dict) -> None:
     table = Table(title="saelab evaluation (eval split; position 0 / BOS and special tokens excluded)")
-    columns = [("L0", "l0", "{:.1f}"), ("expl. var", "explained_variance", "{:.3f}"), ("MSE", "mse", "{:.3f}"),
-               ("cos", "cosine_similarity", "{:.3f}"), ("CE clean", "ce_clean", "{:.3f}"),
-               ("CE sae", "ce_sae", "{:.3f}"), ("CE zero", "ce_zero", "{:.3f}"),
-               ("CE score", "ce_loss_score", "{:.3f}"), ("KL score", "kl_score", "{:.3f}"),
-               ("dead", "dead_fraction", "{:.1%}"), ("dense", "dense_fraction", "{:.1%}")]
+    columns = [
+        ("L0", "l0", "{:.1f}"),
+        ("expl. var", "explained_variance", "{:.3f}"),
+        ("MSE", "mse", "{:.3f}"),
+        ("cos", "cosine_similarity", "{:.3f}"),
+        ("CE clean", "ce_clean", "{:.3f}"),
+        ("CE sae", "ce_sae", "{:.3f}"),
+        ("CE zero", "ce_zero", "{:.3f}"),
+        ("CE score", "ce_loss_score", "{:.3f}"),
+        ("KL score", "kl_score", "{:.3f}"),
+        ("dead", "dead_fraction", "{:.1%}"),
+        ("dense", "dense_fraction", "{:.1%}"),
+    ]
     table.add_column("dictionary")
     for title, _, _ in columns:
         table.add_column(title, justify="right")
@@ -229,16 +312,21 @@ def _print_table(results: dict) -> None:
 
 @app.command("eval")
 def eval_command(
-    path: Path = typer.Argument(..., help="A SAE folder (SAELens, sparsify or dictionary_learning) or a run folder."),
-    model: str = typer.Option(None, help="Model to splice into; default: the one named in the SAE's metadata."),
+    path: Path = typer.Argument(
+        ..., help="A SAE folder (SAELens, sparsify or dictionary_learning) or a run folder."
+    ),
+    model: str = typer.Option(
+        None, help="Model to splice into; default: the one named in the SAE's metadata."
+    ),
     data: str = typer.Option(None, help="Evaluation text; default: the training source's held-out split."),
     tokens: int = typer.Option(65536, help="Tokens for reconstruction metrics and density."),
     ce_contexts: int = typer.Option(128, help="Contexts for CE / KL with the SAE spliced in (0 to skip)."),
     out: Path = typer.Option(None, help="Where to write eval.json and density.png; default: beside the SAE."),
     device: str = typer.Option("cpu", help="cpu, cuda or mps."),
+    dtype: str = typer.Option("bfloat16", help="Model dtype: bfloat16 (fast on CPU) or float32."),
 ):
     """Evaluate dictionaries: L0, MSE, explained variance, CE/KL loss recovered, dead/dense latents."""
-    results = _evaluate_folders(_sae_folders(path), model, data, tokens, ce_contexts, device, out)
+    results = _evaluate_folders(_sae_folders(path), model, data, tokens, ce_contexts, device, out, dtype)
     _print_table(results)
 
 
@@ -256,8 +344,11 @@ def demo(
     from saelab.training import DONE, TrainConfig
     from saelab.training import train as run_training
 
-    cfg = TrainConfig(run_dir=str(run_dir), dictionaries=[DictionaryConfig(architecture="topk", k=32, d_sae=4608)],
-                      n_tokens=tokens)
+    cfg = TrainConfig(
+        run_dir=str(run_dir),
+        dictionaries=[DictionaryConfig(architecture="topk", k=32, d_sae=4608)],
+        n_tokens=tokens,
+    )
     start = time.perf_counter()
     if (run_dir / DONE).exists() and not overwrite:
         console.print(f"{run_dir} already holds a finished demo run; evaluating it (--overwrite retrains).")
@@ -267,8 +358,10 @@ def demo(
         folders = list(run_training(cfg, resume=resume, overwrite=overwrite).values())
     results = _evaluate_folders(folders, None, None, 65536, 128, "cpu")
     _print_table(results)
-    console.print(f"demo finished in {time.perf_counter() - start:.0f} s; SAE in {folders[0]}, "
-                  f"metrics in {folders[0] / 'eval.json'}, density plot in {folders[0] / 'density.png'}")
+    console.print(
+        f"demo finished in {time.perf_counter() - start:.0f} s; SAE in {folders[0]}, "
+        f"metrics in {folders[0] / 'eval.json'}, density plot in {folders[0] / 'density.png'}"
+    )
 
 
 if __name__ == "__main__":

@@ -86,9 +86,15 @@ class _Sums:
 
 def _batches(lm, data: DataConfig, n_contexts: int, batch_contexts: int, split: str):
     return token_batches(
-        data.source, lm.tokenizer, context_size=data.context_size, batch_size=batch_contexts,
-        prepend_bos=data.prepend_bos, split=split, text_field=data.text_field,
-        dataset_config=data.dataset_config, max_contexts=n_contexts,
+        data.source,
+        lm.tokenizer,
+        context_size=data.context_size,
+        batch_size=batch_contexts,
+        prepend_bos=data.prepend_bos,
+        split=split,
+        text_field=data.text_field,
+        dataset_config=data.dataset_config,
+        max_contexts=n_contexts,
     )
 
 
@@ -108,11 +114,18 @@ def reconstruction_metrics(lm, dictionary: Dictionary, data: DataConfig, cfg: Ev
     out_hook = dcfg.output_hook_name or dcfg.hook_name
     sums = _Sums(dcfg.d_sae, dcfg.out_dim)
     n_contexts = math.ceil(cfg.n_tokens / max(1, data.context_size - 1)) + cfg.batch_contexts
-    bar = tqdm(total=cfg.n_tokens, desc="eval: reconstruction", unit="tok", unit_scale=True,
-               disable=not progress, leave=False)
+    bar = tqdm(
+        total=cfg.n_tokens,
+        desc="eval: reconstruction",
+        unit="tok",
+        unit_scale=True,
+        disable=not progress,
+        leave=False,
+    )
     for input_ids in _batches(lm, data, n_contexts, cfg.batch_contexts, cfg.split):
-        keep = ~exclusion_mask(input_ids, lm.tokenizer, exclude_bos=data.exclude_bos,
-                               exclude_special=data.exclude_special)
+        keep = ~exclusion_mask(
+            input_ids, lm.tokenizer, exclude_bos=data.exclude_bos, exclude_special=data.exclude_special
+        )
         acts = lm.capture(input_ids.to(lm.device), list(dict.fromkeys([dcfg.hook_name, out_hook])))
         keep = keep.to(lm.device)
         x = acts[dcfg.hook_name][keep].float()
@@ -132,8 +145,9 @@ def reconstruction_metrics(lm, dictionary: Dictionary, data: DataConfig, cfg: Ev
 
 def _token_losses(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
     """Next-token cross-entropy per position [B, T-1]."""
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), input_ids[:, 1:].flatten(),
-                           reduction="none").view(input_ids.shape[0], -1)
+    return F.cross_entropy(
+        logits[:, :-1].flatten(0, 1).float(), input_ids[:, 1:].flatten(), reduction="none"
+    ).view(input_ids.shape[0], -1)
 
 
 def _kl(clean_logits: torch.Tensor, other_logits: torch.Tensor) -> torch.Tensor:
@@ -153,8 +167,14 @@ def downstream_metrics(lm, dictionary: Dictionary, data: DataConfig, cfg: EvalCo
     bar = tqdm(total=cfg.ce_contexts, desc="eval: CE/KL", unit="ctx", disable=not progress, leave=False)
     for input_ids in _batches(lm, data, cfg.ce_contexts, cfg.batch_contexts, cfg.split):
         input_ids = input_ids.to(lm.device)
-        keep = (~exclusion_mask(input_ids.cpu(), lm.tokenizer, exclude_bos=data.exclude_bos,
-                                exclude_special=data.exclude_special)).to(lm.device)
+        keep = (
+            ~exclusion_mask(
+                input_ids.cpu(),
+                lm.tokenizer,
+                exclude_bos=data.exclude_bos,
+                exclude_special=data.exclude_special,
+            )
+        ).to(lm.device)
         seen: dict[str, torch.Tensor] = {}
 
         def record(value, name=in_hook):
@@ -219,8 +239,14 @@ def density_histogram(density: torch.Tensor, path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def evaluate(lm, dictionary: Dictionary, data: DataConfig, cfg: EvalConfig | None = None,
-             out_dir: str | Path | None = None, progress: bool = True) -> dict:
+def evaluate(
+    lm,
+    dictionary: Dictionary,
+    data: DataConfig,
+    cfg: EvalConfig | None = None,
+    out_dir: str | Path | None = None,
+    progress: bool = True,
+) -> dict:
     """Every metric above; written as eval.json (+ density.png) into out_dir when given."""
     cfg = cfg or EvalConfig()
     _check_width(lm, dictionary)
@@ -228,21 +254,27 @@ def evaluate(lm, dictionary: Dictionary, data: DataConfig, cfg: EvalConfig | Non
     metrics, density = reconstruction_metrics(lm, dictionary, data, cfg, progress)
     if cfg.ce_contexts > 0:
         metrics.update(downstream_metrics(lm, dictionary, data, cfg, progress))
-    metrics.update({
-        "architecture": dictionary.cfg.architecture,
-        "d_sae": dictionary.cfg.d_sae,
-        "hook_name": dictionary.cfg.hook_name,
-        "output_hook_name": dictionary.cfg.output_hook_name,
-        "model": lm.name,
-        "data": data.to_dict() | {"split": cfg.split},
-        "excluded": "position 0 (BOS / attention sink) and special tokens"
-        if data.exclude_bos and data.exclude_special else "see data",
-    })
+    metrics.update(
+        {
+            "architecture": dictionary.cfg.architecture,
+            "d_sae": dictionary.cfg.d_sae,
+            "hook_name": dictionary.cfg.hook_name,
+            "output_hook_name": dictionary.cfg.output_hook_name,
+            "model": lm.name,
+            "data": data.to_dict() | {"split": cfg.split},
+            "excluded": "position 0 (BOS / attention sink) and special tokens"
+            if data.exclude_bos and data.exclude_special
+            else "see data",
+        }
+    )
     if out_dir is not None:
         out_dir = Path(out_dir)
         atomic_write_json(out_dir / "eval.json", metrics)
-        density_histogram(density, out_dir / "density.png",
-                          f"{dictionary.cfg.architecture} d_sae={dictionary.cfg.d_sae} at {dictionary.cfg.hook_name}")
+        density_histogram(
+            density,
+            out_dir / "density.png",
+            f"{dictionary.cfg.architecture} d_sae={dictionary.cfg.d_sae} at {dictionary.cfg.hook_name}",
+        )
     return metrics
 
 

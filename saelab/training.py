@@ -51,6 +51,9 @@ class TrainConfig:
     log_every: int = 10
     seed: int = 0
     device: str = "cpu"
+    # The LM's dtype while harvesting: bfloat16 runs ~6x faster on CPUs with AMX and changes the
+    # residual stream by ~1% (relative norm), far below an SAE's reconstruction error.
+    model_dtype: str = "bfloat16"
     harvest_batch_contexts: int = 32
     buffer_tokens: int = 131072
 
@@ -165,7 +168,7 @@ def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
 def _load_lm(cfg: TrainConfig):
     from saelab.models import load_model
 
-    return load_model(cfg.model, device=cfg.device)
+    return load_model(cfg.model, device=cfg.device, dtype=getattr(torch, cfg.model_dtype))
 
 
 def build_source(cfg: TrainConfig, rank: int, world_size: int, progress: bool):
@@ -173,23 +176,50 @@ def build_source(cfg: TrainConfig, rank: int, world_size: int, progress: bool):
     if cfg.stream:
         lm = _load_lm(cfg)
         return StreamingActivations(
-            lm, cfg.data, cfg.hooks, cfg.batch_size, n_tokens=None, buffer_tokens=cfg.buffer_tokens,
-            batch_contexts=cfg.harvest_batch_contexts, seed=cfg.seed, progress=progress,
+            lm,
+            cfg.data,
+            cfg.hooks,
+            cfg.batch_size,
+            n_tokens=None,
+            buffer_tokens=cfg.buffer_tokens,
+            batch_contexts=cfg.harvest_batch_contexts,
+            seed=cfg.seed,
+            progress=progress,
         )
     path = Path(cfg.activations) if cfg.activations else Path(cfg.run_dir) / "activations"
     if cfg.activations is None:
         if rank == 0:
             lm = _load_lm(cfg)
-            harvest_to_cache(lm, cfg.data, cfg.hooks, cfg.n_tokens, path,
-                             batch_contexts=cfg.harvest_batch_contexts, seed=cfg.seed, progress=progress)
+            harvest_to_cache(
+                lm,
+                cfg.data,
+                cfg.hooks,
+                cfg.n_tokens,
+                path,
+                batch_contexts=cfg.harvest_batch_contexts,
+                seed=cfg.seed,
+                progress=progress,
+            )
             del lm
         distributed.barrier()
-    return CachedActivations(path, cfg.hooks, cfg.batch_size, seed=cfg.seed, n_tokens=cfg.n_tokens,
-                             rank=rank, world_size=world_size)
+    return CachedActivations(
+        path,
+        cfg.hooks,
+        cfg.batch_size,
+        seed=cfg.seed,
+        n_tokens=cfg.n_tokens,
+        rank=rank,
+        world_size=world_size,
+    )
 
 
-def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False, progress: bool = True,
-          stop_after_steps: int | None = None) -> dict[str, Path]:
+def train(
+    cfg: TrainConfig,
+    resume: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+    stop_after_steps: int | None = None,
+) -> dict[str, Path]:
     """Train every dictionary in cfg on one activation stream; return {name: saved SAE folder}.
 
     `stop_after_steps` ends the process early as if interrupted (after a checkpoint), for tests.
@@ -208,6 +238,11 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False, progr
     source = build_source(cfg, rank, world_size, progress and main)
     total_steps = steps_for(cfg.n_tokens, cfg.batch_size)
 
+    dims = source.dims()
+    for dcfg in cfg.dictionaries:  # d_in = 0 means "as wide as the hook point"
+        if dcfg.d_in <= 0:
+            dcfg.d_in = dims[dcfg.hook_name]
+            dcfg.d_out = dims[dcfg.output_hook_name] if dcfg.output_hook_name else None
     names: set[str] = set()
     members: list[_Member] = []
     init_rows = None
@@ -217,7 +252,9 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False, progr
             if init_rows is None:
                 init_rows = source.peek(min(cfg.batch_size * 4, 16384))
             y_hook = dcfg.output_hook_name or dcfg.hook_name
-            dictionary.init_from_data(init_rows[dcfg.hook_name].to(cfg.device), init_rows[y_hook].to(cfg.device))
+            dictionary.init_from_data(
+                init_rows[dcfg.hook_name].to(cfg.device), init_rows[y_hook].to(cfg.device)
+            )
         name = dictionary_name(dcfg, index, names)
         names.add(name)
         members.append(_Member(name, dictionary, cfg, total_steps))
@@ -229,7 +266,7 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False, progr
         step = int(state["step"])
         source.load_state_dict(state["source"])
         torch.set_rng_state(state["rng"])
-        for member, member_state in zip(members, state["members"]):
+        for member, member_state in zip(members, state["members"], strict=True):
             member.load_state_dict(member_state)
         if main:  # drop metrics logged after the checkpoint: they will be logged again
             lines = metrics_path.read_text().splitlines(keepends=True) if metrics_path.exists() else []
@@ -263,8 +300,14 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False, progr
         for member in members:
             saved[member.name] = _save_member(member, cfg, run_dir)
         _checkpoint(run_dir, members, source, step, metrics_path, main)
-        atomic_write_json(run_dir / DONE, {"steps": step, "tokens": step * cfg.batch_size,
-                                           "dictionaries": {k: str(v) for k, v in saved.items()}})
+        atomic_write_json(
+            run_dir / DONE,
+            {
+                "steps": step,
+                "tokens": step * cfg.batch_size,
+                "dictionaries": {k: str(v) for k, v in saved.items()},
+            },
+        )
     distributed.barrier()
     return saved
 
@@ -307,8 +350,14 @@ def _log(path: Path, members: list[_Member], step: int, cfg: TrainConfig, elapse
         member.window_summary = summary
         member.window = []
         dead = float((member.tokens_since_fired >= cfg.dead_after_tokens).float().mean())
-        record = {"step": step, "tokens": step * cfg.batch_size, "dictionary": member.name,
-                  "dead_fraction": dead, "elapsed_s": round(elapsed, 2), **summary}
+        record = {
+            "step": step,
+            "tokens": step * cfg.batch_size,
+            "dictionary": member.name,
+            "dead_fraction": dead,
+            "elapsed_s": round(elapsed, 2),
+            **summary,
+        }
         lines.append(json.dumps(record))
     with open(path, "a", encoding="utf-8") as handle:
         handle.write("\n".join(lines) + "\n")
@@ -334,15 +383,18 @@ def _save_member(member: _Member, cfg: TrainConfig, run_dir: Path) -> Path:
     density = member.fire_counts.double() / max(1, member.count_tokens)
     sparsity = density.clamp_min(1e-10).log10().float()
     dcfg = member.dictionary.cfg
-    dcfg.metadata.update({
-        "model_name": cfg.model or "HuggingFaceTB/SmolLM2-135M-Instruct",
-        "hook_name": dcfg.hook_name,
-        "context_size": cfg.data.context_size,
-        "prepend_bos": cfg.data.prepend_bos,
-        "dataset_path": cfg.data.source or "saelab:embedded",
-        "exclude_special_tokens": cfg.data.exclude_special,
-        "exclude_bos": cfg.data.exclude_bos,
-        "training_tokens": member.count_tokens,
-    })
-    return save_dictionary(member.dictionary, run_dir / "saes" / member.name, sparsity=sparsity,
-                           training_config=cfg.to_dict())
+    dcfg.metadata.update(
+        {
+            "model_name": cfg.model or "HuggingFaceTB/SmolLM2-135M-Instruct",
+            "hook_name": dcfg.hook_name,
+            "context_size": cfg.data.context_size,
+            "prepend_bos": cfg.data.prepend_bos,
+            "dataset_path": cfg.data.source or "saelab:embedded",
+            "exclude_special_tokens": cfg.data.exclude_special,
+            "exclude_bos": cfg.data.exclude_bos,
+            "training_tokens": member.count_tokens,
+        }
+    )
+    return save_dictionary(
+        member.dictionary, run_dir / "saes" / member.name, sparsity=sparsity, training_config=cfg.to_dict()
+    )

@@ -32,7 +32,8 @@ class TrainOutput:
 
 def geometric_median(points: torch.Tensor, iterations: int = 100, tol: float = 1e-6) -> torch.Tensor:
     """Weiszfeld's algorithm: the point minimising the summed distance to `points` (robust b_dec init)."""
-    points = points.double()
+    device = points.device
+    points = points.to("cpu" if device.type == "mps" else device, torch.float64)  # MPS has no float64
     median = points.mean(0)
     for _ in range(iterations):
         distances = (points - median).norm(dim=1).clamp_min(1e-8)
@@ -42,7 +43,7 @@ def geometric_median(points: torch.Tensor, iterations: int = 100, tol: float = 1
             median = update
             break
         median = update
-    return median.float()
+    return median.to(device, torch.float32)
 
 
 class Dictionary(nn.Module, ABC):
@@ -119,6 +120,13 @@ class Dictionary(nn.Module, ABC):
 
     # ---- training helpers --------------------------------------------------------------------
     def normalized(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self.check_input(x)
+        if y.shape[-1] != self.cfg.out_dim:
+            raise DimensionMismatchError(
+                f"this {self.cfg.architecture} dictionary predicts targets of width "
+                f"d_out={self.cfg.out_dim}, but the targets have width {y.shape[-1]}. Pass the activations "
+                "of the output hook it was configured with, or set d_out to match."
+            )
         return x * self.input_scale, y * self.output_scale
 
     def decoder_norms(self) -> torch.Tensor:
@@ -163,11 +171,20 @@ class Dictionary(nn.Module, ABC):
     def fold_scales(self) -> None:
         """Fold the input/output scales into the weights; latent values are unchanged."""
         s_in, s_out = self.input_scale.item(), self.output_scale.item()
+        if self.cfg.apply_b_dec_to_input and s_in != s_out:
+            # The encoder subtracts b_dec, which is about to be divided by s_out rather than s_in:
+            # move the difference into the encoder bias so the pre-activations stay the same.
+            self.shift_encoder_bias((s_in / s_out - 1.0) * (self.b_dec @ self.W_enc))
         self.W_enc.mul_(s_in)
         self.W_dec.div_(s_out)
         self.b_dec.div_(s_out)
         self.input_scale.fill_(1.0)
         self.output_scale.fill_(1.0)
+
+    @torch.no_grad()
+    def shift_encoder_bias(self, shift: torch.Tensor) -> None:
+        """Add `shift` [d_sae] to the pre-activations (used by fold_scales)."""
+        self.b_enc.add_(shift)
 
     def saelens_tensors(self) -> dict[str, torch.Tensor]:
         """The tensors of the SAELens file, by SAELens name (call fold_scales() first)."""
@@ -185,5 +202,7 @@ class Dictionary(nn.Module, ABC):
         with torch.no_grad():
             for name, value in own.items():
                 if tuple(tensors[name].shape) != tuple(value.shape):
-                    raise ValueError(f"tensor {name} has shape {tuple(tensors[name].shape)}, expected {tuple(value.shape)}")
+                    raise ValueError(
+                        f"tensor {name} has shape {tuple(tensors[name].shape)}, expected {tuple(value.shape)}"
+                    )
                 value.copy_(tensors[name].to(value.dtype))

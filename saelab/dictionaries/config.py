@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 ARCHITECTURES = ("relu", "gated", "topk", "batchtopk", "jumprelu")
 
 # Families whose decoder rows are kept at unit norm (their sparsity does not depend on norms).
-UNIT_NORM_DECODER = ("topk", "batchtopk", "jumprelu")
+UNIT_NORM_DECODER = ("gated", "topk", "batchtopk", "jumprelu")
 
 
 @dataclass
@@ -46,8 +46,10 @@ class DictionaryConfig:
 
     def __post_init__(self) -> None:
         if self.architecture not in ARCHITECTURES:
-            raise ValueError(f"unknown architecture {self.architecture!r}; choose one of {', '.join(ARCHITECTURES)}")
-        if self.output_hook_name and self.d_out is None:
+            raise ValueError(
+                f"unknown architecture {self.architecture!r}; choose one of {', '.join(ARCHITECTURES)}"
+            )
+        if self.output_hook_name and self.d_out is None and self.d_in > 0:
             self.d_out = self.d_in
         if self.is_transcoder:
             # A transcoder's input and output live in different spaces: no b_dec subtraction.

@@ -70,6 +70,11 @@ class GatedSAE(Dictionary):
     def preacts(self, x):
         return self.encoder_input(x) @ self.W_enc
 
+    @torch.no_grad()
+    def shift_encoder_bias(self, shift):
+        self.b_gate.add_(shift)
+        self.b_mag.add_(shift * self.r_mag.exp())
+
     def activation(self, pre):
         gate = pre + self.b_gate
         magnitude = F.relu(pre * self.r_mag.exp() + self.b_mag)
@@ -124,7 +129,7 @@ class TopKSAE(Dictionary):
         loss = fvu
         aux = torch.zeros(())
         if ctx.dead_mask is not None and bool(ctx.dead_mask.any()):
-            aux = self.auxk_loss(pre, xin.detach(), (yn - recon).detach(), ctx.dead_mask)
+            aux = self.auxk_loss(pre, xin, (yn - recon).detach(), ctx.dead_mask)
             loss = loss + self.cfg.aux_coefficient * aux
         with torch.no_grad():
             fired = torch.zeros(self.cfg.d_sae, dtype=torch.bool, device=x.device)
@@ -137,13 +142,14 @@ class TopKSAE(Dictionary):
     def auxk_loss(self, pre, xin, residual, dead_mask) -> torch.Tensor:
         """The k_aux largest dead latents reconstruct the residual (no b_dec in the target)."""
         n_dead = int(dead_mask.sum())
+        # Scale down when fewer latents are dead than k_aux (computed before k_aux is clamped).
+        scale = min(n_dead / self.cfg.resolved_aux_k, 1.0)
         k_aux = min(self.cfg.resolved_aux_k, n_dead)
         with torch.no_grad():
-            dead_pre = pre.masked_fill(~dead_mask, -math.inf)
+            dead_pre = pre.masked_fill(~dead_mask.to(pre.device, torch.bool), -math.inf)
             values, indices = dead_pre.topk(k_aux, dim=-1, sorted=False)
         values = F.relu(selected_preacts(xin, self.W_enc, self.b_enc, indices, values))
         estimate = sparse_decode(indices, values, self.W_dec)
-        scale = min(n_dead / k_aux, 1.0)
         return scale * _fvu(estimate - residual, residual)
 
 
@@ -160,20 +166,24 @@ class BatchTopKSAE(TopKSAE):
         return pre * (pre > self.threshold).to(pre.dtype)
 
     def select(self, pre):
-        # Candidates: each row's top min(d_sae, 4k); a row rarely holds more of the batch's top k*B.
-        per_row = min(self.cfg.d_sae, 4 * self.cfg.k)
-        values, indices = pre.topk(per_row, dim=-1, sorted=False)
-        values = F.relu(values)
+        # Candidates: each row's top 4k. A row whose candidates are all kept may hold more of the
+        # batch's top k*B, so then the candidate set is widened: the selection is always exact.
         budget = self.cfg.k * pre.shape[0]
-        flat = values.reshape(-1)
-        if budget < flat.numel():
-            cutoff = flat.topk(budget, sorted=False).values.min()
-            keep = values >= cutoff
-        else:
-            cutoff = values[values > 0].min() if bool((values > 0).any()) else values.new_tensor(0.0)
-            keep = values > 0
-        if self.training:
-            self._update_threshold(cutoff)
+        per_row = min(self.cfg.d_sae, 4 * self.cfg.k)
+        while True:
+            values, indices = pre.topk(per_row, dim=-1, sorted=False)
+            values = F.relu(values)
+            flat = values.reshape(-1)
+            if budget < flat.numel():
+                keep = (values >= flat.topk(budget, sorted=False).values.min()) & (values > 0)
+            else:
+                keep = values > 0
+            if per_row >= self.cfg.d_sae or not bool(keep.all(-1).any()):
+                break
+            per_row = min(self.cfg.d_sae, 4 * per_row)
+        if self.training and bool(keep.any()):
+            # The inference threshold tracks the smallest positive kept activation (as in SAELens).
+            self._update_threshold(values[keep].min())
         return values * keep, indices
 
     @torch.no_grad()
@@ -243,6 +253,20 @@ class JumpReLUSAE(Dictionary):
     def threshold(self) -> torch.Tensor:
         return self.log_threshold.exp()
 
+    @torch.no_grad()
+    def init_from_data(self, x, y):
+        """Also start each latent's threshold where it fires on a target_l0 / d_sae share of the sample.
+
+        A fixed initial threshold is on the wrong scale for most inputs (the log-threshold moves by
+        about lr per Adam step), so training would spend most of its steps just finding the scale.
+        """
+        super().init_from_data(x, y)
+        pre = self.preacts(x[:2048].to(self.W_enc.dtype))
+        n = pre.shape[0]
+        fires = min(n - 1, max(1, round(n * self.cfg.target_l0 / self.cfg.d_sae)))
+        threshold = pre.kthvalue(n - fires, dim=0).values
+        self.log_threshold.copy_(threshold.clamp_min(1e-3).log())
+
     def activation(self, pre):
         return pre * (pre > self.threshold).to(pre.dtype)
 
@@ -274,7 +298,11 @@ class JumpReLUSAE(Dictionary):
         threshold = tensors.pop("threshold")
         with torch.no_grad():
             self.log_threshold.copy_(threshold.clamp_min(1e-12).log())
-        own = {k: v for k, v in self.state_dict().items() if k not in ("input_scale", "output_scale", "log_threshold")}
+        own = {
+            k: v
+            for k, v in self.state_dict().items()
+            if k not in ("input_scale", "output_scale", "log_threshold")
+        }
         with torch.no_grad():
             for name, value in own.items():
                 value.copy_(tensors[name].to(value.dtype))
