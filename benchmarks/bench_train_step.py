@@ -63,7 +63,7 @@ def main() -> None:
 
     sae = build_dictionary(DictionaryConfig(architecture="topk", d_in=D_IN, d_sae=D_SAE, k=K))
     sae.init_from_data(x, x)
-    opt = torch.optim.Adam(sae.parameters(), lr=1e-4)
+    opt = torch.optim.Adam(sae.parameters(), lr=1e-4, fused=True)  # as the trainer does
     ctx = StepContext(dead_mask=None, progress=0.5)
 
     def saelab_step():

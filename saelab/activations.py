@@ -90,7 +90,7 @@ def harvest(
                 return
     finally:
         bar.close()
-    if produced == 0:
+    if produced == 0 and skip_contexts == 0:  # a resumed stream may simply be at its end
         raise DataError(
             f"the dataset {data.source or 'embedded corpus'!r} gave no usable tokens: every position was "
             "excluded or the text was empty. Point --data at a non-empty source."
@@ -124,7 +124,11 @@ class ShuffleBuffer:
 
 
 class StreamingActivations:
-    """Train straight from the model: harvest into a shuffle buffer, no disk. Resumable exactly."""
+    """Train straight from the model: harvest into a shuffle buffer, no disk. Resumable exactly.
+
+    With world_size > 1 every rank harvests the same stream and keeps rows rank::world_size of each
+    batch, so data-parallel training sees exactly the global batches of a single process.
+    """
 
     def __init__(
         self,
@@ -137,8 +141,11 @@ class StreamingActivations:
         batch_contexts: int = 32,
         seed: int = 0,
         progress: bool = True,
+        rank: int = 0,
+        world_size: int = 1,
     ):
         self.lm, self.data, self.hooks = lm, data, list(dict.fromkeys(hooks))
+        self.rank, self.world_size = rank, world_size
         self.batch_size, self.n_tokens = batch_size, n_tokens
         self.capacity = max(buffer_tokens, 2 * batch_size)
         self.batch_contexts, self.progress = batch_contexts, progress
@@ -178,7 +185,10 @@ class StreamingActivations:
             self._refill()
         if len(self.buffer) < self.batch_size:
             return None
-        return self.buffer.take(self.batch_size)
+        batch = self.buffer.take(self.batch_size)
+        if self.world_size > 1:
+            batch = {h: v[self.rank :: self.world_size] for h, v in batch.items()}
+        return batch
 
     def dims(self) -> dict[str, int]:
         return dict(self.buffer.dims)
@@ -357,8 +367,11 @@ def harvest_to_cache(
             buffer.add(acts)
             read += contexts
             if len(buffer) >= 4 * shard_tokens:
+                # A loop, not one flush: a forward pass may bring more rows than a shard, and the
+                # buffer must still stay at about 4 shards (plus one batch) whatever the sizes.
                 buffer.shuffle()
-                flush(shard_tokens)
+                while len(buffer) >= 4 * shard_tokens:
+                    flush(shard_tokens)
         buffer.shuffle()
         while len(buffer) > 0:
             flush(min(shard_tokens, len(buffer)))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -24,10 +25,14 @@ from saelab.data import DataConfig
 from saelab.dictionaries import Dictionary, DictionaryConfig, StepContext, build_dictionary
 from saelab.dictionaries.io import save_dictionary
 from saelab.errors import RunFolderError
-from saelab.fileio import atomic_folder, atomic_write_json
+from saelab.fileio import atomic_folder, atomic_write_json, atomic_write_text
 
 DONE = "DONE.json"
 CHECKPOINT = "checkpoint"
+# What a fresh (not resumed) run clears from its folder: only files this trainer writes.
+RUN_ARTIFACTS = ("metrics.jsonl", "saes", DONE, CHECKPOINT, f".{CHECKPOINT}.old")
+# Feature density (sparsity.safetensors) is counted per token over the last 10% of steps (at least 16).
+DENSITY_FRACTION, DENSITY_MIN_STEPS = 0.1, 16
 
 
 @dataclass
@@ -108,15 +113,20 @@ class _Member:
 
     def __init__(self, name: str, dictionary: Dictionary, cfg: TrainConfig, total_steps: int):
         self.name, self.dictionary = name, dictionary
-        self.optimizer = torch.optim.Adam(dictionary.parameters(), lr=cfg.lr, betas=cfg.betas)
+        self.optimizer = torch.optim.Adam(dictionary.parameters(), lr=cfg.lr, betas=cfg.betas, fused=True)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: lr_factor(s, total_steps, cfg.warmup_fraction, cfg.decay_fraction)
         )
         d_sae = dictionary.cfg.d_sae
         self.tokens_since_fired = torch.zeros(d_sae, dtype=torch.long)
-        self.fire_counts = torch.zeros(d_sae, dtype=torch.long)  # for feature density at save
+        # Feature density at save: tokens on which each latent fires, over the last steps of training.
+        self.density_start = total_steps - min(
+            total_steps, max(DENSITY_MIN_STEPS, math.ceil(DENSITY_FRACTION * total_steps))
+        )
+        self.fire_counts = torch.zeros(d_sae, dtype=torch.long)
+        self.density_tokens = 0
         self.count_tokens = 0
-        self.window: list[dict[str, float]] = []
+        self.window: list[dict[str, float]] = []  # step terms since the last log line (checkpointed)
         self.window_summary: dict[str, float] | None = None
 
     def state_dict(self) -> dict:
@@ -126,7 +136,9 @@ class _Member:
             "scheduler": self.scheduler.state_dict(),
             "tokens_since_fired": self.tokens_since_fired,
             "fire_counts": self.fire_counts,
+            "density_tokens": self.density_tokens,
             "count_tokens": self.count_tokens,
+            "window": [dict(terms) for terms in self.window],
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -135,16 +147,28 @@ class _Member:
         self.scheduler.load_state_dict(state["scheduler"])
         self.tokens_since_fired = state["tokens_since_fired"].clone()
         self.fire_counts = state["fire_counts"].clone()
+        self.density_tokens = int(state["density_tokens"])
         self.count_tokens = int(state["count_tokens"])
+        self.window = [dict(terms) for terms in state["window"]]
 
 
-def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
-    """Refuse to clobber a run by accident; say which flag does what the user probably meant."""
+def checkpoint_file(run_dir: Path) -> Path | None:
+    """The newest complete checkpoint: checkpoint/state.pt, or the previous one if a crash hit the
+    instant between the two renames of `atomic_folder` (the old folder is then `.checkpoint.old`)."""
+    for folder in (CHECKPOINT, f".{CHECKPOINT}.old"):
+        if (run_dir / folder / "state.pt").is_file():
+            return run_dir / folder / "state.pt"
+    return None
+
+
+def check_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
+    """Refuse to clobber a run by accident (reads only); say which flag does what the user meant."""
     if resume:
-        if not (run_dir / CHECKPOINT / "state.pt").exists():
+        if checkpoint_file(run_dir) is None or not (run_dir / "config.json").is_file():
             raise RunFolderError(
-                f"cannot resume: {run_dir} holds no checkpoint ({CHECKPOINT}/state.pt). Start a new run "
-                "without --resume, or point --run-dir at the folder of the run you want to continue."
+                f"cannot resume: {run_dir} holds no checkpoint ({CHECKPOINT}/state.pt and config.json). "
+                "Start a new run without --resume, or point --run-dir at the folder of the run you want "
+                "to continue."
             )
         return
     if (run_dir / DONE).exists() and not overwrite:
@@ -152,16 +176,24 @@ def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
             f"{run_dir} already holds a finished run. Pass --overwrite to replace it, or choose another "
             "--run-dir."
         )
-    if (run_dir / CHECKPOINT).exists() and not overwrite:
+    if checkpoint_file(run_dir) is not None and not overwrite:
         raise RunFolderError(
             f"{run_dir} holds an unfinished run. Pass --resume to continue it, --overwrite to start over, "
             "or choose another --run-dir."
         )
-    if overwrite and run_dir.exists():
+
+
+def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
+    """check_run_dir, then make the folder ready: a fresh run starts without stale metrics or SAEs."""
+    check_run_dir(run_dir, resume, overwrite)
+    if resume:
+        return
+    if run_dir.exists():
         for child in run_dir.iterdir():
             if child.name == "activations":
-                continue  # a finished cache is still valid for the same settings
-            shutil.rmtree(child) if child.is_dir() else child.unlink()
+                continue  # a cache is still valid for the same settings (and resumable if partial)
+            if overwrite or child.name in RUN_ARTIFACTS:
+                shutil.rmtree(child) if child.is_dir() else child.unlink()
     run_dir.mkdir(parents=True, exist_ok=True)
 
 
@@ -171,10 +203,13 @@ def _load_lm(cfg: TrainConfig):
     return load_model(cfg.model, device=cfg.device, dtype=getattr(torch, cfg.model_dtype))
 
 
-def build_source(cfg: TrainConfig, rank: int, world_size: int, progress: bool):
-    """The activation stream: an existing cache, a fresh cache in the run folder, or the live model."""
+def build_source(cfg: TrainConfig, rank: int, world_size: int, progress: bool, lm=None):
+    """The activation stream: an existing cache, a fresh cache in the run folder, or the live model.
+
+    `lm` is the already loaded model, if any (it is loaded here when needed and not given).
+    """
     if cfg.stream:
-        lm = _load_lm(cfg)
+        lm = lm if lm is not None else _load_lm(cfg)
         return StreamingActivations(
             lm,
             cfg.data,
@@ -185,23 +220,29 @@ def build_source(cfg: TrainConfig, rank: int, world_size: int, progress: bool):
             batch_contexts=cfg.harvest_batch_contexts,
             seed=cfg.seed,
             progress=progress,
+            rank=rank,
+            world_size=world_size,
         )
     path = Path(cfg.activations) if cfg.activations else Path(cfg.run_dir) / "activations"
     if cfg.activations is None:
+        error = None
         if rank == 0:
-            lm = _load_lm(cfg)
-            harvest_to_cache(
-                lm,
-                cfg.data,
-                cfg.hooks,
-                cfg.n_tokens,
-                path,
-                batch_contexts=cfg.harvest_batch_contexts,
-                seed=cfg.seed,
-                progress=progress,
-            )
+            try:
+                lm = lm if lm is not None else _load_lm(cfg)
+                harvest_to_cache(
+                    lm,
+                    cfg.data,
+                    cfg.hooks,
+                    cfg.n_tokens,
+                    path,
+                    batch_contexts=cfg.harvest_batch_contexts,
+                    seed=cfg.seed,
+                    progress=progress,
+                )
+            except Exception as err:
+                error = err
             del lm
-        distributed.barrier()
+        distributed.raise_if_any_failed(error)  # also the barrier: the cache is complete after it
     return CachedActivations(
         path,
         cfg.hooks,
@@ -227,15 +268,22 @@ def train(
     run_dir = Path(cfg.run_dir)
     rank, world_size = distributed.setup(cfg.device)
     main = rank == 0
-    if main:
-        prepare_run_dir(run_dir, resume, overwrite)
-    distributed.barrier()
-    if resume:
-        cfg = TrainConfig.from_dict(json.loads((run_dir / "config.json").read_text()))
-    elif main:
-        atomic_write_json(run_dir / "config.json", cfg.to_dict())
+    lm, error = None, None
+    try:  # every refusal comes before anything is written (and on every rank: no one hangs)
+        check_run_dir(run_dir, resume, overwrite)
+        if resume:
+            cfg = TrainConfig.from_dict(json.loads((run_dir / "config.json").read_text()))
+        lm = _check_hooks(cfg, main)
+        if main:
+            prepare_run_dir(run_dir, resume, overwrite)
+            if not resume:
+                atomic_write_json(run_dir / "config.json", cfg.to_dict())
+    except Exception as err:
+        error = err
+    distributed.raise_if_any_failed(error)
     torch.manual_seed(cfg.seed)
-    source = build_source(cfg, rank, world_size, progress and main)
+    source = build_source(cfg, rank, world_size, progress and main, lm=lm)
+    del lm
     total_steps = steps_for(cfg.n_tokens, cfg.batch_size)
 
     dims = source.dims()
@@ -262,7 +310,7 @@ def train(
     step = 0
     metrics_path = run_dir / "metrics.jsonl"
     if resume:
-        state = torch.load(run_dir / CHECKPOINT / "state.pt", map_location="cpu", weights_only=True)
+        state = torch.load(checkpoint_file(run_dir), map_location="cpu", weights_only=True)
         step = int(state["step"])
         source.load_state_dict(state["source"])
         torch.set_rng_state(state["rng"])
@@ -270,7 +318,7 @@ def train(
             member.load_state_dict(member_state)
         if main:  # drop metrics logged after the checkpoint: they will be logged again
             lines = metrics_path.read_text().splitlines(keepends=True) if metrics_path.exists() else []
-            metrics_path.write_text("".join(lines[: int(state["metrics_lines"])]))
+            atomic_write_text(metrics_path, "".join(lines[: int(state["metrics_lines"])]))
 
     bar = tqdm(total=total_steps, initial=step, desc="train", unit="step", disable=not (progress and main))
     started = time.perf_counter()
@@ -282,10 +330,10 @@ def train(
             _train_step(member, batch, cfg, step, total_steps)
         step += 1
         bar.update(1)
-        if main and (step % cfg.log_every == 0 or step == total_steps):
-            _log(metrics_path, members, step, cfg, time.perf_counter() - started)
+        if step % cfg.log_every == 0 or step == total_steps:
+            _log(metrics_path, members, step, cfg, time.perf_counter() - started, write=main)
             first = members[0].window_summary
-            if first:
+            if main and first:
                 bar.set_postfix(fvu=f"{first['fvu']:.3f}", l0=f"{first['l0']:.1f}")
         if step % cfg.checkpoint_every == 0 and step < total_steps:
             _checkpoint(run_dir, members, source, step, metrics_path, main)
@@ -294,22 +342,43 @@ def train(
             bar.close()
             return {}
     bar.close()
+    if any(member.window for member in members):  # the data ran out between two log steps
+        _log(metrics_path, members, step, cfg, time.perf_counter() - started, write=main)
 
     saved: dict[str, Path] = {}
+    error = None
     if main:
-        for member in members:
-            saved[member.name] = _save_member(member, cfg, run_dir)
-        _checkpoint(run_dir, members, source, step, metrics_path, main)
-        atomic_write_json(
-            run_dir / DONE,
-            {
-                "steps": step,
-                "tokens": step * cfg.batch_size,
-                "dictionaries": {k: str(v) for k, v in saved.items()},
-            },
-        )
-    distributed.barrier()
+        try:
+            for member in members:
+                saved[member.name] = _save_member(member, cfg, run_dir)
+            _checkpoint(run_dir, members, source, step, metrics_path, main)
+            atomic_write_json(
+                run_dir / DONE,
+                {
+                    "steps": step,
+                    "tokens": step * cfg.batch_size,
+                    "dictionaries": {k: str(v) for k, v in saved.items()},
+                },
+            )
+        except Exception as err:
+            error = err
+    distributed.raise_if_any_failed(error)  # also the final barrier
     return saved
+
+
+def _check_hooks(cfg: TrainConfig, main: bool):
+    """Fail on unknown hook points (or a cache without them) before anything is written.
+
+    Returns the loaded model when this rank will need it (streaming, or rank 0 harvesting a cache).
+    """
+    if cfg.stream or (cfg.activations is None and main):
+        lm = _load_lm(cfg)
+        for hook in cfg.hooks:
+            lm.hook_dim(hook)  # UnknownHookError with the valid names and a suggestion
+        return lm
+    if cfg.activations is not None:
+        CachedActivations(cfg.activations, cfg.hooks, cfg.batch_size)  # missing hooks / incomplete cache
+    return None
 
 
 def _train_step(member: _Member, batch: dict[str, torch.Tensor], cfg: TrainConfig, step: int, total: int):
@@ -330,18 +399,26 @@ def _train_step(member: _Member, batch: dict[str, torch.Tensor], cfg: TrainConfi
     buffers = dict(dictionary.named_buffers())
     if "threshold" in buffers:  # BatchTopK's running threshold: keep ranks in agreement
         distributed.average_tensor_(buffers["threshold"])
-    counts = distributed.sum_tensor_(out.fired.to(torch.long).cpu())
+    # Reduced on the device (NCCL cannot reduce CPU tensors), then brought back.
+    fired = distributed.sum_tensor_(out.fired.to(torch.long)).cpu()
     tokens = x.shape[0] * distributed.world()[1]
     member.tokens_since_fired += tokens
-    member.tokens_since_fired[counts > 0] = 0
-    member.fire_counts += counts
+    member.tokens_since_fired[fired > 0] = 0
     member.count_tokens += tokens
+    if step >= member.density_start:  # per-token firing counts of the (nearly) final dictionary
+        with torch.no_grad():
+            counts = (dictionary.encode(x) > 0).sum(0)
+        member.fire_counts += distributed.sum_tensor_(counts).cpu()
+        member.density_tokens += tokens
     terms = dict(out.terms)
     terms["lr"] = member.scheduler.get_last_lr()[0]
     member.window.append(terms)
 
 
-def _log(path: Path, members: list[_Member], step: int, cfg: TrainConfig, elapsed: float) -> None:
+def _log(
+    path: Path, members: list[_Member], step: int, cfg: TrainConfig, elapsed: float, write: bool = True
+) -> None:
+    """Average each member's window into one metrics line; every rank empties its windows."""
     lines = []
     for member in members:
         if not member.window:
@@ -359,8 +436,9 @@ def _log(path: Path, members: list[_Member], step: int, cfg: TrainConfig, elapse
             **summary,
         }
         lines.append(json.dumps(record))
-    with open(path, "a", encoding="utf-8") as handle:
-        handle.write("\n".join(lines) + "\n")
+    if write and lines:
+        with open(path, "a", encoding="utf-8") as handle:
+            handle.write("\n".join(lines) + "\n")
 
 
 def _checkpoint(run_dir, members, source, step, metrics_path, main) -> None:
@@ -380,8 +458,10 @@ def _checkpoint(run_dir, members, source, step, metrics_path, main) -> None:
 
 
 def _save_member(member: _Member, cfg: TrainConfig, run_dir: Path) -> Path:
-    density = member.fire_counts.double() / max(1, member.count_tokens)
-    sparsity = density.clamp_min(1e-10).log10().float()
+    sparsity = None
+    if member.density_tokens > 0:  # none if the data ran out before the density window
+        density = member.fire_counts.double() / member.density_tokens
+        sparsity = density.clamp_min(1e-10).log10().float()
     dcfg = member.dictionary.cfg
     dcfg.metadata.update(
         {

@@ -15,7 +15,7 @@ from torch import nn
 
 from saelab.dictionaries.base import Dictionary, StepContext, TrainOutput
 from saelab.dictionaries.config import DictionaryConfig
-from saelab.dictionaries.kernels import selected_preacts, sparse_decode, topk_select
+from saelab.dictionaries.kernels import encoder_values, sparse_decode, topk_select
 
 
 def _fvu(error: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -118,18 +118,19 @@ class TopKSAE(Dictionary):
 
     def training_loss(self, x, y, ctx):
         xn, yn = self.normalized(x, y)
-        xin = xn - self.b_dec if self.cfg.apply_b_dec_to_input else xn
+        b_dec = self.b_dec if self.cfg.apply_b_dec_to_input else None
         with torch.no_grad():
+            xin = xn - self.b_dec if b_dec is not None else xn
             pre = torch.addmm(self.b_enc, xin, self.W_enc)
         values, indices = self.select(pre)
-        values = F.relu(selected_preacts(xin, self.W_enc, self.b_enc, indices, values))
+        values = F.relu(encoder_values(xn, b_dec, self.W_enc, self.b_enc, indices, values))
         recon = sparse_decode(indices, values, self.W_dec) + self.b_dec
         error = recon - yn
         fvu = _fvu(error, yn)
         loss = fvu
         aux = torch.zeros(())
         if ctx.dead_mask is not None and bool(ctx.dead_mask.any()):
-            aux = self.auxk_loss(pre, xin, (yn - recon).detach(), ctx.dead_mask)
+            aux = self.auxk_loss(pre, xn, b_dec, (yn - recon).detach(), ctx.dead_mask)
             loss = loss + self.cfg.aux_coefficient * aux
         with torch.no_grad():
             fired = torch.zeros(self.cfg.d_sae, dtype=torch.bool, device=x.device)
@@ -139,17 +140,21 @@ class TopKSAE(Dictionary):
             terms = _stats(loss, mse, fvu, active.sum(-1).float().mean(), aux=aux)
         return TrainOutput(loss, fired, terms)
 
-    def auxk_loss(self, pre, xin, residual, dead_mask) -> torch.Tensor:
+    def auxk_loss(self, pre, xn, b_dec, residual, dead_mask) -> torch.Tensor:
         """The k_aux largest dead latents reconstruct the residual (no b_dec in the target)."""
-        n_dead = int(dead_mask.sum())
+        dead = dead_mask.to(pre.device, torch.bool).nonzero().squeeze(1)
+        n_dead = dead.numel()
         # Scale down when fewer latents are dead than k_aux (computed before k_aux is clamped).
         scale = min(n_dead / self.cfg.resolved_aux_k, 1.0)
         k_aux = min(self.cfg.resolved_aux_k, n_dead)
         with torch.no_grad():
-            dead_pre = pre.masked_fill(~dead_mask.to(pre.device, torch.bool), -math.inf)
-            values, indices = dead_pre.topk(k_aux, dim=-1, sorted=False)
-        values = F.relu(selected_preacts(xin, self.W_enc, self.b_enc, indices, values))
-        estimate = sparse_decode(indices, values, self.W_dec)
+            values, local = pre.index_select(1, dead).topk(k_aux, dim=-1, sorted=False)
+        values = F.relu(encoder_values(xn, b_dec, self.W_enc, self.b_enc, dead[local], values))
+        if 8 * k_aux < n_dead:  # few of the dead latents per row: gather rows sparsely
+            estimate = sparse_decode(dead[local], values, self.W_dec)
+        else:  # a large share of them: one dense product over the dead rows is cheaper
+            dense = torch.zeros(pre.shape[0], n_dead, dtype=values.dtype, device=values.device)
+            estimate = dense.scatter(1, local, values) @ self.W_dec.index_select(0, dead)
         return scale * _fvu(estimate - residual, residual)
 
 
