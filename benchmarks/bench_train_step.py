@@ -74,6 +74,20 @@ def main() -> None:
         opt.step()
         sae.after_optimizer_step()
 
+    exact = build_dictionary(
+        DictionaryConfig(architecture="topk", d_in=D_IN, d_sae=D_SAE, k=K, encoder_dtype="float32")
+    )
+    exact.init_from_data(x, x)
+    exact_opt = torch.optim.Adam(exact.parameters(), lr=1e-4, fused=True)
+
+    def saelab_step_fp32():
+        out = exact.training_loss(x, x, ctx)
+        exact_opt.zero_grad(set_to_none=True)
+        out.loss.backward()
+        exact.remove_parallel_decoder_grad()
+        exact_opt.step()
+        exact.after_optimizer_step()
+
     dead = torch.zeros(D_SAE, dtype=torch.bool)
     dead[: D_SAE // 2] = True  # half the latents dead: the AuxK path runs too
     ctx_dead = StepContext(dead_mask=dead, progress=0.5)
@@ -89,6 +103,7 @@ def main() -> None:
     t_ref = timed(reference_step, args.steps)
     t_ours = timed(saelab_step, args.steps)
     t_aux = timed(saelab_step_auxk, args.steps)
+    t_fp32 = timed(saelab_step_fp32, args.steps)
     print(f"TopK step, d_in {D_IN}, d_sae {D_SAE}, k {K}, batch {BATCH}, {args.threads} thread(s)")
     print(f"  dense PyTorch reference : {BATCH / t_ref:8,.0f} tok/s  ({t_ref * 1000:.0f} ms/step)")
     print(

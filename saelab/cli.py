@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -54,6 +56,44 @@ def _data_config(data, split, text_field, context_size, exclude_bos, exclude_spe
     )
 
 
+@contextlib.contextmanager
+def _removed_on_error(folder: Path, keep_if=None):
+    """Delete `folder` when the command that creates it fails with a user error, unless it existed before.
+
+    A failed command then leaves nothing half-written behind. `keep_if(folder)` keeps folders worth
+    resuming (a training checkpoint). An interruption (Ctrl-C) keeps everything: rerunning resumes it.
+    """
+    existed = folder.exists()
+    try:
+        yield
+    except SaelabError:
+        if not existed and folder.is_dir() and not (keep_if and keep_if(folder)):
+            shutil.rmtree(folder, ignore_errors=True)
+        raise
+
+
+def _model_file_error(name: str | None, err: Exception) -> SaelabError:
+    from saelab.errors import ModelNotFoundError
+
+    reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return ModelNotFoundError(
+        f"could not read the weights of model {name or EMBEDDED_HF_ID!r}: a .safetensors file is corrupt, "
+        f"truncated or not safetensors ({reason}). Download or save the model again "
+        "(model.save_pretrained(folder)), or pass another --model."
+    )
+
+
+def _load_model(name: str | None, device: str, dtype):
+    from safetensors import SafetensorError
+
+    from saelab.models import load_model
+
+    try:
+        return load_model(name, device=device, dtype=dtype)
+    except SafetensorError as err:
+        raise _model_file_error(name, err) from None
+
+
 def resolve_model(name: str | None) -> str | None:
     """The embedded model's hub id means the embedded model (no hub access needed)."""
     if name in (None, "", EMBEDDED_HF_ID, "SmolLM2-135M-Instruct", "saelab:embedded"):
@@ -79,11 +119,11 @@ def harvest(
     ),
     text_field: str = typer.Option("text", help="Field holding the text in .jsonl/.parquet/HF datasets."),
     split: str = typer.Option("train", help="Dataset split ('train'/'eval' for the embedded corpus)."),
-    context_size: int = typer.Option(128, help="Tokens per context (BOS included)."),
+    context_size: int = typer.Option(128, min=2, help="Tokens per context (BOS included)."),
     tokens: int = typer.Option(
-        1_000_000, help="Activation vectors to store (excluded positions not counted)."
+        1_000_000, min=1, help="Activation vectors to store (excluded positions not counted)."
     ),
-    batch_contexts: int = typer.Option(32, help="Contexts per forward pass."),
+    batch_contexts: int = typer.Option(32, min=1, help="Contexts per forward pass."),
     exclude_bos: bool = typer.Option(
         True, help="Drop position 0 (BOS / attention sink, norm ~100x the median)."
     ),
@@ -94,12 +134,12 @@ def harvest(
 ):
     """Harvest activations into a memory-mapped, resumable disk cache that training can read many times."""
     from saelab.activations import harvest_to_cache
-    from saelab.models import load_model
 
-    lm = load_model(resolve_model(model), device=device, dtype=_dtype(dtype))
+    lm = _load_model(resolve_model(model), device=device, dtype=_dtype(dtype))
     cfg = _data_config(data, split, text_field, context_size, exclude_bos, exclude_special)
     start = time.perf_counter()
-    info = harvest_to_cache(lm, cfg, hook, tokens, out, batch_contexts=batch_contexts, seed=seed)
+    with _removed_on_error(out):
+        info = harvest_to_cache(lm, cfg, hook, tokens, out, batch_contexts=batch_contexts, seed=seed)
     seconds = time.perf_counter() - start
     console.print(
         f"harvested {info.n_tokens:,} tokens x {len(info.hooks)} hook(s) into {out} "
@@ -112,8 +152,15 @@ def harvest(
 
 def sweep_configs(architecture, width, k, l1, target_l0, hook, output_hook, d_in, seed):
     """The cartesian product of the sweep options, each knob applied only where it means something."""
-    from saelab.dictionaries import DictionaryConfig
+    from saelab.dictionaries import ARCHITECTURES, DictionaryConfig
 
+    unknown = [arch for arch in architecture if arch not in ARCHITECTURES]
+    if unknown:
+        raise SaelabError(f"unknown --architecture {unknown[0]!r}; choose from {', '.join(ARCHITECTURES)}.")
+    if {"topk", "batchtopk"} & set(architecture) and max(k) > min(width):
+        raise SaelabError(
+            f"--k {max(k)} is larger than --width {min(width)}: k must be at most the number of latents."
+        )
     configs = []
     for arch, d_sae in itertools.product(architecture, width):
         knobs = {
@@ -151,28 +198,30 @@ def train(
     architecture: list[str] = typer.Option(
         ["topk"], help="relu, gated, topk, batchtopk or jumprelu; repeat to sweep."
     ),
-    width: list[int] = typer.Option([4608], help="Latents (d_sae); repeat to sweep."),
-    k: list[int] = typer.Option([32], help="topk/batchtopk: active latents per token; repeat to sweep."),
+    width: list[int] = typer.Option([4608], min=1, help="Latents (d_sae); repeat to sweep."),
+    k: list[int] = typer.Option(
+        [32], min=1, help="topk/batchtopk: active latents per token; repeat to sweep."
+    ),
     l1: list[float] = typer.Option([5.0], help="relu/gated: L1 coefficient; repeat to sweep."),
     target_l0: list[float] = typer.Option([32.0], help="jumprelu: target L0; repeat to sweep."),
     data: str = typer.Option(
         None, help="Text source (file, folder or HF dataset); default: embedded corpus."
     ),
     text_field: str = typer.Option("text", help="Field holding the text."),
-    context_size: int = typer.Option(128, help="Tokens per context."),
+    context_size: int = typer.Option(128, min=2, help="Tokens per context."),
     activations: Path = typer.Option(
         None, help="Train from this `saelab harvest` cache instead of harvesting."
     ),
     stream: bool = typer.Option(
         False, help="Train straight from the model through a shuffle buffer (no disk)."
     ),
-    tokens: int = typer.Option(1_000_000, help="Training tokens."),
-    batch_size: int = typer.Option(4096, help="Activation vectors per step."),
+    tokens: int = typer.Option(1_000_000, min=1, help="Training tokens."),
+    batch_size: int = typer.Option(4096, min=1, help="Activation vectors per step."),
     lr: float = typer.Option(5e-4, help="Adam learning rate (linear warm-up, decay over the last 20%)."),
     dead_after_tokens: int = typer.Option(
-        100_000, help="A latent silent this long is dead (AuxK revives it)."
+        100_000, min=1, help="A latent silent this long is dead (AuxK revives it)."
     ),
-    checkpoint_every: int = typer.Option(200, help="Steps between atomic checkpoints."),
+    checkpoint_every: int = typer.Option(200, min=1, help="Steps between atomic checkpoints."),
     exclude_bos: bool = typer.Option(True, help="Exclude position 0 (attention sink) from training."),
     exclude_special: bool = typer.Option(True, help="Exclude special tokens from training."),
     device: str = typer.Option("cpu", help="cpu, cuda or mps."),
@@ -185,10 +234,19 @@ def train(
     evaluate_after: bool = typer.Option(True, "--eval/--no-eval", help="Evaluate every trained dictionary."),
 ):
     """Train one or many dictionaries (a sweep) on one activation stream. Runs under torchrun too."""
+    from safetensors import SafetensorError
+
     from saelab import distributed
-    from saelab.training import TrainConfig
+    from saelab.training import CHECKPOINT, TrainConfig
     from saelab.training import train as run_training
 
+    if not lr > 0:
+        raise SaelabError(f"--lr must be a positive learning rate, got {lr}; 5e-4 is typical.")
+    if tokens < batch_size:
+        raise SaelabError(
+            f"--tokens {tokens:,} is fewer than one batch (--batch-size {batch_size:,}), so no step would run. "
+            "Ask for more tokens or a smaller batch size."
+        )
     cfg = TrainConfig(
         run_dir=str(run_dir),
         model=resolve_model(model),
@@ -205,7 +263,15 @@ def train(
         device=device,
         model_dtype=_dtype(dtype, as_name=True),
     )
-    saved = run_training(cfg, resume=resume, overwrite=overwrite)
+
+    def has_checkpoint(folder: Path) -> bool:  # worth keeping for --resume
+        return (folder / CHECKPOINT).exists() or not distributed.is_main()
+
+    with _removed_on_error(run_dir, keep_if=has_checkpoint):
+        try:
+            saved = run_training(cfg, resume=resume, overwrite=overwrite)
+        except SafetensorError as err:  # only the model's weights are safetensors on this path
+            raise _model_file_error(cfg.model, err) from None
     if saved and distributed.is_main():
         console.print(f"trained {len(saved)} dictionar{'y' if len(saved) == 1 else 'ies'} in {run_dir}")
         if evaluate_after:
@@ -257,7 +323,6 @@ def _dtype(name: str, as_name: bool = False):
 def _evaluate_folders(folders, model, data, tokens, ce_contexts, device, out=None, dtype="bfloat16"):
     from saelab.dictionaries.io import load_dictionary
     from saelab.evaluation import EvalConfig, evaluate
-    from saelab.models import load_model
 
     results = {}
     lms: dict = {}
@@ -266,7 +331,7 @@ def _evaluate_folders(folders, model, data, tokens, ce_contexts, device, out=Non
         meta = dictionary.cfg.metadata
         name = resolve_model(model or meta.get("model_name"))
         if name not in lms:
-            lms[name] = load_model(name, device=device, dtype=_dtype(dtype))
+            lms[name] = _load_model(name, device=device, dtype=_dtype(dtype))
         cfg = _data_config(
             data if data is not None else _dataset_of(meta),
             "eval",
@@ -319,8 +384,10 @@ def eval_command(
         None, help="Model to splice into; default: the one named in the SAE's metadata."
     ),
     data: str = typer.Option(None, help="Evaluation text; default: the training source's held-out split."),
-    tokens: int = typer.Option(65536, help="Tokens for reconstruction metrics and density."),
-    ce_contexts: int = typer.Option(128, help="Contexts for CE / KL with the SAE spliced in (0 to skip)."),
+    tokens: int = typer.Option(65536, min=1, help="Tokens for reconstruction metrics and density."),
+    ce_contexts: int = typer.Option(
+        128, min=0, help="Contexts for CE / KL with the SAE spliced in (0 to skip)."
+    ),
     out: Path = typer.Option(None, help="Where to write eval.json and density.png; default: beside the SAE."),
     device: str = typer.Option("cpu", help="cpu, cuda or mps."),
     dtype: str = typer.Option("bfloat16", help="Model dtype: bfloat16 (fast on CPU) or float32."),

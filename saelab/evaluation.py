@@ -99,12 +99,26 @@ def _batches(lm, data: DataConfig, n_contexts: int, batch_contexts: int, split: 
 
 
 def _check_width(lm, dictionary: Dictionary) -> None:
-    width = lm.hook_dim(dictionary.cfg.hook_name)
-    if width != dictionary.cfg.d_in:
+    dcfg = dictionary.cfg
+    width = lm.hook_dim(dcfg.hook_name)
+    if width != dcfg.d_in:
         raise DimensionMismatchError(
-            f"the dictionary expects d_in={dictionary.cfg.d_in} but {dictionary.cfg.hook_name!r} of "
+            f"the dictionary expects d_in={dcfg.d_in} but {dcfg.hook_name!r} of "
             f"{lm.name} has width {width}. Evaluate it on the model and hook point it was trained on."
         )
+    out_hook = dcfg.output_hook_name or dcfg.hook_name
+    width = lm.hook_dim(out_hook)
+    if width != dcfg.out_dim:
+        raise DimensionMismatchError(
+            f"the dictionary writes d_out={dcfg.out_dim} but its output hook {out_hook!r} of {lm.name} has "
+            f"width {width}. Evaluate it on the model and hook points it was trained on."
+        )
+
+
+def _score(zero: float, with_sae: float, clean: float) -> float:
+    """(zero - with_sae) / (zero - clean); NaN when ablating the hook does not change the loss at all."""
+    denominator = zero - clean
+    return (zero - with_sae) / denominator if abs(denominator) > 1e-12 else math.nan
 
 
 @torch.no_grad()
@@ -213,8 +227,10 @@ def downstream_metrics(lm, dictionary: Dictionary, data: DataConfig, cfg: EvalCo
     if count == 0:
         raise DataError("the evaluation data gave no usable tokens; point --data at a non-empty source.")
     out = {key: value / count for key, value in totals.items()}
-    out["ce_loss_score"] = (out["ce_zero"] - out["ce_sae"]) / max(out["ce_zero"] - out["ce_clean"], 1e-12)
-    out["kl_score"] = (out["kl_zero"] - out["kl_sae"]) / max(out["kl_zero"], 1e-12)
+    # No clamping of the denominator: zero-ablation can even lower the loss (a negative denominator),
+    # and max(denominator, eps) would turn that into a score of about -1e9.
+    out["ce_loss_score"] = _score(out["ce_zero"], out["ce_sae"], out["ce_clean"])
+    out["kl_score"] = _score(out["kl_zero"], out["kl_sae"], 0.0)
     out["ce_tokens"] = int(count)
     return out
 

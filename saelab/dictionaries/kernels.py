@@ -124,3 +124,24 @@ def topk_select(pre: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Values and indices of the k largest entries per row (sorted is faster on CPU)."""
     values, indices = pre.topk(k, dim=-1, sorted=True)
     return values, indices
+
+
+def gather_preacts(
+    xin: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, indices: torch.Tensor, chunk: int = 256
+) -> torch.Tensor:
+    """Exact (xin @ W_enc + b_enc) at `indices` only: B*k dot products, in row chunks to bound memory."""
+    columns = W_enc.t().contiguous()
+    out = torch.empty(indices.shape, dtype=xin.dtype, device=xin.device)
+    for start in range(0, xin.shape[0], chunk):
+        idx = indices[start : start + chunk]
+        rows = xin[start : start + chunk].unsqueeze(-1)
+        out[start : start + chunk] = torch.bmm(columns[idx], rows).squeeze(-1) + b_enc[idx]
+    return out
+
+
+def encoder_preacts(xin: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, dtype: str) -> torch.Tensor:
+    """All pre-activations, for choosing latents. bfloat16 runs on AMX / tensor cores (~2.5x faster
+    on this project's CPUs); the chosen values are then recomputed exactly with gather_preacts."""
+    if dtype == "bfloat16" and xin.dtype == torch.float32:
+        return torch.addmm(b_enc.bfloat16(), xin.bfloat16(), W_enc.bfloat16())
+    return torch.addmm(b_enc, xin, W_enc)

@@ -15,7 +15,13 @@ from torch import nn
 
 from saelab.dictionaries.base import Dictionary, StepContext, TrainOutput
 from saelab.dictionaries.config import DictionaryConfig
-from saelab.dictionaries.kernels import encoder_values, sparse_decode, topk_select
+from saelab.dictionaries.kernels import (
+    encoder_preacts,
+    encoder_values,
+    gather_preacts,
+    sparse_decode,
+    topk_select,
+)
 
 
 def _fvu(error: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -107,6 +113,8 @@ class TopKSAE(Dictionary):
     """TopK (Gao et al. 2024) with AuxK on dead latents; sparse decoder and sparse backward pass."""
 
     architecture = "topk"
+    # Per-row top-k tolerates bf16 near-ties; BatchTopK's exact k*B budget across the batch does not.
+    low_precision_selection = True
 
     def activation(self, pre):
         values, indices = topk_select(pre, self.cfg.k)
@@ -119,10 +127,14 @@ class TopKSAE(Dictionary):
     def training_loss(self, x, y, ctx):
         xn, yn = self.normalized(x, y)
         b_dec = self.b_dec if self.cfg.apply_b_dec_to_input else None
+        encoder_dtype = self.cfg.encoder_dtype if self.low_precision_selection else "float32"
+        low_precision = encoder_dtype != "float32" and xn.dtype == torch.float32
         with torch.no_grad():
             xin = xn - self.b_dec if b_dec is not None else xn
-            pre = torch.addmm(self.b_enc, xin, self.W_enc)
-        values, indices = self.select(pre)
+            pre = encoder_preacts(xin, self.W_enc, self.b_enc, encoder_dtype)
+            values, indices = self.select(pre)
+            if low_precision:  # chosen in bf16, valued exactly; latents the selection dropped stay 0
+                values = gather_preacts(xin, self.W_enc, self.b_enc, indices) * (values > 0)
         values = F.relu(encoder_values(xn, b_dec, self.W_enc, self.b_enc, indices, values))
         recon = sparse_decode(indices, values, self.W_dec) + self.b_dec
         error = recon - yn
@@ -130,7 +142,7 @@ class TopKSAE(Dictionary):
         loss = fvu
         aux = torch.zeros(())
         if ctx.dead_mask is not None and bool(ctx.dead_mask.any()):
-            aux = self.auxk_loss(pre, xn, b_dec, (yn - recon).detach(), ctx.dead_mask)
+            aux = self.auxk_loss(pre, xn, xin, b_dec, (yn - recon).detach(), ctx.dead_mask)
             loss = loss + self.cfg.aux_coefficient * aux
         with torch.no_grad():
             fired = torch.zeros(self.cfg.d_sae, dtype=torch.bool, device=x.device)
@@ -140,7 +152,7 @@ class TopKSAE(Dictionary):
             terms = _stats(loss, mse, fvu, active.sum(-1).float().mean(), aux=aux)
         return TrainOutput(loss, fired, terms)
 
-    def auxk_loss(self, pre, xn, b_dec, residual, dead_mask) -> torch.Tensor:
+    def auxk_loss(self, pre, xn, xin, b_dec, residual, dead_mask) -> torch.Tensor:
         """The k_aux largest dead latents reconstruct the residual (no b_dec in the target)."""
         dead = dead_mask.to(pre.device, torch.bool).nonzero().squeeze(1)
         n_dead = dead.numel()
@@ -149,6 +161,8 @@ class TopKSAE(Dictionary):
         k_aux = min(self.cfg.resolved_aux_k, n_dead)
         with torch.no_grad():
             values, local = pre.index_select(1, dead).topk(k_aux, dim=-1, sorted=False)
+            if values.dtype != xn.dtype:
+                values = gather_preacts(xin, self.W_enc, self.b_enc, dead[local])
         values = F.relu(encoder_values(xn, b_dec, self.W_enc, self.b_enc, dead[local], values))
         if 8 * k_aux < n_dead:  # few of the dead latents per row: gather rows sparsely
             estimate = sparse_decode(dead[local], values, self.W_dec)
@@ -162,6 +176,7 @@ class BatchTopKSAE(TopKSAE):
     """BatchTopK: the k*B largest activations across the batch; a learned threshold at inference."""
 
     architecture = "batchtopk"
+    low_precision_selection = False
 
     def __init__(self, cfg: DictionaryConfig):
         super().__init__(cfg)

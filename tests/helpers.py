@@ -1,0 +1,76 @@
+"""Tiny random models, a word-level tokenizer and a small local corpus for fast tests (no downloads)."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import torch
+
+WORDS = [f"w{i}" for i in range(200)]
+SPECIAL = {"<pad>": 0, "<bos>": 1, "<eos>": 2, "<unk>": 3}
+VOCAB = len(SPECIAL) + len(WORDS)
+
+
+def make_tokenizer():
+    """A word-level fast tokenizer with pad/bos/eos/unk, loadable with AutoTokenizer once saved."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = dict(SPECIAL)
+    vocab.update({w: i + len(SPECIAL) for i, w in enumerate(WORDS)})
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", bos_token="<bos>", eos_token="<eos>"
+    )
+
+
+def make_model(kind: str = "llama", n_layers: int = 2, hidden: int = 32, seed: int = 0) -> torch.nn.Module:
+    """A tiny random causal LM (Llama or GPT-2 layout) over the tokenizer's vocabulary."""
+    import transformers as tr
+
+    torch.manual_seed(seed)
+    if kind == "llama":
+        cfg = tr.LlamaConfig(
+            vocab_size=VOCAB,
+            hidden_size=hidden,
+            intermediate_size=2 * hidden,
+            num_hidden_layers=n_layers,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=64,
+            bos_token_id=SPECIAL["<bos>"],
+            eos_token_id=SPECIAL["<eos>"],
+            pad_token_id=SPECIAL["<pad>"],
+        )
+    elif kind == "gpt2":
+        cfg = tr.GPT2Config(vocab_size=VOCAB, n_embd=hidden, n_layer=n_layers, n_head=4, n_positions=64)
+    else:
+        raise ValueError(kind)
+    return tr.AutoModelForCausalLM.from_config(cfg).eval()
+
+
+def save_model(folder: Path, kind: str = "llama", n_layers: int = 2, hidden: int = 32) -> Path:
+    """save_pretrained a tiny model and its tokenizer into `folder` (a valid `load_model` path)."""
+    folder = Path(folder)
+    make_model(kind, n_layers, hidden).save_pretrained(folder)
+    make_tokenizer().save_pretrained(folder)
+    return folder
+
+
+def make_docs(n: int, seed: int = 0, min_words: int = 5, max_words: int = 60) -> list[str]:
+    rng = random.Random(seed)
+    return [" ".join(rng.choices(WORDS, k=rng.randint(min_words, max_words))) for _ in range(n)]
+
+
+def write_corpus(path: Path, n_docs: int = 200, seed: int = 0) -> Path:
+    """A local .txt (documents separated by blank lines) or .jsonl corpus, by the path's suffix."""
+    path = Path(path)
+    docs = make_docs(n_docs, seed)
+    if path.suffix == ".jsonl":
+        path.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    else:
+        path.write_text("\n\n".join(docs) + "\n")
+    return path
