@@ -61,56 +61,43 @@ def main() -> None:
         reference.loss(x).backward()
         ref_opt.step()
 
-    sae = build_dictionary(DictionaryConfig(architecture="topk", d_in=D_IN, d_sae=D_SAE, k=K))
-    sae.init_from_data(x, x)
-    opt = torch.optim.Adam(sae.parameters(), lr=1e-4, fused=True)  # as the trainer does
-    ctx = StepContext(dead_mask=None, progress=0.5)
+    def saelab_step(encoder_dtype: str, dead_mask: torch.Tensor | None):
+        """One trainer step (as saelab.training does it) on a fresh TopK SAE."""
+        cfg = DictionaryConfig(architecture="topk", d_in=D_IN, d_sae=D_SAE, k=K, encoder_dtype=encoder_dtype)
+        sae = build_dictionary(cfg)
+        sae.init_from_data(x, x)
+        opt = torch.optim.Adam(sae.parameters(), lr=1e-4, fused=True)
+        ctx = StepContext(dead_mask=dead_mask, progress=0.5)
 
-    def saelab_step():
-        out = sae.training_loss(x, x, ctx)
-        opt.zero_grad(set_to_none=True)
-        out.loss.backward()
-        sae.remove_parallel_decoder_grad()
-        opt.step()
-        sae.after_optimizer_step()
+        def step():
+            out = sae.training_loss(x, x, ctx)
+            opt.zero_grad(set_to_none=True)
+            out.loss.backward()
+            sae.remove_parallel_decoder_grad()
+            opt.step()
+            sae.after_optimizer_step()
 
-    exact = build_dictionary(
-        DictionaryConfig(architecture="topk", d_in=D_IN, d_sae=D_SAE, k=K, encoder_dtype="float32")
-    )
-    exact.init_from_data(x, x)
-    exact_opt = torch.optim.Adam(exact.parameters(), lr=1e-4, fused=True)
-
-    def saelab_step_fp32():
-        out = exact.training_loss(x, x, ctx)
-        exact_opt.zero_grad(set_to_none=True)
-        out.loss.backward()
-        exact.remove_parallel_decoder_grad()
-        exact_opt.step()
-        exact.after_optimizer_step()
+        return step
 
     dead = torch.zeros(D_SAE, dtype=torch.bool)
     dead[: D_SAE // 2] = True  # half the latents dead: the AuxK path runs too
-    ctx_dead = StepContext(dead_mask=dead, progress=0.5)
-
-    def saelab_step_auxk():
-        out = sae.training_loss(x, x, ctx_dead)
-        opt.zero_grad(set_to_none=True)
-        out.loss.backward()
-        sae.remove_parallel_decoder_grad()
-        opt.step()
-        sae.after_optimizer_step()
 
     t_ref = timed(reference_step, args.steps)
-    t_ours = timed(saelab_step, args.steps)
-    t_aux = timed(saelab_step_auxk, args.steps)
-    t_fp32 = timed(saelab_step_fp32, args.steps)
+    t_ours = timed(saelab_step("bfloat16", None), args.steps)
+    t_fp32 = timed(saelab_step("float32", None), args.steps)
+    t_aux = timed(saelab_step("bfloat16", dead), args.steps)
     print(f"TopK step, d_in {D_IN}, d_sae {D_SAE}, k {K}, batch {BATCH}, {args.threads} thread(s)")
-    print(f"  dense PyTorch reference : {BATCH / t_ref:8,.0f} tok/s  ({t_ref * 1000:.0f} ms/step)")
-    print(
-        f"  saelab TopK             : {BATCH / t_ours:8,.0f} tok/s  ({t_ours * 1000:.0f} ms/step)"
-        f"  -> {t_ref / t_ours:.2f}x the reference"
-    )
-    print(f"  saelab TopK + AuxK (half dead): {BATCH / t_aux:8,.0f} tok/s  ({t_aux * 1000:.0f} ms/step)")
+    rows = [
+        ("dense PyTorch reference (float32)", t_ref),
+        ("saelab TopK, default (bf16 selection, fp32 values)", t_ours),
+        ("saelab TopK, all float32", t_fp32),
+        ("saelab TopK + AuxK, half the latents dead", t_aux),
+    ]
+    for name, seconds in rows:
+        print(
+            f"  {name:<52} {BATCH / seconds:8,.0f} tok/s  {seconds * 1000:6.0f} ms/step  "
+            f"{t_ref / seconds:5.2f}x the reference"
+        )
 
 
 if __name__ == "__main__":

@@ -360,12 +360,12 @@ def harvest_to_cache(
         # dropped (never duplicated), a small loss for a harvest that is resumable at all.
         state["contexts_used"] = skipped + read
         info.write()
-        bar.update(count)
 
     try:
         for acts, contexts in stream:
             buffer.add(acts)
             read += contexts
+            bar.update(next(iter(acts.values())).shape[0])  # tokens harvested (written in shards)
             if len(buffer) >= 4 * shard_tokens:
                 # A loop, not one flush: a forward pass may bring more rows than a shard, and the
                 # buffer must still stay at about 4 shards (plus one batch) whatever the sizes.

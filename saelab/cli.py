@@ -216,10 +216,10 @@ def train(
         False, help="Train straight from the model through a shuffle buffer (no disk)."
     ),
     tokens: int = typer.Option(1_000_000, min=1, help="Training tokens."),
-    batch_size: int = typer.Option(4096, min=1, help="Activation vectors per step."),
-    lr: float = typer.Option(5e-4, help="Adam learning rate (linear warm-up, decay over the last 20%)."),
+    batch_size: int = typer.Option(1024, min=1, help="Activation vectors per step."),
+    lr: float = typer.Option(1e-3, help="Adam learning rate (linear warm-up, decay over the last 20%)."),
     dead_after_tokens: int = typer.Option(
-        100_000, min=1, help="A latent silent this long is dead (AuxK revives it)."
+        25_000, min=1, help="A latent silent this long is dead (AuxK revives it)."
     ),
     checkpoint_every: int = typer.Option(200, min=1, help="Steps between atomic checkpoints."),
     exclude_bos: bool = typer.Option(True, help="Exclude position 0 (attention sink) from training."),
@@ -241,7 +241,7 @@ def train(
     from saelab.training import train as run_training
 
     if not lr > 0:
-        raise SaelabError(f"--lr must be a positive learning rate, got {lr}; 5e-4 is typical.")
+        raise SaelabError(f"--lr must be a positive learning rate, got {lr}; 1e-3 is typical.")
     if tokens < batch_size:
         raise SaelabError(
             f"--tokens {tokens:,} is fewer than one batch (--batch-size {batch_size:,}), so no step would run. "

@@ -46,12 +46,12 @@ class TrainConfig:
     activations: str | None = None  # an existing cache; None: harvest into run_dir/activations
     stream: bool = False  # train straight from the model through a shuffle buffer, no cache
     n_tokens: int = 1_000_000
-    batch_size: int = 4096
-    lr: float = 5e-4
+    batch_size: int = 1024
+    lr: float = 1e-3
     warmup_fraction: float = 0.02
     decay_fraction: float = 0.2
     betas: tuple[float, float] = (0.9, 0.999)
-    dead_after_tokens: int = 100_000
+    dead_after_tokens: int = 25_000
     checkpoint_every: int = 200
     log_every: int = 10
     seed: int = 0
