@@ -1,6 +1,8 @@
 """Peak memory (RSS) of harvest and of training as the token count grows 10x: it must stay flat.
 
-Each measurement runs in a fresh subprocess and reports its own ru_maxrss.
+Each measurement runs in a fresh subprocess and reports its own ru_maxrss. Shards are small (4,096
+tokens) so that both token counts exceed the harvest buffer's cap (4 shards): what is measured is
+whether anything grows with the token count beyond the buffer and one shard.
 Usage: python benchmarks/bench_memory.py [--tokens 16384]
 """
 
@@ -22,7 +24,8 @@ import torch
 what, tokens, folder = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 if what == "harvest":
     lm = load_model(None, device="cpu", dtype=torch.bfloat16)
-    harvest_to_cache(lm, DataConfig(), ["blocks.15.hook_resid_post"], tokens, folder + "/cache", progress=False)
+    harvest_to_cache(lm, DataConfig(), ["blocks.15.hook_resid_post"], tokens, folder + "/cache", shard_tokens=4096,
+                     progress=False)
 else:
     cfg = TrainConfig(run_dir=folder + "/run", activations=folder + "/cache", n_tokens=tokens,
                       dictionaries=[DictionaryConfig(d_in=0, d_sae=4608, k=32)], checkpoint_every=10**9)

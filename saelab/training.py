@@ -406,9 +406,7 @@ def _train_step(member: _Member, batch: dict[str, torch.Tensor], cfg: TrainConfi
     member.tokens_since_fired[fired > 0] = 0
     member.count_tokens += tokens
     if step >= member.density_start:  # per-token firing counts of the (nearly) final dictionary
-        with torch.no_grad():
-            counts = (dictionary.encode(x) > 0).sum(0)
-        member.fire_counts += distributed.sum_tensor_(counts).cpu()
+        member.fire_counts += fired
         member.density_tokens += tokens
     terms = dict(out.terms)
     terms["lr"] = member.scheduler.get_last_lr()[0]

@@ -295,7 +295,7 @@ def test_batchtopk_selection_is_exact_even_when_one_row_holds_most_of_the_batch(
     pre[0] = pre[0].abs() + 10.0  # row 0 holds all 16 of the batch's top k*B = 16 activations
     sae.train()
     values, indices = sae.select(pre)
-    chosen = torch.zeros_like(pre).scatter(-1, indices, values)
+    chosen = torch.zeros_like(pre).scatter_add(-1, indices, values)  # padding entries are zeros
     expected_mask = torch.zeros(pre.numel(), dtype=torch.bool)
     expected_mask[F.relu(pre).reshape(-1).topk(16).indices] = True
     torch.testing.assert_close(chosen, F.relu(pre) * expected_mask.reshape(pre.shape))

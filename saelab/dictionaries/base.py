@@ -26,7 +26,7 @@ class TrainOutput:
     """A training step's loss plus the numbers the trainer logs (floats, already detached)."""
 
     loss: torch.Tensor
-    fired: torch.Tensor  # [d_sae] bool: latents active on at least one token of the batch
+    fired: torch.Tensor  # [d_sae] int: on how many tokens of the batch each latent fired
     terms: dict[str, float] = field(default_factory=dict)
 
 

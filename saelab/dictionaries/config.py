@@ -34,11 +34,9 @@ class DictionaryConfig:
     # AuxK for dead latents (topk, batchtopk): k_aux defaults to d_in // 2.
     aux_k: int | None = None
     aux_coefficient: float = 1 / 32
+    aux_max_rows: int = 1024  # AuxK runs on at most this many rows of each batch
     # batchtopk: EMA rate of the inference threshold.
     threshold_momentum: float = 0.99
-    # topk / batchtopk: dtype of the all-latents encoder matmul used to *choose* latents while
-    # training (bfloat16 is ~2.5x faster on AMX CPUs and GPUs); chosen values are recomputed in float32.
-    encoder_dtype: str = "bfloat16"
     apply_b_dec_to_input: bool = True
     # "expected_average_only_in": scale inputs by sqrt(d) / E||x|| while training; folded in at save.
     normalize_activations: str = "expected_average_only_in"

@@ -17,11 +17,19 @@ warnings.filterwarnings("ignore", message="Sparse invariant checks are implicitl
 
 
 def _sparse_weight_grad(indices: torch.Tensor, grad: torch.Tensor, x: torch.Tensor, n_latents: int):
-    """sum_b x_b outer grad_b over the chosen latents, as a [n_latents, d] tensor."""
+    """sum_b x_b outer grad_b over the chosen latents, as a [n_latents, d] tensor.
+
+    Zero entries (latents a BatchTopK row did not keep, padding) are dropped first: building the
+    sparse matrix sorts its entries, and most of a padded row's entries are zeros.
+    """
     batch, k = indices.shape
     rows = torch.arange(batch, device=x.device).repeat_interleave(k)
+    flat_grad, flat_idx = grad.reshape(-1), indices.reshape(-1)
+    nonzero = flat_grad != 0
+    if not bool(nonzero.all()):
+        rows, flat_grad, flat_idx = rows[nonzero], flat_grad[nonzero], flat_idx[nonzero]
     coo = torch.sparse_coo_tensor(
-        torch.stack([indices.reshape(-1), rows]), grad.reshape(-1), (n_latents, batch), check_invariants=False
+        torch.stack([flat_idx, rows]), flat_grad, (n_latents, batch), check_invariants=False
     )
     return torch.sparse.mm(coo, x)
 
@@ -124,24 +132,3 @@ def topk_select(pre: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Values and indices of the k largest entries per row (sorted is faster on CPU)."""
     values, indices = pre.topk(k, dim=-1, sorted=True)
     return values, indices
-
-
-def gather_preacts(
-    xin: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, indices: torch.Tensor, chunk: int = 256
-) -> torch.Tensor:
-    """Exact (xin @ W_enc + b_enc) at `indices` only: B*k dot products, in row chunks to bound memory."""
-    columns = W_enc.t().contiguous()
-    out = torch.empty(indices.shape, dtype=xin.dtype, device=xin.device)
-    for start in range(0, xin.shape[0], chunk):
-        idx = indices[start : start + chunk]
-        rows = xin[start : start + chunk].unsqueeze(-1)
-        out[start : start + chunk] = torch.bmm(columns[idx], rows).squeeze(-1) + b_enc[idx]
-    return out
-
-
-def encoder_preacts(xin: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, dtype: str) -> torch.Tensor:
-    """All pre-activations, for choosing latents. bfloat16 runs on AMX / tensor cores (~2.5x faster
-    on this project's CPUs); the chosen values are then recomputed exactly with gather_preacts."""
-    if dtype == "bfloat16" and xin.dtype == torch.float32:
-        return torch.addmm(b_enc.bfloat16(), xin.bfloat16(), W_enc.bfloat16())
-    return torch.addmm(b_enc, xin, W_enc)

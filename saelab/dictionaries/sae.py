@@ -15,13 +15,7 @@ from torch import nn
 
 from saelab.dictionaries.base import Dictionary, StepContext, TrainOutput
 from saelab.dictionaries.config import DictionaryConfig
-from saelab.dictionaries.kernels import (
-    encoder_preacts,
-    encoder_values,
-    gather_preacts,
-    sparse_decode,
-    topk_select,
-)
+from saelab.dictionaries.kernels import encoder_values, sparse_decode, topk_select
 
 
 def _fvu(error: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -58,7 +52,7 @@ class ReLUSAE(Dictionary):
         with torch.no_grad():
             active = latents > 0
             terms = _stats(loss, mse, _fvu(error, yn), active.sum(-1).float().mean(), l1=sparsity)
-        return TrainOutput(loss, active.any(0), terms)
+        return TrainOutput(loss, active.sum(0), terms)
 
 
 class GatedSAE(Dictionary):
@@ -106,15 +100,13 @@ class GatedSAE(Dictionary):
         with torch.no_grad():
             active = latents > 0
             terms = _stats(loss, mse, _fvu(error, yn), active.sum(-1).float().mean(), l1=sparsity, aux=aux)
-        return TrainOutput(loss, active.any(0), terms)
+        return TrainOutput(loss, active.sum(0), terms)
 
 
 class TopKSAE(Dictionary):
     """TopK (Gao et al. 2024) with AuxK on dead latents; sparse decoder and sparse backward pass."""
 
     architecture = "topk"
-    # Per-row top-k tolerates bf16 near-ties; BatchTopK's exact k*B budget across the batch does not.
-    low_precision_selection = True
 
     def activation(self, pre):
         values, indices = topk_select(pre, self.cfg.k)
@@ -127,14 +119,10 @@ class TopKSAE(Dictionary):
     def training_loss(self, x, y, ctx):
         xn, yn = self.normalized(x, y)
         b_dec = self.b_dec if self.cfg.apply_b_dec_to_input else None
-        encoder_dtype = self.cfg.encoder_dtype if self.low_precision_selection else "float32"
-        low_precision = encoder_dtype != "float32" and xn.dtype == torch.float32
         with torch.no_grad():
             xin = xn - self.b_dec if b_dec is not None else xn
-            pre = encoder_preacts(xin, self.W_enc, self.b_enc, encoder_dtype)
+            pre = torch.addmm(self.b_enc, xin, self.W_enc)
             values, indices = self.select(pre)
-            if low_precision:  # chosen in bf16, valued exactly; latents the selection dropped stay 0
-                values = gather_preacts(xin, self.W_enc, self.b_enc, indices) * (values > 0)
         values = F.relu(encoder_values(xn, b_dec, self.W_enc, self.b_enc, indices, values))
         recon = sparse_decode(indices, values, self.W_dec) + self.b_dec
         error = recon - yn
@@ -142,18 +130,21 @@ class TopKSAE(Dictionary):
         loss = fvu
         aux = torch.zeros(())
         if ctx.dead_mask is not None and bool(ctx.dead_mask.any()):
-            aux = self.auxk_loss(pre, xn, xin, b_dec, (yn - recon).detach(), ctx.dead_mask)
+            aux = self.auxk_loss(pre, xn, b_dec, (yn - recon).detach(), ctx.dead_mask)
             loss = loss + self.cfg.aux_coefficient * aux
         with torch.no_grad():
-            fired = torch.zeros(self.cfg.d_sae, dtype=torch.bool, device=x.device)
             active = values > 0
-            fired[indices[active]] = True
+            fired = torch.bincount(indices[active], minlength=self.cfg.d_sae)
             mse = error.pow(2).sum(-1).mean()
             terms = _stats(loss, mse, fvu, active.sum(-1).float().mean(), aux=aux)
         return TrainOutput(loss, fired, terms)
 
-    def auxk_loss(self, pre, xn, xin, b_dec, residual, dead_mask) -> torch.Tensor:
+    def auxk_loss(self, pre, xn, b_dec, residual, dead_mask) -> torch.Tensor:
         """The k_aux largest dead latents reconstruct the residual (no b_dec in the target)."""
+        # Rows arrive shuffled, so the first aux_max_rows are a random subset: AuxK is a revival
+        # signal, and a capped row count keeps it cheap at large batch sizes.
+        rows = min(pre.shape[0], self.cfg.aux_max_rows)
+        pre, xn, residual = pre[:rows], xn[:rows], residual[:rows]
         dead = dead_mask.to(pre.device, torch.bool).nonzero().squeeze(1)
         n_dead = dead.numel()
         # Scale down when fewer latents are dead than k_aux (computed before k_aux is clamped).
@@ -161,8 +152,6 @@ class TopKSAE(Dictionary):
         k_aux = min(self.cfg.resolved_aux_k, n_dead)
         with torch.no_grad():
             values, local = pre.index_select(1, dead).topk(k_aux, dim=-1, sorted=False)
-            if values.dtype != xn.dtype:
-                values = gather_preacts(xin, self.W_enc, self.b_enc, dead[local])
         values = F.relu(encoder_values(xn, b_dec, self.W_enc, self.b_enc, dead[local], values))
         if 8 * k_aux < n_dead:  # few of the dead latents per row: gather rows sparsely
             estimate = sparse_decode(dead[local], values, self.W_dec)
@@ -176,7 +165,6 @@ class BatchTopKSAE(TopKSAE):
     """BatchTopK: the k*B largest activations across the batch; a learned threshold at inference."""
 
     architecture = "batchtopk"
-    low_precision_selection = False
 
     def __init__(self, cfg: DictionaryConfig):
         super().__init__(cfg)
@@ -186,25 +174,40 @@ class BatchTopKSAE(TopKSAE):
         return pre * (pre > self.threshold).to(pre.dtype)
 
     def select(self, pre):
-        # Candidates: each row's top 4k. A row whose candidates are all kept may hold more of the
-        # batch's top k*B, so then the candidate set is widened: the selection is always exact.
-        budget = self.cfg.k * pre.shape[0]
-        per_row = min(self.cfg.d_sae, 4 * self.cfg.k)
-        while True:
-            values, indices = pre.topk(per_row, dim=-1, sorted=False)
-            values = F.relu(values)
-            flat = values.reshape(-1)
-            if budget < flat.numel():
-                keep = (values >= flat.topk(budget, sorted=False).values.min()) & (values > 0)
-            else:
-                keep = values > 0
-            if per_row >= self.cfg.d_sae or not bool(keep.all(-1).any()):
-                break
-            per_row = min(self.cfg.d_sae, 4 * per_row)
+        """The batch's k*B largest positive pre-activations, exactly, as per-row (values, indices).
+
+        Candidates are each row's top 4k. Their (k*B)-th largest value is a lower bound of the true
+        cutoff, so only rows whose candidates all clear it can hold more: those rows alone are
+        widened to every value above that bound (other rows are padded with zero-valued entries).
+        """
+        batch, d_sae = pre.shape
+        budget = self.cfg.k * batch
+        values, indices = pre.topk(min(d_sae, 4 * self.cfg.k), dim=-1, sorted=False)
+        values = F.relu(values)
+        cutoff = self._cutoff(values, budget)
+        saturated = ((values >= cutoff) & (values > 0)).all(-1)
+        if values.shape[1] < d_sae and bool(saturated.any()):
+            rows = saturated.nonzero().squeeze(1)
+            need = int((pre[rows] >= cutoff).sum(-1).max())
+            width = max(values.shape[1], need)
+            wide_values, wide_indices = pre[rows].topk(width, dim=-1, sorted=False)
+            pad = width - values.shape[1]
+            values = F.pad(values, (0, pad))
+            indices = torch.cat([indices, indices[:, :1].expand(-1, pad)], dim=1)
+            values[rows], indices[rows] = F.relu(wide_values), wide_indices
+            cutoff = self._cutoff(values, budget)
+        keep = (values >= cutoff) & (values > 0)
         if self.training and bool(keep.any()):
             # The inference threshold tracks the smallest positive kept activation (as in SAELens).
             self._update_threshold(values[keep].min())
         return values * keep, indices
+
+    @staticmethod
+    def _cutoff(values: torch.Tensor, budget: int) -> torch.Tensor:
+        flat = values.reshape(-1)
+        if budget >= flat.numel():
+            return values.new_tensor(0.0)
+        return flat.topk(budget, sorted=False).values.min()
 
     @torch.no_grad()
     def _update_threshold(self, cutoff: torch.Tensor) -> None:
@@ -306,7 +309,7 @@ class JumpReLUSAE(Dictionary):
             active = latents > 0
             mse = error.pow(2).sum(-1).mean()
             terms = _stats(loss, mse, fvu, l0, sparsity=sparsity)
-        return TrainOutput(loss, active.any(0), terms)
+        return TrainOutput(loss, active.sum(0), terms)
 
     def saelens_tensors(self):
         tensors = {k: v for k, v in super().saelens_tensors().items() if k != "log_threshold"}
