@@ -24,10 +24,10 @@ pytestmark = pytest.mark.integration
 def test_embedded_model_end_to_end(tmp_path):
     cfg = TrainConfig(
         run_dir=str(tmp_path / "run"),
-        n_tokens=16384,
+        n_tokens=32768,
         batch_size=1024,
-        lr=1e-3,
-        checkpoint_every=8,
+        lr=2e-3,
+        checkpoint_every=16,
         dead_after_tokens=4096,
         dictionaries=[
             DictionaryConfig(architecture="topk", d_in=0, d_sae=1024, k=32),
@@ -52,7 +52,7 @@ def test_embedded_model_end_to_end(tmp_path):
         progress=False,
     )
     assert result["l0"] == pytest.approx(32, abs=0.5)
-    assert 0.3 < result["explained_variance"] < 1.0
+    assert 0.4 < result["explained_variance"] < 1.0  # an untrained SAE scores below 0
     assert result["ce_clean"] < result["ce_sae"] < result["ce_zero"]
-    assert 0.3 < result["ce_loss_score"] <= 1.0
+    assert 0.5 < result["ce_loss_score"] <= 1.0
     assert (saved["topk-k32-w1024"] / "density.png").stat().st_size > 1000
