@@ -3,7 +3,7 @@
 A saved folder is exactly what SAELens 6.54 writes (`cfg.json`, `sae_weights.safetensors`, optional
 `sparsity.safetensors`), with the training scales folded in so it runs on raw activations. saelab's
 own config (the true family, e.g. batchtopk saved as jumprelu) rides along under the `"saelab"` cfg
-key, which SAELens's loader drops. Loading never unpickles: safetensors, or torch.load(weights_only).
+key, which SAELens's loader drops. Loading never unpickles: safetensors, or torch.load(weights_only=True).
 """
 
 from __future__ import annotations
