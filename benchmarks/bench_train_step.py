@@ -61,9 +61,9 @@ def main() -> None:
         reference.loss(x).backward()
         ref_opt.step()
 
-    def saelab_step(dead_mask: torch.Tensor | None):
+    def saelab_step(dead_mask: torch.Tensor | None, encoder_dtype: str = "float32"):
         """One trainer step (as saelab.training does it) on a fresh TopK SAE."""
-        cfg = DictionaryConfig(architecture="topk", d_in=D_IN, d_sae=D_SAE, k=K)
+        cfg = DictionaryConfig(architecture="topk", d_in=D_IN, d_sae=D_SAE, k=K, encoder_dtype=encoder_dtype)
         sae = build_dictionary(cfg)
         sae.init_from_data(x, x)
         opt = torch.optim.Adam(sae.parameters(), lr=1e-4, fused=True)
@@ -85,10 +85,12 @@ def main() -> None:
     t_ref = timed(reference_step, args.steps)
     t_ours = timed(saelab_step(None), args.steps)
     t_aux = timed(saelab_step(dead), args.steps)
+    t_bf16 = timed(saelab_step(None, "bfloat16"), args.steps)
     print(f"TopK step, d_in {D_IN}, d_sae {D_SAE}, k {K}, batch {BATCH}, {args.threads} thread(s)")
     rows = [
         ("dense PyTorch reference (float32)", t_ref),
         ("saelab TopK (float32)", t_ours),
+        ("saelab TopK, encoder_dtype bfloat16", t_bf16),
         ("saelab TopK + AuxK, half the latents dead", t_aux),
     ]
     for name, seconds in rows:

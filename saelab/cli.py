@@ -150,7 +150,9 @@ def harvest(
 # ---- train --------------------------------------------------------------------------------------
 
 
-def sweep_configs(architecture, width, k, l1, target_l0, hook, output_hook, d_in, seed):
+def sweep_configs(
+    architecture, width, k, l1, target_l0, hook, output_hook, d_in, seed, encoder_dtype="float32"
+):
     """The cartesian product of the sweep options, each knob applied only where it means something."""
     from saelab.dictionaries import ARCHITECTURES, DictionaryConfig
 
@@ -161,6 +163,8 @@ def sweep_configs(architecture, width, k, l1, target_l0, hook, output_hook, d_in
         raise SaelabError(
             f"--k {max(k)} is larger than --width {min(width)}: k must be at most the number of latents."
         )
+    if encoder_dtype not in ("float32", "bfloat16"):
+        raise SaelabError(f"unknown --encoder-dtype {encoder_dtype!r}; use float32 or bfloat16.")
     configs = []
     for arch, d_sae in itertools.product(architecture, width):
         knobs = {
@@ -177,6 +181,7 @@ def sweep_configs(architecture, width, k, l1, target_l0, hook, output_hook, d_in
                     hook_name=hook,
                     output_hook_name=output_hook,
                     seed=seed,
+                    encoder_dtype=encoder_dtype,
                     **{name: value},
                 )
             )
@@ -204,6 +209,10 @@ def train(
     ),
     l1: list[float] = typer.Option([5.0], help="relu/gated: L1 coefficient; repeat to sweep."),
     target_l0: list[float] = typer.Option([32.0], help="jumprelu: target L0; repeat to sweep."),
+    encoder_dtype: str = typer.Option(
+        "float32",
+        help="topk: encoder matmul dtype while training; bfloat16 is ~1.4x faster on AMX CPUs / GPUs.",
+    ),
     data: str = typer.Option(
         None, help="Text source (file, folder or HF dataset); default: embedded corpus."
     ),
@@ -251,7 +260,9 @@ def train(
         run_dir=str(run_dir),
         model=resolve_model(model),
         data=_data_config(data, "train", text_field, context_size, exclude_bos, exclude_special),
-        dictionaries=sweep_configs(architecture, width, k, l1, target_l0, hook, output_hook, 0, seed),
+        dictionaries=sweep_configs(
+            architecture, width, k, l1, target_l0, hook, output_hook, 0, seed, encoder_dtype
+        ),
         activations=str(activations) if activations else None,
         stream=stream,
         n_tokens=tokens,

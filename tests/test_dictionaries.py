@@ -448,3 +448,26 @@ def test_init_from_data_sets_scale_and_geometric_median_b_dec():
     sae.init_from_data(x, x)
     assert sae.input_scale.item() == pytest.approx(4.0 / float(x.norm(dim=-1).mean()), rel=1e-5)
     torch.testing.assert_close(sae.b_dec.detach(), geometric_median(x * sae.input_scale))
+
+
+def test_topk_bfloat16_encoder_matches_float32_step_closely():
+    """encoder_dtype=bfloat16 only rounds the forward values; losses and gradients stay close."""
+    x = sparse_data(512, seed=5)
+    outputs = {}
+    for dtype in ("float32", "bfloat16"):
+        sae = build_dictionary(
+            DictionaryConfig(architecture="topk", d_in=32, d_sae=128, k=4, encoder_dtype=dtype)
+        )
+        sae.init_from_data(x, x)
+        out = sae.training_loss(x, x, StepContext(dead_mask=torch.rand(128) < 0.5, progress=0.5))
+        out.loss.backward()
+        outputs[dtype] = (float(out.loss), sae.W_dec.grad.clone(), out.fired.sum())
+    assert outputs["bfloat16"][0] == pytest.approx(outputs["float32"][0], rel=0.02)
+    cosine = F.cosine_similarity(outputs["bfloat16"][1].flatten(), outputs["float32"][1].flatten(), dim=0)
+    assert cosine > 0.9  # a few near-ties are chosen differently at bf16 precision
+    assert outputs["bfloat16"][2] == outputs["float32"][2]
+
+
+def test_encoder_dtype_is_validated():
+    with pytest.raises(ValueError, match="encoder_dtype"):
+        DictionaryConfig(encoder_dtype="float16")

@@ -107,6 +107,7 @@ class TopKSAE(Dictionary):
     """TopK (Gao et al. 2024) with AuxK on dead latents; sparse decoder and sparse backward pass."""
 
     architecture = "topk"
+    bf16_selection = True  # BatchTopK's exact k*B budget needs float32 (bf16 makes ties)
 
     def activation(self, pre):
         values, indices = topk_select(pre, self.cfg.k)
@@ -121,8 +122,13 @@ class TopKSAE(Dictionary):
         b_dec = self.b_dec if self.cfg.apply_b_dec_to_input else None
         with torch.no_grad():
             xin = xn - self.b_dec if b_dec is not None else xn
-            pre = torch.addmm(self.b_enc, xin, self.W_enc)
+            if self.cfg.encoder_dtype == "bfloat16" and self.bf16_selection and xin.dtype == torch.float32:
+                # The one dense matmul of the step, on AMX / tensor cores; gradients stay exact.
+                pre = torch.addmm(self.b_enc.bfloat16(), xin.bfloat16(), self.W_enc.bfloat16())
+            else:
+                pre = torch.addmm(self.b_enc, xin, self.W_enc)
             values, indices = self.select(pre)
+            values = values.to(xn.dtype)
         values = F.relu(encoder_values(xn, b_dec, self.W_enc, self.b_enc, indices, values))
         recon = sparse_decode(indices, values, self.W_dec) + self.b_dec
         error = recon - yn
@@ -152,6 +158,7 @@ class TopKSAE(Dictionary):
         k_aux = min(self.cfg.resolved_aux_k, n_dead)
         with torch.no_grad():
             values, local = pre.index_select(1, dead).topk(k_aux, dim=-1, sorted=False)
+            values = values.to(xn.dtype)
         values = F.relu(encoder_values(xn, b_dec, self.W_enc, self.b_enc, dead[local], values))
         if 8 * k_aux < n_dead:  # few of the dead latents per row: gather rows sparsely
             estimate = sparse_decode(dead[local], values, self.W_dec)
@@ -165,6 +172,7 @@ class BatchTopKSAE(TopKSAE):
     """BatchTopK: the k*B largest activations across the batch; a learned threshold at inference."""
 
     architecture = "batchtopk"
+    bf16_selection = False
 
     def __init__(self, cfg: DictionaryConfig):
         super().__init__(cfg)
