@@ -461,7 +461,7 @@ def test_topk_bfloat16_encoder_matches_float32_step_closely():
         sae.init_from_data(x, x)
         out = sae.training_loss(x, x, StepContext(dead_mask=torch.rand(128) < 0.5, progress=0.5))
         out.loss.backward()
-        outputs[dtype] = (float(out.loss), sae.W_dec.grad.clone(), out.fired.sum())
+        outputs[dtype] = (out.loss.item(), sae.W_dec.grad.clone(), out.fired.sum())
     assert outputs["bfloat16"][0] == pytest.approx(outputs["float32"][0], rel=0.02)
     cosine = F.cosine_similarity(outputs["bfloat16"][1].flatten(), outputs["float32"][1].flatten(), dim=0)
     assert cosine > 0.9  # a few near-ties are chosen differently at bf16 precision
