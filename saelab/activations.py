@@ -98,28 +98,47 @@ def harvest(
 
 
 class ShuffleBuffer:
-    """A bounded pool of activation rows: filled from a stream, shuffled, drained from the end."""
+    """A bounded pool of activation rows: filled from a stream, shuffled, drained from the end.
+
+    Added batches wait in a list and are concatenated once, when the rows are next needed: a
+    concatenation per added batch would copy the whole buffer every forward pass.
+    """
 
     def __init__(self, dims: dict[str, int], capacity: int, generator: torch.Generator):
         self.dims = dims
         self.capacity = capacity
         self.generator = generator
-        self.rows = {hook: torch.empty(0, d) for hook, d in dims.items()}
+        self._rows = {hook: torch.empty(0, d) for hook, d in dims.items()}
+        self._pending: list[dict[str, torch.Tensor]] = []
+        self._pending_len = 0
+
+    @property
+    def rows(self) -> dict[str, torch.Tensor]:
+        if self._pending:
+            self._rows = {h: torch.cat([self._rows[h]] + [p[h] for p in self._pending]) for h in self.dims}
+            self._pending, self._pending_len = [], 0
+        return self._rows
+
+    @rows.setter
+    def rows(self, value: dict[str, torch.Tensor]) -> None:
+        self._rows, self._pending, self._pending_len = value, [], 0
 
     def __len__(self) -> int:
-        return next(iter(self.rows.values())).shape[0]
+        return next(iter(self._rows.values())).shape[0] + self._pending_len
 
     def add(self, acts: dict[str, torch.Tensor]) -> None:
-        self.rows = {hook: torch.cat([self.rows[hook], acts[hook]]) for hook in self.dims}
+        self._pending.append({hook: acts[hook] for hook in self.dims})
+        self._pending_len += next(iter(acts.values())).shape[0]
 
     def shuffle(self) -> None:
         order = torch.randperm(len(self), generator=self.generator)
         self.rows = {hook: value[order] for hook, value in self.rows.items()}
 
     def take(self, n: int) -> dict[str, torch.Tensor]:
+        rows = self.rows
         keep = len(self) - n
-        out = {hook: value[keep:] for hook, value in self.rows.items()}
-        self.rows = {hook: value[:keep] for hook, value in self.rows.items()}
+        out = {hook: value[keep:] for hook, value in rows.items()}
+        self.rows = {hook: value[:keep] for hook, value in rows.items()}
         return out
 
 

@@ -6,6 +6,7 @@ import json
 import random
 from pathlib import Path
 
+import pytest
 import torch
 
 WORDS = [f"w{i}" for i in range(200)]
@@ -74,3 +75,12 @@ def write_corpus(path: Path, n_docs: int = 200, seed: int = 0) -> Path:
     else:
         path.write_text("\n\n".join(docs) + "\n")
     return path
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models run faster on one thread on a busy 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

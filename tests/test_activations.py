@@ -22,21 +22,13 @@ from saelab.activations import (
 from saelab.data import DataConfig, exclusion_mask, token_batches
 from saelab.errors import ActivationError, UnknownHookError
 from saelab.models import HookedLM, load_model
-from tests.helpers import save_model, write_corpus
+from tests.helpers import one_thread, save_model, write_corpus  # noqa: F401 (autouse fixture)
 
 CTX = 16
 # blocks.0.hook_resid_post and blocks.1.hook_resid_pre are the same tensor: rows of the two hooks
 # must stay aligned through every shuffle, which these tests check by comparing them.
 POST0, PRE1, MLP0 = "blocks.0.hook_resid_post", "blocks.1.hook_resid_pre", "blocks.0.hook_mlp_out"
 HOOKS = [POST0, PRE1]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

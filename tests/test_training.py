@@ -20,19 +20,11 @@ from saelab.dictionaries.io import load_dictionary
 from saelab.errors import ActivationError, RunFolderError, UnknownHookError
 from saelab.models import load_model
 from saelab.training import TrainConfig, train
-from tests.helpers import save_model, write_corpus
+from tests.helpers import one_thread, save_model, write_corpus  # noqa: F401 (autouse fixture)
 
 REPO = Path(__file__).resolve().parents[1]
 HOOK = "blocks.1.hook_resid_post"
 LN2, MLP_OUT = "blocks.0.ln2.hook_normalized", "blocks.0.hook_mlp_out"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
