@@ -103,6 +103,15 @@ def sum_tensor_(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def broadcast_(tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
+    """Give every rank rank `src`'s values (e.g. after rank 0 resampled dead latents)."""
+    if dist.is_initialized():
+        on_device = tensor.to(_collective_device())
+        dist.broadcast(on_device, src)
+        tensor.copy_(on_device)
+    return tensor
+
+
 def cleanup() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()

@@ -14,9 +14,17 @@ import torch
 from safetensors.torch import save_file
 
 
+def _default_mode() -> int:
+    """The mode a plain open() would give a new file (mkstemp's temp files are private, 0600)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def _fsync_replace(tmp: Path, target: Path) -> None:
     with open(tmp, "rb") as handle:
         os.fsync(handle.fileno())
+    os.chmod(tmp, _default_mode())
     os.replace(tmp, target)
 
 

@@ -24,7 +24,7 @@ from saelab.activations import CachedActivations, StreamingActivations, harvest_
 from saelab.data import DataConfig
 from saelab.dictionaries import Dictionary, DictionaryConfig, StepContext, build_dictionary
 from saelab.dictionaries.io import save_dictionary
-from saelab.errors import RunFolderError
+from saelab.errors import RunFolderError, UnknownHookError
 from saelab.fileio import atomic_folder, atomic_write_json, atomic_write_text
 
 DONE = "DONE.json"
@@ -45,6 +45,8 @@ class TrainConfig:
     dictionaries: list[DictionaryConfig] = field(default_factory=lambda: [DictionaryConfig()])
     activations: str | None = None  # an existing cache; None: harvest into run_dir/activations
     stream: bool = False  # train straight from the model through a shuffle buffer, no cache
+    # Train on synthetic data with known features instead of a model (a saelab.toy SyntheticConfig).
+    synthetic: dict | None = None
     n_tokens: int = 1_000_000
     batch_size: int = 1024
     lr: float = 1e-3
@@ -52,6 +54,9 @@ class TrainConfig:
     decay_fraction: float = 0.2
     betas: tuple[float, float] = (0.9, 0.999)
     dead_after_tokens: int = 25_000
+    # Every this many tokens (0: never), point latents dead for dead_after_tokens at the inputs the
+    # dictionary explains worst (Anthropic's resampling); stops when the learning rate starts to decay.
+    resample_every_tokens: int = 0
     checkpoint_every: int = 200
     log_every: int = 10
     seed: int = 0
@@ -113,7 +118,8 @@ class _Member:
 
     def __init__(self, name: str, dictionary: Dictionary, cfg: TrainConfig, total_steps: int):
         self.name, self.dictionary = name, dictionary
-        self.optimizer = torch.optim.Adam(dictionary.parameters(), lr=cfg.lr, betas=cfg.betas, fused=True)
+        lr = dictionary.cfg.lr if dictionary.cfg.lr is not None else cfg.lr
+        self.optimizer = torch.optim.Adam(dictionary.parameters(), lr=lr, betas=cfg.betas, fused=True)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: lr_factor(s, total_steps, cfg.warmup_fraction, cfg.decay_fraction)
         )
@@ -126,6 +132,7 @@ class _Member:
         self.fire_counts = torch.zeros(d_sae, dtype=torch.long)
         self.density_tokens = 0
         self.count_tokens = 0
+        self.resampled = 0  # dead latents resampled so far
         self.window: list[dict[str, float]] = []  # step terms since the last log line (checkpointed)
         self.window_summary: dict[str, float] | None = None
 
@@ -138,6 +145,7 @@ class _Member:
             "fire_counts": self.fire_counts,
             "density_tokens": self.density_tokens,
             "count_tokens": self.count_tokens,
+            "resampled": self.resampled,
             "window": [dict(terms) for terms in self.window],
         }
 
@@ -149,6 +157,7 @@ class _Member:
         self.fire_counts = state["fire_counts"].clone()
         self.density_tokens = int(state["density_tokens"])
         self.count_tokens = int(state["count_tokens"])
+        self.resampled = int(state.get("resampled", 0))
         self.window = [dict(terms) for terms in state["window"]]
 
 
@@ -208,6 +217,11 @@ def build_source(cfg: TrainConfig, rank: int, world_size: int, progress: bool, l
 
     `lm` is the already loaded model, if any (it is loaded here when needed and not given).
     """
+    if cfg.synthetic is not None:
+        from saelab.toy.synthetic import SyntheticActivations, SyntheticConfig
+
+        synthetic = SyntheticConfig.from_dict(cfg.synthetic)
+        return SyntheticActivations(synthetic, cfg.batch_size, rank=rank, world_size=world_size)
     if cfg.stream:
         lm = lm if lm is not None else _load_lm(cfg)
         return StreamingActivations(
@@ -328,6 +342,8 @@ def train(
             break
         for member in members:
             _train_step(member, batch, cfg, step, total_steps)
+            if _resample_due(cfg, step, total_steps):
+                _resample_dead(member, batch, cfg, main)
         step += 1
         bar.update(1)
         if step % cfg.log_every == 0 or step == total_steps:
@@ -371,6 +387,16 @@ def _check_hooks(cfg: TrainConfig, main: bool):
 
     Returns the loaded model when this rank will need it (streaming, or rank 0 harvesting a cache).
     """
+    if cfg.synthetic is not None:
+        from saelab.toy.synthetic import SYNTHETIC_HOOK
+
+        for hook in cfg.hooks:
+            if hook != SYNTHETIC_HOOK:
+                raise UnknownHookError(
+                    f"dictionaries trained on synthetic data read the hook {SYNTHETIC_HOOK!r}, not {hook!r}. "
+                    f"Set hook_name={SYNTHETIC_HOOK!r} (and no output_hook_name)."
+                )
+        return None
     if cfg.stream or (cfg.activations is None and main):
         lm = _load_lm(cfg)
         for hook in cfg.hooks:
@@ -413,6 +439,39 @@ def _train_step(member: _Member, batch: dict[str, torch.Tensor], cfg: TrainConfi
     member.window.append(terms)
 
 
+def _resample_due(cfg: TrainConfig, step: int, total: int) -> bool:
+    if cfg.resample_every_tokens <= 0 or step == 0:
+        return False
+    every = max(1, cfg.resample_every_tokens // cfg.batch_size)
+    return (step + 1) % every == 0 and step < int((1 - cfg.decay_fraction) * total)
+
+
+def _resample_dead(member: _Member, batch: dict[str, torch.Tensor], cfg: TrainConfig, main: bool) -> None:
+    """Resample the member's dead latents on this batch, and forget their optimizer history."""
+    dead = member.tokens_since_fired >= cfg.dead_after_tokens
+    if distributed.world()[1] > 1:  # rank 0 decides; the others copy its dictionary
+        distributed.broadcast_(dead)
+    latents = dead.nonzero().squeeze(1)
+    if latents.numel() == 0:
+        return
+    dictionary = member.dictionary
+    dcfg = dictionary.cfg
+    if main:
+        x = batch[dcfg.hook_name].to(cfg.device)
+        y = batch[dcfg.output_hook_name].to(cfg.device) if dcfg.output_hook_name else x
+        dictionary.resample(latents.to(cfg.device), x, y)
+    params = dict(dictionary.named_parameters())
+    for name, dim in dictionary.latent_parameters().items():
+        param = params[name]
+        distributed.broadcast_(param.data)
+        for moment in ("exp_avg", "exp_avg_sq"):
+            state = member.optimizer.state.get(param, {})
+            if moment in state:
+                state[moment].index_fill_(dim, latents.to(state[moment].device), 0.0)
+    member.tokens_since_fired[latents] = 0
+    member.resampled += int(latents.numel())
+
+
 def _log(
     path: Path, members: list[_Member], step: int, cfg: TrainConfig, elapsed: float, write: bool = True
 ) -> None:
@@ -430,6 +489,7 @@ def _log(
             "tokens": step * cfg.batch_size,
             "dictionary": member.name,
             "dead_fraction": dead,
+            "resampled": member.resampled,
             "elapsed_s": round(elapsed, 2),
             **summary,
         }
@@ -461,18 +521,22 @@ def _save_member(member: _Member, cfg: TrainConfig, run_dir: Path) -> Path:
         density = member.fire_counts.double() / member.density_tokens
         sparsity = density.clamp_min(1e-10).log10().float()
     dcfg = member.dictionary.cfg
-    dcfg.metadata.update(
-        {
+    if cfg.synthetic is not None:
+        source = {
+            "model_name": "saelab:synthetic",
+            "dataset_path": "saelab:synthetic",
+            "synthetic": cfg.synthetic,
+        }
+    else:
+        source = {
             "model_name": cfg.model or "HuggingFaceTB/SmolLM2-135M-Instruct",
-            "hook_name": dcfg.hook_name,
             "context_size": cfg.data.context_size,
             "prepend_bos": cfg.data.prepend_bos,
             "dataset_path": cfg.data.source or "saelab:embedded",
             "exclude_special_tokens": cfg.data.exclude_special,
             "exclude_bos": cfg.data.exclude_bos,
-            "training_tokens": member.count_tokens,
         }
-    )
+    dcfg.metadata.update({**source, "hook_name": dcfg.hook_name, "training_tokens": member.count_tokens})
     return save_dictionary(
         member.dictionary, run_dir / "saes" / member.name, sparsity=sparsity, training_config=cfg.to_dict()
     )

@@ -166,6 +166,55 @@ class Dictionary(nn.Module, ABC):
         if self.cfg.architecture in UNIT_NORM_DECODER:
             self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-8))
 
+    @torch.no_grad()
+    def resample(self, latents: torch.Tensor, x: torch.Tensor, y: torch.Tensor, generator=None) -> None:
+        """Point dead `latents` at what the dictionary explains worst (Anthropic, "Towards Monosemanticity").
+
+        Rows of the batch are drawn with probability proportional to their squared reconstruction
+        loss; each chosen row's unexplained part becomes a dead latent's decoder direction, and the
+        encoder reads that direction with the mean norm of the living encoder columns. The latent then
+        fires on inputs like the one it was made from, and training takes it from there.
+        """
+        n = latents.numel()
+        if n == 0:
+            return
+        xn, yn = self.normalized(x.to(self.W_enc.dtype), y.to(self.W_enc.dtype))
+        residual = yn - (self.activation(self.preacts(x.to(self.W_enc.dtype))) @ self.W_dec + self.b_dec)
+        loss = residual.pow(2).sum(-1).double()
+        weights = loss.pow(2)
+        if not bool(weights.sum() > 0):
+            weights = torch.ones_like(weights)
+        rows = torch.multinomial(weights, n, replacement=n > weights.numel(), generator=generator)
+        out_dir = residual[rows] / residual[rows].norm(dim=1, keepdim=True).clamp_min(1e-8)
+        if self.cfg.is_transcoder:  # the encoder reads the input that produced the unexplained output
+            source = xn[rows]
+            in_dir = source / source.norm(dim=1, keepdim=True).clamp_min(1e-8)
+        else:
+            in_dir = out_dir
+        alive = torch.ones(self.d_sae, dtype=torch.bool, device=latents.device)
+        alive[latents] = False
+        reference = alive if bool(alive.any()) else ~alive
+        enc_norm = self.W_enc[:, reference].norm(dim=0).mean()
+        dec_norm = (
+            1.0 if self.cfg.architecture in UNIT_NORM_DECODER else self.decoder_norms()[reference].mean()
+        )
+        self.W_dec[latents] = out_dir * dec_norm
+        self.W_enc[:, latents] = (in_dir * enc_norm).t()
+        self.reset_latent_biases(latents, reference)
+
+    @torch.no_grad()
+    def reset_latent_biases(self, latents: torch.Tensor, alive: torch.Tensor) -> None:
+        """Start resampled latents with a zero encoder bias (families with more state override)."""
+        self.b_enc[latents] = 0.0
+
+    def latent_parameters(self) -> dict[str, int]:
+        """Parameters with one slice per latent: name -> the dimension that indexes latents."""
+        dims = {"W_enc": 1, "W_dec": 0}
+        for name, _ in self.named_parameters():
+            if name not in dims and name != "b_dec":
+                dims[name] = 0
+        return dims
+
     # ---- saving ------------------------------------------------------------------------------
     @torch.no_grad()
     def fold_scales(self) -> None:

@@ -26,6 +26,8 @@ class DictionaryConfig:
     k: int = 32
     # relu / gated: coefficient of the decoder-norm-weighted L1 penalty (on normalized inputs).
     l1_coefficient: float = 5.0
+    # relu / gated: the L1 penalty ramps up linearly over this fraction of training.
+    l1_warmup_fraction: float = 0.05
     # jumprelu: the mean L0 to steer towards, the penalty weight, and the straight-through kernel width.
     target_l0: float = 32.0
     l0_coefficient: float = 1.0
@@ -45,6 +47,9 @@ class DictionaryConfig:
     normalize_activations: str = "expected_average_only_in"
     b_dec_init: str = "geometric_median"  # or "mean" or "zeros"
     dtype: str = "float32"
+    # This dictionary's learning rate in a sweep (None: the run's lr). Gated SAEs, for one, need a
+    # higher rate than TopK on small synthetic data: their gate biases move about lr per Adam step.
+    lr: float | None = None
     seed: int = 0
     metadata: dict = field(default_factory=dict)
 

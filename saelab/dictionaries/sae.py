@@ -28,6 +28,13 @@ def _stats(loss, mse_per_token, fvu, l0, **extra) -> dict[str, float]:
     return out
 
 
+def _l1_weight(cfg: DictionaryConfig, ctx: StepContext) -> float:
+    """The L1 coefficient, ramped up linearly over the first l1_warmup_fraction of training."""
+    if cfg.l1_warmup_fraction <= 0:
+        return cfg.l1_coefficient
+    return cfg.l1_coefficient * min(1.0, ctx.progress / cfg.l1_warmup_fraction)
+
+
 class ReLUSAE(Dictionary):
     """ReLU + L1 on f_i * ||W_dec,i|| (Anthropic's April 2024 update; SAELens 'standard')."""
 
@@ -37,8 +44,7 @@ class ReLUSAE(Dictionary):
         return F.relu(pre)
 
     def l1_weight(self, ctx: StepContext) -> float:
-        warmup = 0.05
-        return self.cfg.l1_coefficient * min(1.0, ctx.progress / warmup)
+        return _l1_weight(self.cfg, ctx)
 
     def training_loss(self, x, y, ctx):
         xn, yn = self.normalized(x, y)
@@ -75,6 +81,12 @@ class GatedSAE(Dictionary):
         self.b_gate.add_(shift)
         self.b_mag.add_(shift * self.r_mag.exp())
 
+    @torch.no_grad()
+    def reset_latent_biases(self, latents, alive):
+        self.b_gate[latents] = 0.0
+        self.r_mag[latents] = 0.0
+        self.b_mag[latents] = 0.0
+
     def activation(self, pre):
         gate = pre + self.b_gate
         magnitude = F.relu(pre * self.r_mag.exp() + self.b_mag)
@@ -95,8 +107,7 @@ class GatedSAE(Dictionary):
         # The gate path alone must reconstruct through a frozen decoder, so it learns magnitudes too.
         aux_recon = gate_acts @ self.W_dec.detach() + self.b_dec.detach()
         aux = (aux_recon - yn).pow(2).sum(-1).mean()
-        l1 = self.cfg.l1_coefficient * min(1.0, ctx.progress / 0.05)
-        loss = mse + l1 * sparsity + aux
+        loss = mse + _l1_weight(self.cfg, ctx) * sparsity + aux
         with torch.no_grad():
             active = latents > 0
             terms = _stats(loss, mse, _fvu(error, yn), active.sum(-1).float().mean(), l1=sparsity, aux=aux)
@@ -300,6 +311,12 @@ class JumpReLUSAE(Dictionary):
 
     def activation(self, pre):
         return pre * (pre > self.threshold).to(pre.dtype)
+
+    @torch.no_grad()
+    def reset_latent_biases(self, latents, alive):
+        """A resampled latent starts with the living latents' median threshold and no encoder bias."""
+        super().reset_latent_biases(latents, alive)
+        self.log_threshold[latents] = self.log_threshold[alive].median()
 
     def training_loss(self, x, y, ctx):
         xn, yn = self.normalized(x, y)
