@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 
-.PHONY: demo test lint unit integration bench clean
+.PHONY: demo test lint unit integration bench toy clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -35,6 +35,10 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_train_step.py
 	$(BIN)/python benchmarks/bench_sweep.py
 	$(BIN)/python benchmarks/bench_memory.py
+
+# Toy models of superposition and the ground-truth benchmark (~13 min on 2 cores)
+toy: $(STAMP)
+	$(BIN)/saelab toy all --out runs/toy
 
 clean:
 	rm -rf $(VENV) build *.egg-info

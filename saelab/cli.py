@@ -230,6 +230,11 @@ def train(
     dead_after_tokens: int = typer.Option(
         25_000, min=1, help="A latent silent this long is dead (AuxK revives it)."
     ),
+    resample_every: int = typer.Option(
+        0,
+        min=0,
+        help="Every this many tokens, point dead latents at the worst-reconstructed inputs (0: never).",
+    ),
     checkpoint_every: int = typer.Option(200, min=1, help="Steps between atomic checkpoints."),
     exclude_bos: bool = typer.Option(True, help="Exclude position 0 (attention sink) from training."),
     exclude_special: bool = typer.Option(True, help="Exclude special tokens from training."),
@@ -269,6 +274,7 @@ def train(
         batch_size=batch_size,
         lr=lr,
         dead_after_tokens=dead_after_tokens,
+        resample_every_tokens=resample_every,
         checkpoint_every=checkpoint_every,
         seed=seed,
         device=device,

@@ -70,3 +70,21 @@ def test_settings_match_the_issue():
 def test_unknown_setting_is_refused(tmp_path):
     with pytest.raises(SaelabError, match="unknown benchmark setting"):
         run_bench(tmp_path, quick=True, settings=["nope"], progress=False)
+
+
+def test_toy_commands_refuse_bad_input_with_a_clear_message(tmp_path):
+    from tests.test_cli import run
+
+    code, _, err = run("toy", "superposition", "--n", "2", "--m", "3", "--out", tmp_path)
+    assert code == 2 and "0 < m < n" in err and "Traceback" not in err
+    code, _, err = run("toy", "bench", "--setting", "nope", "--out", tmp_path / "b")
+    assert code == 2 and "unknown benchmark setting" in err
+
+
+def test_toy_phase_command_writes_its_plot(tmp_path):
+    from tests.test_cli import run
+
+    code, out, err = run("toy", "phase", "--quick", "--out", tmp_path)
+    assert code == 0, err
+    assert (tmp_path / "phase_diagram.png").is_file() and (tmp_path / "phase_diagram.json").is_file()
+    assert "phase diagram: done" in out

@@ -48,13 +48,26 @@ class BenchSetting:
     sweeps: dict[str, list[float]]
     batch_size: int = 1024
     lr: float = 3e-3
-    family_lr: dict[str, float] = field(default_factory=lambda: {"gated": 1e-2})
+    # Per-family DictionaryConfig settings. Gated needs a longer L1 warm-up and a faster rate: with the
+    # full penalty early its gates all close before the gate path has learned to reconstruct, and its
+    # L0 then falls only about as fast as the gate biases move (about lr per Adam step).
+    family_options: dict[str, dict] = field(
+        default_factory=lambda: {"gated": {"lr": 1e-2, "l1_warmup_fraction": 0.5}}
+    )
+    # Families that need more samples than n_samples train in a run of their own on the same stream.
+    family_samples: dict[str, int] = field(default_factory=lambda: {"gated": 1500 * 1024})
     resample_every: int = 51_200  # samples between dead-latent resamplings (0: never)
     n_eval: int = 16_384
 
-    def dictionary_configs(self, seed: int) -> list[DictionaryConfig]:
+    def samples_for(self, family: str) -> int:
+        return self.family_samples.get(family, self.n_samples)
+
+    def dictionary_configs(self, seed: int, n_samples: int | None = None) -> list[DictionaryConfig]:
+        """The sweep's dictionaries (only those trained for n_samples, when given)."""
         configs = []
         for family, values in self.sweeps.items():
+            if n_samples is not None and self.samples_for(family) != n_samples:
+                continue
             for value in values:
                 knob = KNOBS[family]
                 value = int(value) if knob == "k" else float(value)
@@ -65,8 +78,8 @@ class BenchSetting:
                         d_sae=self.d_sae,
                         hook_name=SYNTHETIC_HOOK,
                         seed=seed,
-                        lr=self.family_lr.get(family),
                         **{knob: value},
+                        **self.family_options.get(family, {}),
                     )
                 )
         return configs
@@ -96,6 +109,8 @@ def bench_settings(quick: bool = False, seed: int = 0) -> dict[str, BenchSetting
             n_samples=800 * 256,
             batch_size=256,
             resample_every=10_240,
+            family_samples={},
+            family_options={"gated": {"lr": 1e-2}},
             sweeps={"relu": [3.0], "gated": [5.0], "topk": [3], "batchtopk": [3], "jumprelu": [3]},
             n_eval=4096,
         )
@@ -108,7 +123,7 @@ def bench_settings(quick: bool = False, seed: int = 0) -> dict[str, BenchSetting
         n_samples=600 * 1024,
         sweeps={
             "relu": [1.0, 3.0],
-            "gated": [4.0, 6.0],
+            "gated": [4.0, 6.0],  # 8 collapses: the gates close for good
             "topk": [3, 5, 8],
             "batchtopk": [3, 5, 8],
             "jumprelu": [5, 8],
@@ -122,7 +137,7 @@ def bench_settings(quick: bool = False, seed: int = 0) -> dict[str, BenchSetting
         ),
         d_sae=1024,
         n_samples=600 * 1024,
-        sweeps={"relu": [3.0], "gated": [4.0], "topk": [5], "batchtopk": [5], "jumprelu": [5]},
+        sweeps={"relu": [3.0], "gated": [5.0], "topk": [5], "batchtopk": [5], "jumprelu": [5]},
     )
     return {"uniform": uniform, "sharkey": sharkey}
 
@@ -130,40 +145,28 @@ def bench_settings(quick: bool = False, seed: int = 0) -> dict[str, BenchSetting
 def run_setting(setting: BenchSetting, out_dir: Path, seed: int = 0, progress: bool = True) -> list[dict]:
     """Train (or reuse) every dictionary of one setting and score each against the ground truth."""
     from saelab.dictionaries.io import load_dictionary
-    from saelab.training import DONE, TrainConfig, checkpoint_file, train
 
-    run_dir = out_dir / setting.name
-    cfg = TrainConfig(
-        run_dir=str(run_dir),
-        model=None,
-        synthetic=setting.synthetic.to_dict(),
-        dictionaries=setting.dictionary_configs(seed),
-        n_tokens=setting.n_samples,
-        batch_size=setting.batch_size,
-        lr=setting.lr,
-        resample_every_tokens=setting.resample_every,
-        checkpoint_every=250,
-        log_every=25,
-        seed=seed,
-    )
-    started = time.perf_counter()
-    if (run_dir / DONE).is_file() and _same_run(run_dir, cfg):
-        import json
-
-        folders = {k: Path(v) for k, v in json.loads((run_dir / DONE).read_text())["dictionaries"].items()}
-    else:
-        resume = checkpoint_file(run_dir) is not None and _same_run(run_dir, cfg)
-        folders = train(cfg, resume=resume, overwrite=not resume, progress=progress)
-    train_seconds = time.perf_counter() - started
+    trained: list[tuple[DictionaryConfig, str, Path, float]] = []
+    budgets = sorted({setting.samples_for(family) for family in setting.sweeps})
+    for n_samples in budgets:
+        run_dir = out_dir / (
+            setting.name if n_samples == setting.n_samples else f"{setting.name}-{n_samples}"
+        )
+        started = time.perf_counter()
+        configs, folders = _train_group(setting, run_dir, n_samples, seed, progress)
+        seconds = time.perf_counter() - started
+        trained += [
+            (dcfg, name, folder, seconds)
+            for dcfg, (name, folder) in zip(configs, folders.items(), strict=True)
+        ]
 
     evaluation = SyntheticActivations(setting.synthetic, setting.n_eval, split="eval")
     x_eval = evaluation.next_batch()[SYNTHETIC_HOOK]
     truth = evaluation.truth
     rows = []
-    for dcfg, (name, folder) in zip(cfg.dictionaries, folders.items(), strict=True):
-        dictionary = load_dictionary(folder)
+    for dcfg, name, folder, seconds in trained:
         knob = KNOBS[dcfg.architecture]
-        scores = recovery_scores(dictionary, truth.features, truth.probabilities, x_eval)
+        scores = recovery_scores(load_dictionary(folder), truth.features, truth.probabilities, x_eval)
         rows.append(
             {
                 "setting": setting.name,
@@ -171,13 +174,40 @@ def run_setting(setting: BenchSetting, out_dir: Path, seed: int = 0, progress: b
                 "family": dcfg.architecture,
                 "knob": knob,
                 "value": getattr(dcfg, knob),
+                "samples": setting.samples_for(dcfg.architecture),
                 "folder": str(folder),
+                "train_seconds_group": round(seconds, 1),
                 **scores,
             }
         )
-    for row in rows:
-        row["train_seconds_setting"] = round(train_seconds, 1)
-    return rows
+    order = {family: i for i, family in enumerate(FAMILIES)}
+    return sorted(rows, key=lambda row: (order[row["family"]], row["value"]))
+
+
+def _train_group(setting: BenchSetting, run_dir: Path, n_samples: int, seed: int, progress: bool):
+    """One training run: every dictionary of the setting with this sample budget, on one stream."""
+    import json
+
+    from saelab.training import DONE, TrainConfig, checkpoint_file, train
+
+    cfg = TrainConfig(
+        run_dir=str(run_dir),
+        model=None,
+        synthetic=setting.synthetic.to_dict(),
+        dictionaries=setting.dictionary_configs(seed, n_samples),
+        n_tokens=n_samples,
+        batch_size=setting.batch_size,
+        lr=setting.lr,
+        resample_every_tokens=setting.resample_every,
+        checkpoint_every=250,
+        log_every=25,
+        seed=seed,
+    )
+    if (run_dir / DONE).is_file() and _same_run(run_dir, cfg):
+        done = json.loads((run_dir / DONE).read_text())["dictionaries"]
+        return cfg.dictionaries, {k: Path(v) for k, v in done.items()}
+    resume = checkpoint_file(run_dir) is not None and _same_run(run_dir, cfg)
+    return cfg.dictionaries, train(cfg, resume=resume, overwrite=not resume, progress=progress)
 
 
 def _same_run(run_dir: Path, cfg) -> bool:
@@ -190,7 +220,7 @@ def _same_run(run_dir: Path, cfg) -> bool:
     old = json.loads(saved.read_text())
     new = cfg.to_dict()
     keys = ("synthetic", "n_tokens", "batch_size", "lr", "resample_every_tokens", "seed")
-    fields = ("architecture", "d_sae", "k", "l1_coefficient", "target_l0", "lr")
+    fields = ("architecture", "d_sae", "k", "l1_coefficient", "target_l0", "lr", "l1_warmup_fraction")
     same_dicts = [{k: d.get(k) for k in fields} for d in old.get("dictionaries", [])] == [
         {k: d.get(k) for k in fields} for d in new["dictionaries"]
     ]
@@ -242,6 +272,7 @@ def plot_setting(setting: BenchSetting, rows: list[dict], out_dir: Path) -> list
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     colours = dict(
         zip(FAMILIES, ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple"), strict=True)
@@ -262,6 +293,9 @@ def plot_setting(setting: BenchSetting, rows: list[dict], out_dir: Path) -> list
     for ax, label in zip(axes, (f"features recovered (cos > {RECOVERY_COSINE})", "MMCS"), strict=True):
         ax.axvline(mean_active, color="grey", ls=":", lw=1)
         ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+        ax.tick_params(axis="x", which="minor", labelsize=7)
         ax.set_xlabel("L0 (active latents per sample, held out)")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
