@@ -35,6 +35,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_train_step.py
 	$(BIN)/python benchmarks/bench_sweep.py
 	$(BIN)/python benchmarks/bench_memory.py
+	$(BIN)/python benchmarks/bench_toy.py
 
 # Toy models of superposition and the ground-truth benchmark (~13 min on 2 cores)
 toy: $(STAMP)
