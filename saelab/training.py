@@ -448,10 +448,9 @@ def _resample_due(cfg: TrainConfig, step: int, total: int) -> bool:
 
 def _resample_dead(member: _Member, batch: dict[str, torch.Tensor], cfg: TrainConfig, main: bool) -> None:
     """Resample the member's dead latents on this batch, and forget their optimizer history."""
-    dead = member.tokens_since_fired >= cfg.dead_after_tokens
-    if distributed.world()[1] > 1:  # rank 0 decides; the others copy its dictionary
-        distributed.broadcast_(dead)
-    latents = dead.nonzero().squeeze(1)
+    dead = (member.tokens_since_fired >= cfg.dead_after_tokens).to(torch.long)
+    distributed.broadcast_(dead)  # rank 0 decides (a no-op in one process); the others copy it
+    latents = dead.bool().nonzero().squeeze(1)
     if latents.numel() == 0:
         return
     dictionary = member.dictionary

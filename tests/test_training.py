@@ -367,3 +367,39 @@ def test_data_parallel_matches_single_process(assets, tmp_path):
             assert (a - b).norm() <= tol * a.norm() + 1e-6, (name, key, float((a - b).norm() / a.norm()))
     for m, r in zip(lines, reference, strict=True):
         assert m["fvu"] == pytest.approx(r["fvu"], rel=0.15, abs=0.03), (m, r)
+
+
+def test_data_parallel_resampling_keeps_ranks_identical(tmp_path):
+    """Rank 0 resamples dead latents and broadcasts them: both ranks end with the same weights."""
+    from saelab.toy.synthetic import SYNTHETIC_HOOK, SyntheticConfig
+
+    dictionaries = [
+        DictionaryConfig(
+            architecture=arch, d_in=0, d_sae=48, hook_name=SYNTHETIC_HOOK, target_l0=2, l1_coefficient=2
+        )
+        for arch in ("jumprelu", "relu")
+    ]
+    cfg = TrainConfig(
+        run_dir=str(tmp_path / "run"),
+        synthetic=SyntheticConfig(n_features=16, d=8, mean_active=2).to_dict(),
+        dictionaries=dictionaries,
+        n_tokens=40 * 64,
+        batch_size=64,
+        dead_after_tokens=128,
+        resample_every_tokens=256,
+        log_every=5,
+    )
+    (tmp_path / "cfg.json").write_text(json.dumps(cfg.to_dict()))
+    (tmp_path / "script.py").write_text(textwrap.dedent(DDP_SCRIPT))
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    command += [str(tmp_path / "script.py"), str(tmp_path / "cfg.json"), str(tmp_path)]
+    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    for name in ranks[0]:
+        for key in ranks[0][name]:
+            assert torch.equal(ranks[0][name][key], ranks[1][name][key]), (name, key)
+    assert max(line["resampled"] for line in metrics(tmp_path / "run")) > 0
