@@ -414,6 +414,63 @@ def eval_command(
     _print_table(results)
 
 
+# ---- analyze ------------------------------------------------------------------------------------
+
+
+@app.command()
+def analyze(
+    path: Path = typer.Argument(..., help="A SAE folder, or a run folder (every SAE in its saes/)."),
+    model: str = typer.Option(None, help="Model; default: the one named in the SAE's metadata."),
+    data: str = typer.Option(None, help="Text source; default: the SAE's training data."),
+    tokens: int = typer.Option(262_144, min=1, help="Tokens to stream through the model."),
+    top_k: int = typer.Option(20, min=1, help="Top activating examples kept per latent."),
+    out: Path = typer.Option(None, help="Database file (one SAE) or folder; default: features.db beside it."),
+    resume: bool = typer.Option(False, help="Continue an interrupted analysis from its checkpoint."),
+    device: str = typer.Option("cpu", help="cpu, cuda or mps."),
+    dtype: str = typer.Option("bfloat16", help="Model dtype: bfloat16 (fast on CPU) or float32."),
+    seed: int = typer.Option(0, help="Seed of the quantile-example reservoirs."),
+):
+    """One streaming pass: top and quantile examples, histograms, density, co-activation, logit effects,
+    neighbours for every latent, into a SQLite feature store."""
+    from saelab.dictionaries.io import dictionary_metadata, load_dictionary
+    from saelab.features import AnalysisConfig
+    from saelab.features import analyze as run_analysis
+
+    folders = _sae_folders(path)
+    lms: dict = {}
+    for folder in folders:
+        dictionary = load_dictionary(folder)
+        meta = dictionary.cfg.metadata
+        name = resolve_model(model or meta.get("model_name"))
+        if name not in lms:
+            lms[name] = _load_model(name, device=device, dtype=_dtype(dtype))
+        data_cfg = _data_config(
+            data if data is not None else _dataset_of(meta),
+            "train",
+            "text",
+            int(meta.get("context_size") or 128),
+            bool(meta.get("exclude_bos", True)),
+            bool(meta.get("exclude_special_tokens", True)),
+        )
+        if out is None:
+            target = folder / "features.db"
+        else:
+            target = out / folder.name / "features.db" if len(folders) > 1 else out
+        summary = run_analysis(
+            lms[name],
+            dictionary,
+            data_cfg,
+            AnalysisConfig(n_tokens=tokens, top_k=top_k, seed=seed),
+            target,
+            resume=resume,
+            extra_meta={"dictionary_folder": str(folder), "dictionary": dictionary_metadata(folder)},
+        )
+        console.print(
+            f"{folder.name}: analysed {summary['tokens']:,} tokens of {summary['contexts']:,} contexts "
+            f"into {target}"
+        )
+
+
 # ---- demo ---------------------------------------------------------------------------------------
 
 

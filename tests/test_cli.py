@@ -285,3 +285,19 @@ def test_missing_dictionary_and_cache(env, tmp_path):
     )
     assert "not an activation cache" in msg and "saelab harvest" in msg
     assert not (tmp_path / "r").exists()
+
+
+def test_analyze_writes_a_feature_store_beside_the_sae(env, tmp_path):
+    from saelab.store import FeatureStore
+
+    out = tmp_path / "f.db"
+    code, stdout, err = run("analyze", env["sae"], "--dtype", "float32", "--tokens", 256, "--out", out)
+    assert code == 0, err
+    assert "analysed" in stdout and out.is_file()
+    with FeatureStore(out, create=False) as store:
+        assert store.count_features(include_dead=True) == 32
+        assert store.meta()["dictionary_folder"] == str(env["sae"])
+        top = store.list_features(sort="density", descending=True, limit=1)[0]
+        assert store.examples(top["idx"], "top")
+    code, _, err = run("analyze", env["sae"], "--tokens", 256, "--out", tmp_path / "g.db", "--resume")
+    assert code == 2 and "resume" in " ".join(err.split()).lower()

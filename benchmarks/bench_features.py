@@ -1,0 +1,81 @@
+"""Feature analysis cost: the one streaming pass (`saelab analyze`) versus the harvest it rides on.
+
+A TopK SAE (k 32, d_sae 4608) on blocks.15.hook_resid_post of the embedded model. The harvest time is
+the model's early-exit capture of the same batches; the analysis time includes encoding, every
+accumulator and writing the SQLite store. Peak memory is measured in a fresh process per token count.
+Goal: analysis <= 1.5x the harvest; peak memory flat as tokens grow 10x.
+Usage: python benchmarks/bench_features.py [--tokens 32768] [--memory]
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from saelab.data import DataConfig
+from saelab.dictionaries import DictionaryConfig, build_dictionary
+from saelab.features import AnalysisConfig, analyze
+from saelab.models import load_model
+
+HOOK = "blocks.15.hook_resid_post"
+
+
+def dictionary(lm):
+    sae = build_dictionary(
+        DictionaryConfig(architecture="topk", k=32, d_in=lm.d_model, d_sae=4608, hook_name=HOOK)
+    )
+    with torch.no_grad():  # random directions at the activations' scale: realistic activity, k per token
+        sae.W_enc.mul_(1.0 / 175.0)
+    return sae.eval()
+
+
+def run(tokens: int) -> tuple[float, float]:
+    """(harvest seconds, analysis seconds) for `tokens` tokens."""
+    lm = load_model(None, device="cpu", dtype=torch.bfloat16)
+    data = DataConfig(context_size=128)
+    n_contexts = tokens // 128
+    sae = dictionary(lm)
+    start = time.perf_counter()
+    with torch.no_grad():
+        for batch in data.batches(lm.tokenizer, 32, max_contexts=n_contexts):
+            lm.capture(batch, [HOOK])
+    harvest = time.perf_counter() - start
+    with tempfile.TemporaryDirectory() as tmp:
+        start = time.perf_counter()
+        analyze(lm, sae, data, AnalysisConfig(n_tokens=tokens), Path(tmp) / "f.db", progress=False)
+        analysis = time.perf_counter() - start
+    return harvest, analysis
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--tokens", type=int, default=32768)
+    parser.add_argument("--memory", action="store_true", help="peak RSS at tokens and 10x tokens")
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        run(args.tokens)
+        print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)
+        return
+    harvest, analysis = run(args.tokens)
+    print(f"{args.tokens:,} tokens, TopK k32 d_sae 4608, {torch.get_num_threads()} thread(s)")
+    print(f"  harvest alone : {harvest:7.1f} s  ({args.tokens / harvest:8,.0f} tok/s)")
+    print(f"  analysis pass : {analysis:7.1f} s  ({args.tokens / analysis:8,.0f} tok/s)")
+    print(f"  ratio         : {analysis / harvest:.2f}x (goal <= 1.5x)")
+    if args.memory:
+        for tokens in (args.tokens, 10 * args.tokens):
+            out = subprocess.run(
+                [sys.executable, __file__, "--child", "--tokens", str(tokens)], capture_output=True, text=True
+            )
+            print(f"  peak RSS at {tokens:>9,} tokens: {out.stdout.strip().splitlines()[-1]} MiB")
+
+
+if __name__ == "__main__":
+    main()
