@@ -402,11 +402,16 @@ def logit_effects(lm, W_dec: Tensor, cfg: AnalysisConfig):
         bins = ((effects - low) / (high - low).clamp(min=1e-30) * nb).long().clamp(0, nb - 1)
         rows = torch.arange(len(effects))[:, None] * nb
         hist = torch.bincount((rows + bins).view(-1), minlength=len(effects) * nb).view(-1, nb)
-        for i in range(len(effects)):
+        # One conversion per chunk: per-row .tolist() calls cost more than the matmul.
+        chunk = zip(
+            pos_i.tolist(), pos_v.tolist(), neg_i.tolist(), (-neg_v).tolist(),
+            low.squeeze(1).tolist(), high.squeeze(1).tolist(), hist.tolist(), strict=True,
+        )  # fmt: skip
+        for p_i, p_v, n_i, n_v, lo_v, hi_v, counts in chunk:
             yield {
-                "logits_pos": [[t, v] for t, v in zip(pos_i[i].tolist(), pos_v[i].tolist(), strict=True)],
-                "logits_neg": [[t, -v] for t, v in zip(neg_i[i].tolist(), neg_v[i].tolist(), strict=True)],
-                "logit_hist": {"min": low[i].item(), "max": high[i].item(), "counts": hist[i].tolist()},
+                "logits_pos": [list(pair) for pair in zip(p_i, p_v, strict=True)],
+                "logits_neg": [list(pair) for pair in zip(n_i, n_v, strict=True)],
+                "logit_hist": {"min": lo_v, "max": hi_v, "counts": counts},
             }
 
 
