@@ -471,6 +471,37 @@ def analyze(
         )
 
 
+@app.command()
+def serve(
+    path: Path = typer.Argument(..., help="A features.db file, or the SAE folder it sits in."),
+    host: str = typer.Option("127.0.0.1", help="Interface to bind (127.0.0.1: this machine only)."),
+    port: int = typer.Option(8000, min=1, max=65535, help="Port."),
+    live: bool = typer.Option(True, help="Load the model and SAE for 'test your own text' and text search."),
+    device: str = typer.Option("cpu", help="cpu, cuda or mps (for the live model)."),
+    dtype: str = typer.Option("bfloat16", help="Model dtype for the live model."),
+):
+    """Browse, search and test every feature of an analysed dictionary in a local web app."""
+    from saelab.errors import DataError
+    from saelab.server.app import serve as run_server
+    from saelab.store import FeatureStore
+
+    store_path = path / "features.db" if path.is_dir() else path
+    if not store_path.is_file():
+        raise DataError(f"no feature store at {store_path}. Run `saelab analyze {path}` first.")
+    lm = dictionary = None
+    if live:
+        from saelab.dictionaries.io import load_dictionary
+
+        with FeatureStore(store_path, create=False) as store:
+            meta = store.meta()
+        folder = Path(meta.get("dictionary_folder") or store_path.parent)
+        dictionary = load_dictionary(folder)
+        name = resolve_model(dictionary.cfg.metadata.get("model_name"))
+        lm = _load_model(name, device=device, dtype=_dtype(dtype))
+    console.print(f"serving {store_path} at http://{host}:{port}/ (Ctrl-C stops)")
+    run_server(store_path, lm, dictionary, host=host, port=port)
+
+
 # ---- demo ---------------------------------------------------------------------------------------
 
 
