@@ -1,0 +1,274 @@
+// saelab pages: thin shells filled from the JSON API. All text goes in through textContent (no innerHTML).
+"use strict";
+
+const SVG = "http://www.w3.org/2000/svg";
+
+function el(tag, attrs, ...children) {
+  const node = document.createElement(tag);
+  for (const [k, v] of Object.entries(attrs || {})) {
+    if (k === "class") node.className = v;
+    else if (k === "text") node.textContent = v;
+    else if (k.startsWith("on")) node.addEventListener(k.slice(2), v);
+    else node.setAttribute(k, v);
+  }
+  for (const c of children) node.append(c);
+  return node;
+}
+
+function svgEl(tag, attrs) {
+  const node = document.createElementNS(SVG, tag);
+  for (const [k, v] of Object.entries(attrs || {})) node.setAttribute(k, v);
+  return node;
+}
+
+function fmt(x, digits = 3) {
+  if (x === null || x === undefined) return "";
+  if (x === 0) return "0";
+  const a = Math.abs(x);
+  return a >= 1e4 || a < 1e-3 ? x.toExponential(digits - 1) : x.toPrecision(digits);
+}
+
+function showError(message) {
+  const box = document.getElementById("error");
+  box.textContent = message;
+  box.hidden = !message;
+}
+
+async function api(path, options) {
+  const opts = Object.assign({}, options || {});
+  if (opts.body !== undefined) {
+    opts.headers = { "Content-Type": "application/json" };
+    opts.body = JSON.stringify(opts.body);
+  }
+  const response = await fetch(path, opts);
+  let data = null;
+  try { data = await response.json(); } catch (e) { data = null; }
+  if (!response.ok) {
+    let detail = data && data.detail;
+    if (Array.isArray(detail)) detail = detail.map((d) => d.msg).join("; ");
+    throw new Error(detail || `${response.status} ${response.statusText}`);
+  }
+  return data;
+}
+
+function featureLink(idx, label) {
+  return el("a", { href: `/feature/${idx}`, class: "feature-link", "data-idx": String(idx), text: label || `#${idx}` });
+}
+
+// Token spans coloured by activation relative to `scale`; hover title shows the value.
+function tokenSpan(text, value, scale, extraClass) {
+  const v = value || 0;
+  const alpha = scale > 0 ? Math.min(1, Math.max(0, v / scale)) : 0;
+  const span = el("span", { class: "tok" + (extraClass ? " " + extraClass : ""), text: text.replace(/\n/g, "\u21b5") });
+  if (alpha > 0) span.style.backgroundColor = `rgba(255, 110, 0, ${alpha.toFixed(3)})`;
+  span.title = `${JSON.stringify(text)}: ${fmt(v, 4)}`;
+  span.dataset.value = String(v);
+  return span;
+}
+
+// Bar chart as inline SVG: bars = [{label, count}].
+function barChart(container, bars, xLabelLeft, xLabelRight) {
+  container.replaceChildren();
+  if (!bars.length) { container.append(el("p", { class: "muted", text: "no data (dead latent)" })); return; }
+  const w = 420, h = 140, pad = 18;
+  const max = Math.max(...bars.map((b) => b.count), 1);
+  const svg = svgEl("svg", { viewBox: `0 0 ${w} ${h + pad}`, width: "100%", role: "img" });
+  const bw = w / bars.length;
+  bars.forEach((b, i) => {
+    const bh = (b.count / max) * h;
+    const rect = svgEl("rect", { x: (i * bw).toFixed(2), y: (h - bh).toFixed(2), width: Math.max(bw - 1, 0.5).toFixed(2), height: bh.toFixed(2), class: "bar" });
+    const t = svgEl("title", {}); t.textContent = `${b.label}: ${b.count}`; rect.append(t);
+    svg.append(rect);
+  });
+  const left = svgEl("text", { x: 0, y: h + pad - 4, class: "axis" }); left.textContent = xLabelLeft;
+  const right = svgEl("text", { x: w, y: h + pad - 4, class: "axis", "text-anchor": "end" }); right.textContent = xLabelRight;
+  svg.append(left, right);
+  container.append(svg);
+}
+
+// ---------------------------------------------------------------- meta line in the nav bar
+async function loadMeta() {
+  try {
+    const m = await api("/api/meta");
+    const model = (m.model && (m.model.hf_id || m.model.name)) || "?";
+    document.getElementById("meta-summary").textContent =
+      `${model} · ${m.hook_name} · ${m.n_features} latents (${m.n_dead} dead, ${m.n_dense} dense)` + (m.live ? " · live" : "");
+    return m;
+  } catch (e) { showError(e.message); return null; }
+}
+
+// ---------------------------------------------------------------- feature list
+function initIndex() {
+  const state = { offset: 0 };
+  const $ = (id) => document.getElementById(id);
+  const params = new URLSearchParams(location.search);
+  if (params.get("sort")) $("sort-select").value = params.get("sort");
+  if (params.get("order")) $("order-select").value = params.get("order");
+  if (params.get("offset")) state.offset = Math.max(0, parseInt(params.get("offset"), 10) || 0);
+
+  async function load() {
+    const limit = parseInt($("page-size").value, 10);
+    const q = new URLSearchParams({ sort: $("sort-select").value, order: $("order-select").value, offset: state.offset, limit });
+    if ($("hide-dead").checked) q.set("include_dead", "false");
+    if ($("hide-dense").checked) q.set("max_density", $("dense-threshold").value || "0.1");
+    try {
+      const data = await api(`/api/features?${q}`);
+      showError("");
+      const rows = data.items.map((f) => el("tr", { "data-idx": String(f.idx) },
+        el("td", {}, featureLink(f.idx)),
+        el("td", { text: fmt(f.density) }),
+        el("td", { text: fmt(f.max_act) }),
+        el("td", { text: fmt(f.mean_act) }),
+        el("td", { text: String(f.n_active) }),
+        el("td", { class: "expl", text: f.explanation || "" })));
+      $("feature-rows").replaceChildren(...rows);
+      const end = state.offset + data.items.length;
+      $("page-info").textContent = data.total ? `${state.offset + 1}–${end} of ${data.total}` : "no features";
+      $("total-count").textContent = `${data.total} matching`;
+      $("prev-page").disabled = state.offset === 0;
+      $("next-page").disabled = end >= data.total;
+      history.replaceState(null, "", `?sort=${q.get("sort")}&order=${q.get("order")}&offset=${state.offset}`);
+    } catch (e) { showError(e.message); }
+  }
+  const reset = () => { state.offset = 0; load(); };
+  for (const id of ["sort-select", "order-select", "hide-dead", "hide-dense", "dense-threshold", "page-size"]) $(id).addEventListener("change", reset);
+  $("prev-page").addEventListener("click", () => { state.offset = Math.max(0, state.offset - parseInt($("page-size").value, 10)); load(); });
+  $("next-page").addEventListener("click", () => { state.offset += parseInt($("page-size").value, 10); load(); });
+  $("list-controls").addEventListener("submit", (ev) => {
+    ev.preventDefault();
+    const idx = $("goto-idx").value;
+    if (idx !== "") location.href = `/feature/${parseInt(idx, 10)}`;
+  });
+  load();
+}
+
+// ---------------------------------------------------------------- one feature
+function renderExamples(container, items, kind) {
+  container.replaceChildren();
+  if (!items.length) { container.append(el("p", { class: "muted", text: "no examples" })); return; }
+  let lastQ = null;
+  for (const ex of items) {
+    if (kind === "quantile" && ex.quantile !== lastQ) {
+      container.append(el("h3", { class: "quantile", text: `Quantile ${ex.quantile}` }));
+      lastQ = ex.quantile;
+    }
+    const scale = Math.max(...ex.tokens.map((t) => t.value), ex.value, 1e-9);
+    const row = el("div", { class: "example", "data-value": String(ex.value) },
+      el("span", { class: "ex-value", text: fmt(ex.value) }));
+    ex.tokens.forEach((t, i) => row.append(tokenSpan(t.text, t.value, scale, i === ex.center ? "center" : "")));
+    container.append(row);
+  }
+}
+
+function renderLogitTable(table, rows) {
+  table.replaceChildren(el("tr", {}, el("th", { text: "Token" }), el("th", { text: "Effect" })),
+    ...rows.map((r) => el("tr", {}, el("td", {}, el("code", { text: JSON.stringify(r.token) })), el("td", { text: fmt(r.value) }))));
+}
+
+function renderLinks(list, rows, label) {
+  list.replaceChildren(...rows.map((r) => el("li", {}, featureLink(r.idx), el("span", { class: "muted", text: " " + label(r) }))));
+  if (!rows.length) list.append(el("li", { class: "muted", text: "none" }));
+}
+
+async function initFeature() {
+  const idx = parseInt(document.body.dataset.feature, 10);
+  const $ = (id) => document.getElementById(id);
+  let f;
+  try { f = await api(`/api/features/${idx}`); } catch (e) { showError(e.message); return; }
+  const stats = [["density", fmt(f.density, 4)], ["max activation", fmt(f.max_act)], ["mean activation", fmt(f.mean_act)], ["active tokens", String(f.n_active)]];
+  $("feature-stats").replaceChildren(...stats.flatMap(([k, v]) => [el("dt", { text: k }), el("dd", { text: v })]));
+  const showExplanation = (text) => {
+    $("explanation").textContent = text || "none";
+    $("explanation").className = text ? "" : "muted";
+    $("explanation-input").value = text || "";
+  };
+  showExplanation(f.explanation);
+  barChart($("act-hist"), f.hist.bins.map((b) => ({ label: `${fmt(b.lo)}–${b.hi === null ? "∞" : fmt(b.hi)}`, count: b.count })),
+    f.hist.bins.length ? fmt(f.hist.bins[0].lo) : "", f.hist.bins.length ? (f.hist.bins[f.hist.bins.length - 1].hi === null ? "∞" : fmt(f.hist.bins[f.hist.bins.length - 1].hi)) : "");
+  if (f.logit_hist) {
+    const lh = f.logit_hist, n = lh.counts.length, step = (lh.max - lh.min) / n;
+    barChart($("logit-hist"), lh.counts.map((c, i) => ({ label: `${fmt(lh.min + i * step)}–${fmt(lh.min + (i + 1) * step)}`, count: c })), fmt(lh.min), fmt(lh.max));
+  }
+  renderLogitTable($("logits-pos"), f.logits_pos);
+  renderLogitTable($("logits-neg"), f.logits_neg);
+  renderLinks($("neighbours"), f.neighbours, (r) => `cos ${fmt(r.cosine)}`);
+  renderLinks($("coactivation"), f.coactivation, (r) => `${r.count} tokens`);
+
+  $("explanation-form").addEventListener("submit", async (ev) => {
+    ev.preventDefault();
+    try {
+      const r = await api(`/api/features/${idx}/explanation`, { method: "PUT", body: { text: $("explanation-input").value } });
+      showExplanation(r.explanation); showError("");
+    } catch (e) { showError(e.message); }
+  });
+
+  $("test-form").addEventListener("submit", async (ev) => {
+    ev.preventDefault();
+    $("test-token-features").replaceChildren();
+    try {
+      const r = await api("/api/activations", { method: "POST", body: { text: $("test-text").value, feature: idx } });
+      showError("");
+      const scale = Math.max(r.max_value, f.max_act, 1e-9);
+      $("test-tokens").replaceChildren(...r.tokens.map((t, i) => {
+        const span = tokenSpan(t.text, t.value, scale, t.excluded ? "excluded" : "");
+        span.dataset.index = String(i);
+        span.addEventListener("click", () => {
+          for (const s of $("test-tokens").querySelectorAll(".selected")) s.classList.remove("selected");
+          span.classList.add("selected");
+          const box = $("test-token-features");
+          box.replaceChildren(el("h3", { text: `Top features at ${JSON.stringify(t.text)}` }));
+          const list = el("ul", { class: "links", id: "token-feature-list" });
+          renderLinks(list, t.top, (x) => fmt(x.value));
+          box.append(list);
+        });
+        return span;
+      }));
+    } catch (e) { showError(e.message); }
+  });
+  if (document.body.dataset.live !== "true") {
+    $("test-run").disabled = true;
+    $("test-text").placeholder = "live encoding is off: the server runs without a model";
+  }
+
+  for (const kind of ["top", "quantile"]) {
+    try {
+      const r = await api(`/api/features/${idx}/examples?kind=${kind}`);
+      renderExamples($(`${kind}-examples`), r.items, kind);
+    } catch (e) { showError(e.message); }
+  }
+}
+
+// ---------------------------------------------------------------- search
+function initSearch() {
+  const $ = (id) => document.getElementById(id);
+  const bind = (formId, inputId, listId, run) => $(formId).addEventListener("submit", async (ev) => {
+    ev.preventDefault();
+    const value = $(inputId).value.trim();
+    if (!value) return;
+    try { showError(""); await run(value, $(listId)); } catch (e) { showError(e.message); }
+  });
+  bind("token-form", "token-query", "token-results", async (q, list) => {
+    const r = await api(`/api/search?${new URLSearchParams({ q, kind: "token" })}`);
+    renderLinks(list, r.items, (x) => `${x.matches} top examples`);
+  });
+  bind("expl-form", "expl-query", "expl-results", async (q, list) => {
+    const r = await api(`/api/search?${new URLSearchParams({ q, kind: "explanation" })}`);
+    renderLinks(list, r.items, (x) => x.explanation);
+  });
+  bind("text-form", "text-query", "text-results", async (text, list) => {
+    const r = await api("/api/search/text", { method: "POST", body: { text } });
+    renderLinks(list, r.items, (x) => `max ${fmt(x.max_value)} at ${JSON.stringify(x.token)}`);
+  });
+  if (document.body.dataset.live !== "true") {
+    $("text-search").disabled = true;
+    $("text-query").placeholder = "live encoding is off: the server runs without a model";
+  }
+}
+
+document.addEventListener("DOMContentLoaded", () => {
+  loadMeta();
+  const page = document.body.dataset.page;
+  if (page === "index") initIndex();
+  else if (page === "feature") initFeature();
+  else if (page === "search") initSearch();
+});

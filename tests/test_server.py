@@ -1,0 +1,297 @@
+"""saelab.server against a tiny analysed store: API results agree with the store and a direct encode."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from fastapi.testclient import TestClient
+
+from saelab.data import DataConfig, exclusion_mask
+from saelab.dictionaries import DictionaryConfig, build_dictionary
+from saelab.features import AnalysisConfig, analyze
+from saelab.models import load_model
+from saelab.server import create_app
+from saelab.server.live import MAX_TEXT_CHARS, MAX_TOKENS
+from saelab.store import FeatureStore, FeatureStoreError
+from tests.helpers import one_thread, save_model, write_corpus  # noqa: F401
+
+D, D_SAE, CTX = 32, 64, 16
+HOOK = "blocks.0.hook_resid_post"
+TEXT = "w1 w2 w3 w10 w42 w7 w199 w3"
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("server")
+    save_model(root / "model", hidden=D, n_layers=2)
+    corpus = write_corpus(root / "corpus.jsonl", n_docs=60)
+    lm = load_model(root / "model", device="cpu", dtype=torch.float32)
+    data = DataConfig(source=str(corpus), split="all", context_size=CTX)
+    dcfg = DictionaryConfig(
+        architecture="topk", d_in=D, d_sae=D_SAE, k=8, hook_name=HOOK, normalize_activations="none"
+    )
+    sae = build_dictionary(dcfg).eval()
+    with torch.no_grad():
+        sae.W_enc.normal_(generator=torch.Generator().manual_seed(1))
+        sae.b_enc.normal_(0.0, 0.05, generator=torch.Generator().manual_seed(2))
+    cfg = AnalysisConfig(
+        n_tokens=16 * CTX, batch_contexts=8, top_k=5, n_quantiles=4, per_quantile=2, reservoir_size=8,
+        window_left=4, window_right=2, coactivation_top=5, logit_top=5, neighbours=4, geometry_chunk=32,
+    )  # fmt: skip
+    path = root / "features.db"
+    analyze(lm, sae, data, cfg, path, progress=False)
+    return lm, sae, path
+
+
+@pytest.fixture(scope="module")
+def client(setup):
+    lm, sae, path = setup
+    with TestClient(create_app(path, lm, sae)) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def offline(setup):
+    with TestClient(create_app(setup[2])) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def store(setup):
+    with FeatureStore(setup[2], create=False) as s:
+        yield s
+
+
+def test_meta_counts(client, store):
+    m = client.get("/api/meta").json()
+    assert m["n_features"] == D_SAE and m["hook_name"] == HOOK and m["live"] is True
+    assert m["n_dead"] == D_SAE - store.count_features(include_dead=False)
+    assert m["dictionary"]["d_sae"] == D_SAE and m["progress"]["status"] == "complete"
+
+
+@pytest.mark.parametrize("sort", ["density", "max_act", "mean_act", "n_active", "idx"])
+@pytest.mark.parametrize("order", ["desc", "asc"])
+def test_list_pages_match_the_store(client, store, sort, order):
+    seen = []
+    for offset in range(0, D_SAE, 25):
+        r = client.get("/api/features", params={"sort": sort, "order": order, "offset": offset, "limit": 25})
+        assert r.status_code == 200
+        body = r.json()
+        assert body["total"] == D_SAE
+        seen += body["items"]
+    assert seen == store.list_features(sort, order == "desc", 0, 1000)
+    values = [f[sort] for f in seen]
+    assert values == sorted(values, reverse=order == "desc")
+
+
+def test_list_filters(client, store):
+    alive = client.get("/api/features", params={"include_dead": False, "limit": 500}).json()
+    assert alive["total"] == store.count_features(include_dead=False) == len(alive["items"])
+    assert all(f["n_active"] > 0 for f in alive["items"])
+    lo, hi = 0.01, 0.1
+    band = client.get("/api/features", params={"min_density": lo, "max_density": hi, "limit": 500}).json()
+    assert band["total"] == store.count_features(min_density=lo, max_density=hi)
+    assert all(lo <= f["density"] <= hi for f in band["items"])
+
+
+@pytest.mark.parametrize(
+    "params",
+    [{"limit": 501}, {"limit": 0}, {"offset": -1}, {"sort": "nope"}, {"order": "up"}, {"min_density": "x"},
+     {"max_density": 2}],
+)  # fmt: skip
+def test_list_limits_are_validated(client, params):
+    assert client.get("/api/features", params=params).status_code == 422
+
+
+def _busiest(store) -> int:
+    return store.list_features("n_active", True, 0, 1)[0]["idx"]
+
+
+def test_feature_detail(client, store, setup):
+    lm = setup[0]
+    idx = _busiest(store)
+    f = client.get(f"/api/features/{idx}").json()
+    raw = store.feature(idx)
+    for key in ("density", "max_act", "mean_act", "n_active"):
+        assert f[key] == raw[key]
+    assert f["hist"]["counts"] == raw["hist"] and f["hist"]["edges"] == store.meta()["hist_edges"]
+    assert sum(b["count"] for b in f["hist"]["bins"]) == raw["n_active"] > 0
+    assert [(p["token_id"], p["value"]) for p in f["logits_pos"]] == [tuple(p) for p in raw["logits_pos"]]
+    assert all(p["token"] == lm.tokenizer.decode([p["token_id"]]) for p in f["logits_pos"] + f["logits_neg"])
+    assert [n["idx"] for n in f["neighbours"]] == [o for o, _ in raw["neighbours"]]
+    assert [c["idx"] for c in f["coactivation"]] == [c["other"] for c in raw["coactivation"]]
+    assert sum(f["logit_hist"]["counts"]) == lm.unembed.shape[0]
+
+
+@pytest.mark.parametrize("kind", ["top", "quantile"])
+def test_examples_have_token_texts(client, store, setup, kind):
+    lm = setup[0]
+    idx = _busiest(store)
+    items = client.get(f"/api/features/{idx}/examples", params={"kind": kind}).json()["items"]
+    raw = store.examples(idx, kind)
+    assert len(items) == len(raw) > 0
+    for item, row in zip(items, raw, strict=True):
+        kept = [(t, v) for t, v in zip(row["tokens"], row["values"], strict=True) if t >= 0]
+        assert [(t["id"], t["value"]) for t in item["tokens"]] == kept
+        assert all(t["text"] == lm.tokenizer.decode([t["id"]]) for t in item["tokens"])
+        assert item["tokens"][item["center"]]["id"] == row["token"]
+        assert item["value"] == row["value"]
+    assert client.get(f"/api/features/{idx}/examples", params={"kind": "bad"}).status_code == 422
+
+
+def _reference(setup, text):
+    lm, sae, _ = setup
+    ids = [lm.tokenizer.bos_token_id, *lm.tokenizer(text, add_special_tokens=False)["input_ids"]]
+    input_ids = torch.tensor([ids])
+    with torch.no_grad():
+        acts = sae.encode(lm.capture(input_ids, HOOK)[HOOK])[0]
+    acts = acts * ~exclusion_mask(input_ids, lm.tokenizer)[0][:, None]
+    return ids, acts
+
+
+def test_activations_match_a_direct_encode(client, setup):
+    ids, acts = _reference(setup, TEXT)
+    feature = int(acts.amax(0).argmax())
+    r = client.post("/api/activations", json={"text": TEXT, "feature": feature})
+    assert r.status_code == 200
+    tokens = r.json()["tokens"]
+    assert [t["id"] for t in tokens] == ids and tokens[0]["text"] == "<bos>"
+    assert [t["text"] for t in tokens[1:]] == TEXT.split()
+    assert tokens[0]["excluded"] and tokens[0]["value"] == 0 and tokens[0]["top"] == []
+    assert [t["value"] for t in tokens] == pytest.approx(acts[:, feature].tolist(), abs=1e-5)
+    assert r.json()["max_value"] == pytest.approx(float(acts[:, feature].max()), abs=1e-5)
+    for pos, t in enumerate(tokens[1:], start=1):
+        values = [x["value"] for x in t["top"]]
+        assert values == sorted(values, reverse=True) and 0 < len(values) <= 10
+        assert values[0] == pytest.approx(float(acts[pos].max()), abs=1e-5)
+        for x in t["top"]:
+            assert x["value"] == pytest.approx(float(acts[pos, x["idx"]]), abs=1e-5)
+    plain = client.post("/api/activations", json={"text": TEXT}).json()
+    assert "value" not in plain["tokens"][1] and plain["feature"] is None
+
+
+def test_search_by_text_ranks_by_max_activation(client, setup):
+    ids, acts = _reference(setup, TEXT)
+    items = client.post("/api/search/text", json={"text": TEXT, "limit": 20}).json()["items"]
+    peak = acts.amax(0)
+    expected = torch.argsort(peak, descending=True, stable=True)[:20]
+    assert [i["max_value"] for i in items] == pytest.approx(
+        peak[expected][peak[expected] > 0].tolist(), abs=1e-5
+    )
+    assert [i["max_value"] for i in items] == sorted((i["max_value"] for i in items), reverse=True)
+    top = items[0]
+    assert top["token"] == TEXT.split()[top["position"] - 1]
+
+
+def test_search_by_token_and_explanation(client, store, setup):
+    lm = setup[0]
+    idx = _busiest(store)
+    word = lm.tokenizer.decode([store.examples(idx, "top")[0]["token"]])
+    hits = client.get("/api/search", params={"q": word, "kind": "token"}).json()["items"]
+    assert idx in [h["idx"] for h in hits] and hits == store.search_tokens(word, 50)
+    r = client.put(f"/api/features/{idx}/explanation", json={"text": "Fires on zebra_stripes 100%"})
+    assert r.status_code == 200 and r.json()["explanation"] == "Fires on zebra_stripes 100%"
+    hits = client.get("/api/search", params={"q": "ZEBRA_stripes 100%", "kind": "explanation"}).json()[
+        "items"
+    ]
+    assert hits == [{"idx": idx, "explanation": "Fires on zebra_stripes 100%"}]
+    assert client.get("/api/search", params={"q": "zebra_x", "kind": "explanation"}).json()["items"] == []
+    assert client.get(f"/api/features/{idx}").json()["explanation"] == "Fires on zebra_stripes 100%"
+    assert client.put(f"/api/features/{idx}/explanation", json={"text": " "}).json()["explanation"] is None
+    assert store.feature(idx)["explanation"] is None
+    assert client.get("/api/search", params={"q": "", "kind": "token"}).status_code == 422
+    assert client.get("/api/search", params={"q": "a", "kind": "other"}).status_code == 422
+
+
+def test_unknown_and_non_numeric_features(client):
+    message = f"feature 99999 does not exist; this dictionary has {D_SAE} latents (0-{D_SAE - 1})"
+    for path in ("/api/features/99999", "/api/features/99999/examples"):
+        r = client.get(path)
+        assert r.status_code == 404 and r.json() == {"detail": message}
+    assert client.get("/api/features/-1").status_code == 404
+    assert client.put("/api/features/99999/explanation", json={"text": "x"}).status_code == 404
+    assert client.post("/api/activations", json={"text": TEXT, "feature": 99999}).status_code == 404
+    for path in ("/api/features/abc", "/api/features/1.5/examples", "/feature/abc", "/api/features/1e400"):
+        assert client.get(path).status_code == 422, path
+    assert client.put("/api/features/x/explanation", json={"text": "x"}).status_code == 422
+    page = client.get("/feature/99999")
+    assert page.status_code == 404 and "does not exist" in page.text
+
+
+def test_bad_bodies(client):
+    long_chars = client.post("/api/activations", json={"text": "w1 " * (MAX_TEXT_CHARS // 3 + 1)})
+    assert long_chars.status_code == 413 and "at most 2000 characters" in long_chars.json()["detail"]
+    many_tokens = " ".join(["w1"] * (MAX_TOKENS + 5))  # under the character limit, over the token one
+    assert len(many_tokens) <= MAX_TEXT_CHARS
+    r = client.post("/api/search/text", json={"text": many_tokens})
+    assert r.status_code == 413 and f"at most {MAX_TOKENS}" in r.json()["detail"]
+    assert client.post("/api/activations", json={"text": ""}).status_code == 422
+    assert client.post("/api/activations", json={"feature": 1}).status_code == 422
+    assert (
+        client.post(
+            "/api/activations", content=b"{not json", headers={"content-type": "application/json"}
+        ).status_code
+        == 422
+    )
+    form = client.post("/api/activations", content=b"text=w1", headers={"content-type": "text/plain"})
+    assert form.status_code == 415  # no cross-site "simple request" can reach a write
+    huge = client.put("/api/features/0/explanation", json={"text": "x" * 100_000})
+    assert huge.status_code == 413
+
+
+def test_live_endpoints_answer_503_without_a_model(offline):
+    for path in ("/api/activations", "/api/search/text"):
+        r = offline.post(path, json={"text": TEXT})
+        assert r.status_code == 503 and "without a model" in r.json()["detail"]
+    assert offline.get("/api/meta").json()["live"] is False
+    assert offline.get("/api/features/0").status_code == 200
+
+
+@pytest.mark.parametrize(
+    "path",
+    ["/static/../app.py", "/static/%2e%2e/app.py", "/static/..%2fapp.py", "/static/%2e%2e/%2e%2e/etc/passwd",
+     "/static/..%2f..%2f..%2f..%2fetc%2fpasswd", "/static/....//app.py", "/static//etc/passwd",
+     "/static/%2fetc%2fpasswd", "/static/..\\app.py", "/static/templates/../../app.py"],
+)  # fmt: skip
+def test_static_path_traversal_is_refused(client, path):
+    r = client.get(path)
+    assert r.status_code in (400, 404)
+    assert "create_app" not in r.text and "root:" not in r.text
+
+
+def test_static_files_are_served(client):
+    js = client.get("/static/app.js")
+    assert js.status_code == 200 and "initFeature" in js.text
+    assert client.get("/static/style.css").status_code == 200
+
+
+def test_foreign_hosts_are_refused(client):
+    assert client.get("/api/meta", headers={"host": "evil.example"}).status_code == 400
+
+
+def test_missing_store_fails_at_creation(tmp_path):
+    with pytest.raises(FeatureStoreError, match="No feature store"):
+        create_app(tmp_path / "none.db")
+
+
+@pytest.mark.parametrize(
+    "path, ids",
+    [
+        ("/", ["feature-table", "feature-rows", "sort-select", "order-select", "hide-dead", "hide-dense",
+               "dense-threshold", "page-size", "prev-page", "next-page", "page-info", "total-count",
+               "goto-idx", "meta-summary", "error"]),
+        ("/feature/3", ["feature-title", "feature-stats", "explanation", "explanation-input",
+                        "explanation-save", "act-hist", "logit-hist", "logits-pos", "logits-neg", "neighbours",
+                        "coactivation", "test-text", "test-run", "test-tokens", "test-token-features",
+                        "top-examples", "quantile-examples", "prev-feature", "next-feature"]),
+        ("/search", ["token-query", "token-search", "token-results", "expl-query", "expl-search",
+                     "expl-results", "text-query", "text-search", "text-results"]),
+    ],
+)  # fmt: skip
+def test_pages_render_with_their_element_ids(client, path, ids):
+    r = client.get(path)
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
+    for element in ids:
+        assert f'id="{element}"' in r.text, element
+    assert "http://" not in r.text and "https://" not in r.text  # works offline: nothing from a CDN
+    assert "script-src 'self'" in r.headers["content-security-policy"]
