@@ -338,10 +338,24 @@ def _dtype(name: str, as_name: bool = False):
 
 
 def _evaluate_folders(folders, model, data, tokens, ce_contexts, device, out=None, dtype="bfloat16"):
-    from saelab.dictionaries.io import load_dictionary
     from saelab.evaluation import EvalConfig, evaluate
 
     results = {}
+    for folder, dictionary, lm, cfg in _with_models(folders, model, data, "eval", device, dtype):
+        target = Path(out) / folder.name if out and len(folders) > 1 else (Path(out) if out else folder)
+        results[folder.name] = evaluate(
+            lm, dictionary, cfg, EvalConfig(n_tokens=tokens, ce_contexts=ce_contexts), out_dir=target
+        )
+    return results
+
+
+def _with_models(folders, model, data, split, device, dtype):
+    """(folder, dictionary, its model, its data config) per SAE folder; each model is loaded once.
+
+    The model and data default to the ones named in the SAE's metadata.
+    """
+    from saelab.dictionaries.io import load_dictionary
+
     lms: dict = {}
     for folder in folders:
         dictionary = load_dictionary(folder)
@@ -351,17 +365,13 @@ def _evaluate_folders(folders, model, data, tokens, ce_contexts, device, out=Non
             lms[name] = _load_model(name, device=device, dtype=_dtype(dtype))
         cfg = _data_config(
             data if data is not None else _dataset_of(meta),
-            "eval",
+            split,
             "text",
-            int(meta.get("context_size", 128)),
+            int(meta.get("context_size") or 128),
             bool(meta.get("exclude_bos", True)),
             bool(meta.get("exclude_special_tokens", True)),
         )
-        target = Path(out) / folder.name if out and len(folders) > 1 else (Path(out) if out else folder)
-        results[folder.name] = evaluate(
-            lms[name], dictionary, cfg, EvalConfig(n_tokens=tokens, ce_contexts=ce_contexts), out_dir=target
-        )
-    return results
+        yield folder, dictionary, lms[name], cfg
 
 
 def _dataset_of(meta: dict) -> str | None:
@@ -432,32 +442,18 @@ def analyze(
 ):
     """One streaming pass: top and quantile examples, histograms, density, co-activation, logit effects,
     neighbours for every latent, into a SQLite feature store."""
-    from saelab.dictionaries.io import dictionary_metadata, load_dictionary
+    from saelab.dictionaries.io import dictionary_metadata
     from saelab.features import AnalysisConfig
     from saelab.features import analyze as run_analysis
 
     folders = _sae_folders(path)
-    lms: dict = {}
-    for folder in folders:
-        dictionary = load_dictionary(folder)
-        meta = dictionary.cfg.metadata
-        name = resolve_model(model or meta.get("model_name"))
-        if name not in lms:
-            lms[name] = _load_model(name, device=device, dtype=_dtype(dtype))
-        data_cfg = _data_config(
-            data if data is not None else _dataset_of(meta),
-            "train",
-            "text",
-            int(meta.get("context_size") or 128),
-            bool(meta.get("exclude_bos", True)),
-            bool(meta.get("exclude_special_tokens", True)),
-        )
+    for folder, dictionary, lm, data_cfg in _with_models(folders, model, data, "train", device, dtype):
         if out is None:
             target = folder / "features.db"
         else:
             target = out / folder.name / "features.db" if len(folders) > 1 else out
         summary = run_analysis(
-            lms[name],
+            lm,
             dictionary,
             data_cfg,
             AnalysisConfig(n_tokens=tokens, top_k=top_k, seed=seed),

@@ -84,3 +84,17 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def random_topk_sae(d_in: int, d_sae: int, hook: str, k: int = 8):
+    """A TopK dictionary with seeded random encoder weights (no training): varied, reproducible activity."""
+    from saelab.dictionaries import DictionaryConfig, build_dictionary
+
+    cfg = DictionaryConfig(
+        architecture="topk", d_in=d_in, d_sae=d_sae, k=k, hook_name=hook, normalize_activations="none"
+    )
+    sae = build_dictionary(cfg).eval()
+    with torch.no_grad():
+        sae.W_enc.normal_(generator=torch.Generator().manual_seed(1))
+        sae.b_enc.normal_(0.0, 0.05, generator=torch.Generator().manual_seed(2))
+    return sae

@@ -15,7 +15,7 @@ from saelab.errors import DimensionMismatchError, RunFolderError
 from saelab.features import HIST_EDGES, AnalysisConfig, analyze, state_path_for
 from saelab.models import load_model
 from saelab.store import FeatureStore
-from tests.helpers import one_thread, save_model, write_corpus  # noqa: F401
+from tests.helpers import one_thread, random_topk_sae, save_model, write_corpus  # noqa: F401
 
 D, D_SAE, CTX = 32, 64, 16
 HOOK = "blocks.0.hook_resid_post"
@@ -37,13 +37,7 @@ def setup(tmp_path_factory):
     corpus = write_corpus(root / "corpus.jsonl", n_docs=150)
     lm = load_model(root / "model", device="cpu", dtype=torch.float32)
     data = DataConfig(source=str(corpus), split="all", context_size=CTX)
-    dcfg = DictionaryConfig(
-        architecture="topk", d_in=D, d_sae=D_SAE, k=8, hook_name=HOOK, normalize_activations="none"
-    )
-    sae = build_dictionary(dcfg).eval()
-    with torch.no_grad():
-        sae.W_enc.normal_(generator=torch.Generator().manual_seed(1))
-        sae.b_enc.normal_(0.0, 0.05, generator=torch.Generator().manual_seed(2))
+    sae = random_topk_sae(D, D_SAE, HOOK)
     cfg = _cfg()
     path = root / "one.db"
     summary = analyze(lm, sae, data, cfg, path, progress=False)

@@ -7,13 +7,12 @@ import torch
 from fastapi.testclient import TestClient
 
 from saelab.data import DataConfig, exclusion_mask
-from saelab.dictionaries import DictionaryConfig, build_dictionary
 from saelab.features import AnalysisConfig, analyze
 from saelab.models import load_model
 from saelab.server import create_app
 from saelab.server.live import MAX_TEXT_CHARS, MAX_TOKENS
 from saelab.store import FeatureStore, FeatureStoreError
-from tests.helpers import one_thread, save_model, write_corpus  # noqa: F401
+from tests.helpers import one_thread, random_topk_sae, save_model, write_corpus  # noqa: F401
 
 D, D_SAE, CTX = 32, 64, 16
 HOOK = "blocks.0.hook_resid_post"
@@ -27,13 +26,7 @@ def setup(tmp_path_factory):
     corpus = write_corpus(root / "corpus.jsonl", n_docs=60)
     lm = load_model(root / "model", device="cpu", dtype=torch.float32)
     data = DataConfig(source=str(corpus), split="all", context_size=CTX)
-    dcfg = DictionaryConfig(
-        architecture="topk", d_in=D, d_sae=D_SAE, k=8, hook_name=HOOK, normalize_activations="none"
-    )
-    sae = build_dictionary(dcfg).eval()
-    with torch.no_grad():
-        sae.W_enc.normal_(generator=torch.Generator().manual_seed(1))
-        sae.b_enc.normal_(0.0, 0.05, generator=torch.Generator().manual_seed(2))
+    sae = random_topk_sae(D, D_SAE, HOOK)
     cfg = AnalysisConfig(
         n_tokens=16 * CTX, batch_contexts=8, top_k=5, n_quantiles=4, per_quantile=2, reservoir_size=8,
         window_left=4, window_right=2, coactivation_top=5, logit_top=5, neighbours=4, geometry_chunk=32,

@@ -319,6 +319,18 @@ finally:
 """
 
 
+def _run_two_ranks(tmp_path) -> None:
+    """Run DDP_SCRIPT on tmp_path/cfg.json under torchrun with 2 CPU processes (gloo)."""
+    (tmp_path / "script.py").write_text(textwrap.dedent(DDP_SCRIPT))
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    command += [str(tmp_path / "script.py"), str(tmp_path / "cfg.json"), str(tmp_path)]
+    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+
+
 def test_data_parallel_matches_single_process(assets, tmp_path):
     model, corpus = assets
     lm = load_model(str(model), device="cpu")
@@ -332,14 +344,7 @@ def test_data_parallel_matches_single_process(assets, tmp_path):
 
     ddp = config(tmp_path / "ddp", assets, dictionaries, activations=str(cache))
     (tmp_path / "cfg.json").write_text(json.dumps(ddp.to_dict()))
-    (tmp_path / "script.py").write_text(textwrap.dedent(DDP_SCRIPT))
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    command += [str(tmp_path / "script.py"), str(tmp_path / "cfg.json"), str(tmp_path)]
-    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    _run_two_ranks(tmp_path)
 
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
     assert ranks[0].keys() == ranks[1].keys() and len(ranks[0]) == 3
@@ -390,14 +395,7 @@ def test_data_parallel_resampling_keeps_ranks_identical(tmp_path):
         log_every=5,
     )
     (tmp_path / "cfg.json").write_text(json.dumps(cfg.to_dict()))
-    (tmp_path / "script.py").write_text(textwrap.dedent(DDP_SCRIPT))
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    command += [str(tmp_path / "script.py"), str(tmp_path / "cfg.json"), str(tmp_path)]
-    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    _run_two_ranks(tmp_path)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
     for name in ranks[0]:
         for key in ranks[0][name]:
