@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 
-.PHONY: demo test lint unit integration bench toy clean
+.PHONY: demo test lint unit integration bench toy browser clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -24,8 +24,12 @@ lint: $(STAMP)
 	$(BIN)/ruff check saelab tests benchmarks
 	$(BIN)/ruff format --check saelab tests benchmarks
 
-test: $(STAMP) lint
-	$(BIN)/python -m pytest -q tests
+# Browser tests drive Debian's Chromium through Playwright (never a browser Playwright downloads).
+browser:
+	@command -v chromium >/dev/null 2>&1 || { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; }
+
+test: $(STAMP) lint browser
+	SAELAB_REQUIRE_BROWSER=1 $(BIN)/python -m pytest -q tests
 
 unit: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not integration" tests
