@@ -498,6 +498,41 @@ def serve(
     run_server(store_path, lm, dictionary, host=host, port=port)
 
 
+@app.command("export")
+def export_command(
+    path: Path = typer.Argument(..., help="A features.db file, or the SAE folder it sits in."),
+    feature: list[int] = typer.Option(
+        None,
+        help="Features to export (repeat); default: the HTML takes the "
+        "20 densest, the JSON every latent that fires.",
+    ),
+    html: Path = typer.Option(None, help="Write a self-contained HTML dashboard (works from file://)."),
+    neuronpedia: Path = typer.Option(
+        None, help="Write Neuronpedia-style JSON, one <index>.json per feature."
+    ),
+):
+    """Export features as a static HTML dashboard and/or Neuronpedia-style JSON."""
+    from saelab.errors import DataError
+    from saelab.export import export_html, export_neuronpedia
+    from saelab.store import FeatureStore
+
+    store_path = path / "features.db" if path.is_dir() else path
+    if not store_path.is_file():
+        raise DataError(f"no feature store at {store_path}. Run `saelab analyze {path}` first.")
+    if html is None and neuronpedia is None:
+        raise SaelabError("nothing to export: pass --html FILE and/or --neuronpedia FOLDER.")
+    chosen = list(feature) if feature else None
+    if html is not None:
+        if chosen is None:
+            with FeatureStore(store_path, create=False) as store:
+                densest = [row["idx"] for row in store.list_features("density", True, 0, 20)]
+        export_html(store_path, html, chosen if chosen is not None else densest)
+        console.print(f"wrote {html}")
+    if neuronpedia is not None:
+        written = export_neuronpedia(store_path, neuronpedia, chosen)
+        console.print(f"wrote {len(written)} feature files into {neuronpedia}")
+
+
 # ---- demo ---------------------------------------------------------------------------------------
 
 
@@ -506,8 +541,12 @@ def demo(
     run_dir: Path = typer.Option(Path("runs/demo"), help="Run folder."),
     tokens: int = typer.Option(1_000_000, help="Training tokens."),
     overwrite: bool = typer.Option(False, help="Retrain even if the demo run has finished."),
+    analyze_tokens: int = typer.Option(131_072, min=0, help="Tokens for the feature analysis (0: skip it)."),
+    serve_app: bool = typer.Option(True, "--serve/--no-serve", help="End by serving the feature web app."),
+    port: int = typer.Option(8000, min=1, max=65535, help="Port of the web app."),
 ):
-    """Harvest from the embedded corpus, train a TopK SAE on blocks.15.hook_resid_post, evaluate, summarise."""
+    """Harvest from the embedded corpus, train a TopK SAE on blocks.15.hook_resid_post, evaluate, summarise,
+    analyse its features and serve them in the local web app."""
     from saelab.dictionaries import DictionaryConfig
     from saelab.training import DONE, TrainConfig
     from saelab.training import train as run_training
@@ -530,6 +569,23 @@ def demo(
         f"demo finished in {time.perf_counter() - start:.0f} s; SAE in {folders[0]}, "
         f"metrics in {folders[0] / 'eval.json'}, density plot in {folders[0] / 'density.png'}"
     )
+    if analyze_tokens <= 0:
+        return
+    store = folders[0] / "features.db"
+    if not _analysis_complete(store) or overwrite:
+        analyze(folders[0], tokens=analyze_tokens, model=None, data=None, top_k=20, out=None, resume=False,
+                device="cpu", dtype="bfloat16", seed=0)  # fmt: skip
+    if serve_app:
+        serve(folders[0], host="127.0.0.1", port=port, live=True, device="cpu", dtype="bfloat16")
+
+
+def _analysis_complete(store_path: Path) -> bool:
+    from saelab.store import FeatureStore
+
+    if not store_path.is_file():
+        return False
+    with FeatureStore(store_path, create=False) as store:
+        return (store.progress() or {}).get("status") == "complete"
 
 
 # ---- toy models and the ground-truth benchmark ----------------------------------------------------
