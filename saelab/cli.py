@@ -467,6 +467,16 @@ def analyze(
         )
 
 
+def _store_path(path: Path) -> Path:
+    """A features.db file given itself or the SAE folder it sits in; refuse one that does not exist."""
+    from saelab.errors import DataError
+
+    store_path = path / "features.db" if path.is_dir() else path
+    if not store_path.is_file():
+        raise DataError(f"no feature store at {store_path}. Run `saelab analyze {path}` first.")
+    return store_path
+
+
 @app.command()
 def serve(
     path: Path = typer.Argument(..., help="A features.db file, or the SAE folder it sits in."),
@@ -477,13 +487,10 @@ def serve(
     dtype: str = typer.Option("bfloat16", help="Model dtype for the live model."),
 ):
     """Browse, search and test every feature of an analysed dictionary in a local web app."""
-    from saelab.errors import DataError
     from saelab.server.app import serve as run_server
     from saelab.store import FeatureStore
 
-    store_path = path / "features.db" if path.is_dir() else path
-    if not store_path.is_file():
-        raise DataError(f"no feature store at {store_path}. Run `saelab analyze {path}` first.")
+    store_path = _store_path(path)
     lm = dictionary = None
     if live:
         from saelab.dictionaries.io import load_dictionary
@@ -512,13 +519,10 @@ def export_command(
     ),
 ):
     """Export features as a static HTML dashboard and/or Neuronpedia-style JSON."""
-    from saelab.errors import DataError
     from saelab.export import export_html, export_neuronpedia
     from saelab.store import FeatureStore
 
-    store_path = path / "features.db" if path.is_dir() else path
-    if not store_path.is_file():
-        raise DataError(f"no feature store at {store_path}. Run `saelab analyze {path}` first.")
+    store_path = _store_path(path)
     if html is None and neuronpedia is None:
         raise SaelabError("nothing to export: pass --html FILE and/or --neuronpedia FOLDER.")
     chosen = list(feature) if feature else None

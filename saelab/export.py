@@ -11,6 +11,7 @@ import html
 import math
 from pathlib import Path
 
+from saelab.features import hist_bins
 from saelab.fileio import atomic_write_json, atomic_write_text
 from saelab.store import FeatureStore
 
@@ -35,25 +36,26 @@ def _activation_record(example: dict, vocab: list[str]) -> dict:
 
 
 def _log_hist_bars(counts: list[int], edges: list[float]) -> tuple[list[int], list[float]]:
-    """The nonzero range of the shared log histogram as bar heights and bar centres."""
-    nonzero = [i for i, c in enumerate(counts) if c]
-    if not nonzero:
-        return [], []
+    """The nonzero range of the shared log histogram as bar heights and (geometric) bar centres."""
     heights, centres = [], []
-    for i in range(nonzero[0], nonzero[-1] + 1):
-        lo = edges[i - 1] if i > 0 else 0.0
-        hi = edges[i] if i < len(edges) else lo * 2
-        heights.append(int(counts[i]))
-        centres.append(math.sqrt(lo * hi) if lo > 0 else hi / 2)
+    for b in hist_bins(counts, edges):
+        hi = b["hi"] if b["hi"] is not None else b["lo"] * 2
+        heights.append(int(b["count"]))
+        centres.append(math.sqrt(b["lo"] * hi) if b["lo"] > 0 else hi / 2)
     return heights, centres
 
 
-def neuronpedia_feature(store: FeatureStore, idx: int, model_id: str, layer: str) -> dict:
-    """One latent in Neuronpedia's feature JSON shape (field names as its exports use them)."""
+def neuronpedia_feature(
+    store: FeatureStore, idx: int, model_id: str, layer: str, vocab: list[str] | None = None
+) -> dict:
+    """One latent in Neuronpedia's feature JSON shape (field names as its exports use them).
+
+    Pass `vocab` (store.vocab()) when exporting many latents: it is the largest table to read.
+    """
     feature = store.feature(idx)
     if feature is None:
         raise KeyError(f"feature {idx} does not exist in {store.path}")
-    vocab = store.vocab()
+    vocab = vocab if vocab is not None else store.vocab()
     edges = store.meta().get("hist_edges") or []
     heights, centres = _log_hist_bars(feature.get("hist") or [], edges)
     logit_hist = feature.get("logit_hist") or {"min": 0.0, "max": 0.0, "counts": []}
@@ -98,10 +100,12 @@ def export_neuronpedia(
     out_dir = Path(out_dir)
     written = []
     with FeatureStore(store_path, create=False) as store:
-        meta = store.meta()
+        meta, vocab = store.meta(), store.vocab()
         for idx in _chosen(store, features):
             path = out_dir / f"{idx}.json"
-            atomic_write_json(path, neuronpedia_feature(store, idx, _model_id(meta), _layer_name(meta)))
+            atomic_write_json(
+                path, neuronpedia_feature(store, idx, _model_id(meta), _layer_name(meta), vocab)
+            )
             written.append(path)
     return written
 
@@ -201,10 +205,12 @@ def export_html(store_path: str | Path, out_path: str | Path, features: list[int
     """A single self-contained HTML dashboard of the chosen features."""
     out_path = Path(out_path)
     with FeatureStore(store_path, create=False) as store:
-        meta = store.meta()
+        meta, vocab = store.meta(), store.vocab()
         chosen = _chosen(store, features)
         sections = [
-            _feature_html(neuronpedia_feature(store, idx, _model_id(meta), _layer_name(meta)), set(chosen))
+            _feature_html(
+                neuronpedia_feature(store, idx, _model_id(meta), _layer_name(meta), vocab), set(chosen)
+            )
             for idx in chosen
         ]
     title = f"saelab features: {_model_id(meta)} {_layer_name(meta)}"

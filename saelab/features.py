@@ -282,6 +282,22 @@ def update_state(state: dict, acts: Tensor, input_ids: Tensor, gen: torch.Genera
 # --- results -------------------------------------------------------------------------------------
 
 
+def hist_bins(counts: list[int], edges: list[float]) -> list[dict]:
+    """The nonzero range of a latent's histogram as {lo, hi, count}; bin i counts edges[i-1] <= v < edges[i].
+
+    Bin 0 is the underflow bin (lo 0); the last is the overflow bin (hi None: JSON has no inf).
+    """
+    nonzero = [i for i, c in enumerate(counts) if c]
+    if not nonzero:
+        return []
+    bins = []
+    for i in range(nonzero[0], nonzero[-1] + 1):
+        lo = 0.0 if i == 0 else edges[i - 1]
+        hi = edges[i] if i < len(edges) else None
+        bins.append({"lo": lo, "hi": hi, "count": counts[i]})
+    return bins
+
+
 def quantile_edges(hist: Tensor, max_act: Tensor, n_quantiles: int) -> Tensor:
     """[d, Q+1] value edges of equal-count rank quantiles, from exact histogram counts.
 

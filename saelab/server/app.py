@@ -21,6 +21,7 @@ from pydantic import BaseModel, Field
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 from saelab.errors import SaelabError
+from saelab.features import hist_bins
 from saelab.server.live import MAX_TEXT_CHARS, MAX_TOKENS, LiveModel, TextTooLongError
 from saelab.store import FeatureStore
 
@@ -47,19 +48,6 @@ class TextSearchRequest(BaseModel):
 
 class ExplanationRequest(BaseModel):
     text: str | None = Field(None, description="the explanation; null or blank removes it")
-
-
-def _hist_bins(counts: list[int], edges: list[float]) -> list[dict]:
-    """Nonzero range of the shared log histogram as {lo, hi, count} (bin i counts edges[i-1] <= v < edges[i])."""
-    nonzero = [i for i, c in enumerate(counts) if c]
-    if not nonzero:
-        return []
-    bins = []
-    for i in range(nonzero[0], nonzero[-1] + 1):
-        lo = 0.0 if i == 0 else edges[i - 1]
-        hi = edges[i] if i < len(edges) else None  # overflow bin: no upper edge (JSON has no inf)
-        bins.append({"lo": lo, "hi": hi, "count": counts[i]})
-    return bins
 
 
 def create_app(
@@ -212,7 +200,7 @@ def create_app(
             "dead": f["n_active"] == 0,
             "explanation": f.get("explanation"),
             "quantile_edges": f.get("quantile_edges"),
-            "hist": {"edges": edges, "counts": counts, "bins": _hist_bins(counts, edges)},
+            "hist": {"edges": edges, "counts": counts, "bins": hist_bins(counts, edges)},
             "logits_pos": [
                 {"token_id": t, "token": text_of(t), "value": v} for t, v in f.get("logits_pos") or []
             ],

@@ -90,14 +90,6 @@ class BenchSetting:
         return out
 
 
-@dataclass
-class BenchConfig:
-    out_dir: str = "runs/toy/bench"
-    quick: bool = False
-    seed: int = 0
-    settings: list[str] = field(default_factory=lambda: ["uniform", "sharkey"])
-
-
 def bench_settings(quick: bool = False, seed: int = 0) -> dict[str, BenchSetting]:
     """The issue's two settings (or small versions of them for tests)."""
     if quick:
