@@ -260,6 +260,14 @@ class HookedLM:
         if attention_mask is not None:
             attention_mask = torch.as_tensor(attention_mask, device=self.device)
             attention_mask = attention_mask[None] if attention_mask.ndim == 1 else attention_mask
+            # Positions count real tokens only, so a left-padded row sees the same positions as unpadded.
+            positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+            return {
+                "input_ids": input_ids,
+                "attention_mask": attention_mask,
+                "position_ids": positions,
+                "use_cache": False,
+            }
         return {"input_ids": input_ids, "attention_mask": attention_mask, "use_cache": False}
 
     def forward(self, input_ids, attention_mask=None) -> Tensor:

@@ -1,0 +1,1 @@
+"""Interventions: steer with features and vectors, find and remove directions, decompose vectors."""
