@@ -1,1 +1,49 @@
-"""Interventions: steer with features and vectors, find and remove directions, decompose vectors."""
+"""Interventions: steer with features and vectors, find and remove directions, decompose vectors.
+
+Modules, one job each: `interventions` (hooks and the `steer` context), `generation` (steered vs
+unsteered side by side, fluency), `decompose` (vectors as sparse sums of decoder rows).
+"""
+
+from saelab.steering.decompose import (
+    Decomposition,
+    DecompositionError,
+    Feature,
+    decompose,
+    encoder_then_refine,
+    gradient_pursuit,
+)
+from saelab.steering.generation import GenerationConfig, compare, completion_loss, generate, load_prompts
+from saelab.steering.interventions import (
+    Ablate,
+    AddVector,
+    CapProjection,
+    ClampFeature,
+    Intervention,
+    InterventionError,
+    ablation,
+    add_feature,
+    steer,
+)
+
+__all__ = [
+    "Ablate",
+    "AddVector",
+    "CapProjection",
+    "ClampFeature",
+    "Decomposition",
+    "DecompositionError",
+    "Feature",
+    "GenerationConfig",
+    "Intervention",
+    "InterventionError",
+    "ablation",
+    "add_feature",
+    "compare",
+    "completion_loss",
+    "decompose",
+    "encoder_then_refine",
+    "generate",
+    "gradient_pursuit",
+    "load_prompts",
+    "steer",
+]
