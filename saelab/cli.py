@@ -699,3 +699,10 @@ def toy_all(out: Path = _TOY_OUT, quick: bool = _QUICK, seed: int = _SEED):
 
 if __name__ == "__main__":
     main()
+
+
+# ---- interventions (steering, directions) ---------------------------------------------------------
+from saelab.cli_steering import direction_app, steer_app  # noqa: E402
+
+app.add_typer(steer_app, name="steer")
+app.add_typer(direction_app, name="direction")

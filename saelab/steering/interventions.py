@@ -13,6 +13,7 @@ multiplier 0 is skipped, so "steered with 0" is exactly "unsteered".
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -30,6 +31,8 @@ class InterventionError(SaelabError):
 
 
 def _finite_vector(vector, d: int | None, what: str) -> Tensor:
+    if vector is None:
+        raise InterventionError(f"{what} is missing; pass it by keyword (vector=... or direction=...).")
     vector = (
         torch.as_tensor(vector).detach().reshape(-1) if not isinstance(vector, Tensor) else vector.detach()
     )
@@ -43,6 +46,14 @@ def _finite_vector(vector, d: int | None, what: str) -> Tensor:
     if not torch.isfinite(vector).all():
         raise InterventionError(f"{what} contains NaN or inf values; rebuild it from finite activations.")
     return vector
+
+
+def _finite_scalar(value, what: str) -> float | None:
+    if value is not None and not math.isfinite(float(value)):
+        raise InterventionError(
+            f"{what} is {value}; NaN or inf would turn every steered activation into NaN."
+        )
+    return None if value is None else float(value)
 
 
 def unit(direction: Tensor) -> Tensor:
@@ -83,6 +94,7 @@ class AddVector(Intervention):
     def __post_init__(self) -> None:
         super().__post_init__()
         self.vector = _finite_vector(self.vector, None, "the steering vector")
+        self.alpha = _finite_scalar(self.alpha, "alpha")
 
     def check(self, d: int) -> None:
         _finite_vector(self.vector, d, "the steering vector")
@@ -123,6 +135,7 @@ class CapProjection(Intervention):
     def __post_init__(self) -> None:
         super().__post_init__()
         self.direction = unit(self.direction)
+        self.high, self.low = _finite_scalar(self.high, "high"), _finite_scalar(self.low, "low")
         if self.high is None and self.low is None:
             raise InterventionError("CapProjection needs a high cap, a low cap or both.")
         if self.high is not None and self.low is not None and self.low > self.high:
@@ -154,12 +167,20 @@ class ClampFeature(Intervention):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if not isinstance(self.dictionary, Dictionary):
+            raise InterventionError("ClampFeature needs dictionary=, the SAE whose features it clamps.")
         self.features = [
             int(i) for i in (self.features if isinstance(self.features, Iterable) else [self.features])
         ]
         self.values = [
-            float(v) for v in (self.values if isinstance(self.values, Iterable) else [self.values])
+            _finite_scalar(v, "a clamp value")
+            for v in (self.values if isinstance(self.values, Iterable) else [self.values])
         ]
+        repeated = sorted({i for i in self.features if self.features.count(i) > 1})
+        if repeated:
+            raise InterventionError(
+                f"feature {repeated[0]} is listed more than once; give each feature one value."
+            )
         if not self.features or len(self.features) != len(self.values):
             raise InterventionError("ClampFeature needs one value per feature (and at least one feature).")
         bad = [i for i in self.features if not 0 <= i < self.dictionary.d_sae]
@@ -196,7 +217,9 @@ def add_feature(
             f"feature index {feature} is out of range: the dictionary has {dictionary.d_sae} latents."
         )
     row = dictionary.W_dec[feature].detach().float() / dictionary.output_scale
-    return AddVector(hook or dictionary.cfg.hook_name, vector=row, alpha=alpha, **kw)
+    return AddVector(
+        hook or dictionary.cfg.output_hook_name or dictionary.cfg.hook_name, vector=row, alpha=alpha, **kw
+    )
 
 
 def ablation(lm, direction: Tensor, layers: Iterable[int] | None = None, **kw) -> list[Ablate]:

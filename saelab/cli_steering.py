@@ -1,0 +1,193 @@
+"""The `saelab steer` and `saelab direction` commands: thin wrappers over saelab.steering (imported lazily)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+from rich.table import Table
+
+from saelab.errors import SaelabError
+
+steer_app = typer.Typer(
+    help="Steer generations with features and vectors; decompose vectors into features.", no_args_is_help=True
+)
+direction_app = typer.Typer(
+    help="Find directions from contrastive prompts, select them, probe, and orthogonalize weights.",
+    no_args_is_help=True,
+)
+
+_MODEL = typer.Option(None, help="Model; default: the embedded SmolLM2-135M-Instruct (or the SAE's model).")
+_DEVICE = typer.Option("cpu", help="cpu, cuda or mps.")
+_DTYPE = typer.Option("float32", help="Model dtype: float32 or bfloat16.")
+_CHAT = typer.Option(True, "--chat/--no-chat", help="Wrap prompts in the chat template as a user turn.")
+
+
+def _console():
+    from saelab.cli import console
+
+    return console
+
+
+def _lm(model: str | None, device: str, dtype: str):
+    from saelab.cli import _dtype, _load_model, resolve_model
+
+    return _load_model(resolve_model(model), device=device, dtype=_dtype(dtype))
+
+
+def _prompt_list(prompts: list[str] | None, prompts_file: str | None) -> list[str]:
+    """Prompts given on the command line and/or in a file (FILE or FILE:KEY for a JSON object)."""
+    from saelab.steering.generation import load_prompts
+
+    out = list(prompts or [])
+    if prompts_file:
+        path, _, key = (
+            prompts_file.partition(":") if not Path(prompts_file).exists() else (prompts_file, "", "")
+        )
+        out += load_prompts(path, key or None)
+    if not out:
+        raise SaelabError("no prompts: pass them as arguments or with --prompts FILE.")
+    return out
+
+
+def _vector(path: Path, hook: str | None, position: int):
+    """(hook, vector) from a saved DirectionSet folder, or a .safetensors file holding one vector."""
+    from saelab.steering.directions import DirectionSet
+
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        tensors = load_file(str(path))
+        if len(tensors) != 1:
+            raise SaelabError(
+                f"{path} holds {len(tensors)} tensors; save exactly one vector, or use a direction folder."
+            )
+        (vector,) = tensors.values()
+        if hook is None:
+            raise SaelabError(f"{path} does not say where the vector lives; pass --hook.")
+        return hook, vector.float().reshape(-1)
+    directions = DirectionSet.load(path)
+    hook = hook or directions.provenance.get("best_hook") or directions.hooks[len(directions.hooks) // 2]
+    return hook, directions.get(hook, position)
+
+
+def _interventions(lm, sae, feature, strength, mode, vector, hook, position, alpha, ablate, scope):
+    from saelab.dictionaries.io import load_dictionary
+    from saelab.steering.interventions import AddVector, ClampFeature, ablation, add_feature
+
+    out = []
+    if feature is not None:
+        if sae is None:
+            raise SaelabError("--feature needs --sae (the dictionary whose feature to steer with).")
+        dictionary = load_dictionary(sae).to(lm.device)
+        if mode == "clamp":
+            out.append(
+                ClampFeature(
+                    dictionary.cfg.hook_name,
+                    dictionary=dictionary,
+                    features=[feature],
+                    values=[strength],
+                    scope=scope,
+                )
+            )
+        elif mode == "add":
+            out.append(add_feature(dictionary, feature, strength, scope=scope))
+        else:
+            raise SaelabError(f"unknown --mode {mode!r}: use add or clamp.")
+    if vector is not None:
+        where, v = _vector(vector, hook, position)
+        out.append(AddVector(where, vector=v, alpha=alpha, scope=scope))
+    if ablate is not None:
+        _, d = _vector(ablate, hook, position)
+        out += ablation(lm, d, scope=scope)
+    if not out:
+        raise SaelabError("nothing to steer with: pass --feature (with --sae), --vector or --ablate.")
+    return out
+
+
+@steer_app.command("generate")
+def steer_generate(
+    prompts: list[str] = typer.Argument(None, help="Prompts to complete."),
+    prompts_file: str = typer.Option(
+        None, "--prompts", help="More prompts: a .txt (one per line), .json or .jsonl file."
+    ),
+    sae: Path = typer.Option(None, help="SAE folder whose --feature to steer with."),
+    feature: int = typer.Option(None, help="Feature index in --sae."),
+    strength: float = typer.Option(8.0, help="add: multiple of the decoder row; clamp: the latent's value."),
+    mode: str = typer.Option(
+        "add", help="add (strength x decoder row) or clamp (set the latent, keep the SAE error)."
+    ),
+    vector: Path = typer.Option(
+        None, help="A direction folder (saelab direction build) or a one-tensor .safetensors."
+    ),
+    hook: str = typer.Option(None, help="Hook point of --vector (default: its best or middle hook)."),
+    position: int = typer.Option(-1, help="Which token position's direction to use from a direction folder."),
+    alpha: float = typer.Option(4.0, help="Multiplier of --vector."),
+    ablate: Path = typer.Option(None, help="A direction to ablate from every layer's residual writes."),
+    scope: str = typer.Option("all", help="all, prompt or generated tokens."),
+    max_new_tokens: int = typer.Option(40, min=1, max=1024),
+    temperature: float = typer.Option(0.7, min=0.0, help="0 = greedy."),
+    seed: int = typer.Option(0, help="The same seed for steered and unsteered runs."),
+    chat: bool = _CHAT,
+    model: str = _MODEL,
+    device: str = _DEVICE,
+    dtype: str = _DTYPE,
+    out: Path = typer.Option(None, help="Also write the generations as JSON here."),
+):
+    """Generate steered and unsteered completions side by side, with the same seed."""
+    from saelab.steering.generation import GenerationConfig, compare
+
+    texts = _prompt_list(prompts, prompts_file)
+    if model is None and sae is not None:
+        from saelab.dictionaries.io import dictionary_metadata
+
+        model = dictionary_metadata(sae).get("model_name")
+    lm = _lm(model, device, dtype)
+    ivs = _interventions(lm, sae, feature, strength, mode, vector, hook, position, alpha, ablate, scope)
+    cfg = GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, chat=chat)
+    rows = compare(lm, texts, ivs, cfg)
+    table = Table(title=f"steered vs unsteered (seed {seed})", show_lines=True)
+    for column in ("prompt", "unsteered", "steered"):
+        table.add_column(column, overflow="fold")
+    for row in rows:
+        table.add_row(row["prompt"], row["unsteered"], row["steered"])
+    _console().print(table)
+    if out:
+        from saelab.fileio import atomic_write_text
+
+        atomic_write_text(out, json.dumps({"generation": cfg.to_dict(), "rows": rows}, indent=1))
+
+
+@steer_app.command("decompose")
+def steer_decompose(
+    vector: Path = typer.Argument(..., help="A direction folder or a one-tensor .safetensors file."),
+    sae: Path = typer.Option(..., help="The SAE folder whose decoder rows to use."),
+    hook: str = typer.Option(None, help="Which hook's direction (default: the SAE's hook)."),
+    position: int = typer.Option(-1, help="Which token position's direction."),
+    n_features: int = typer.Option(10, min=1, help="Features in the sparse combination."),
+    method: str = typer.Option(
+        "pursuit", help="pursuit (gradient pursuit) or encoder (encoder, then refine)."
+    ),
+    url: str = typer.Option(
+        "http://127.0.0.1:8000", help="Web app address for the feature links ('' for none)."
+    ),
+):
+    """Express a vector as a sparse non-negative combination of SAE decoder rows."""
+    from saelab.dictionaries.io import load_dictionary
+    from saelab.steering.decompose import decompose
+
+    dictionary = load_dictionary(sae)
+    where, v = _vector(vector, hook or dictionary.cfg.hook_name, position)
+    if where != dictionary.cfg.hook_name:
+        _console().print(
+            f"[yellow]note:[/] the vector is from {where}, the SAE reads {dictionary.cfg.hook_name}."
+        )
+    result = decompose(
+        dictionary,
+        v,
+        n_features=n_features,
+        method=method,
+        feature_url=f"{url}/feature/{{index}}" if url else None,
+    )
+    _console().print(result.table())
