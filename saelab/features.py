@@ -1,7 +1,9 @@
 """Feature analysis: one streaming pass over tokens that fills a feature store for every latent at once.
 
 Memory stays bounded whatever the token count: each batch is folded into fixed-size accumulators
-(kept on the CPU) and dropped. What is computed, and how:
+(kept on the CPU) and dropped. A batch is read densely once, to list its active (token, latent,
+value) entries; every accumulator works from that list, so the cost per batch grows with the
+number of active entries, not with tokens x d_sae. What is computed, and how:
 
 * Statistics: n_active, density (n_active / non-excluded tokens), mean over active tokens, max, and
   an exact histogram over bins shared by all latents (`HIST_EDGES`: 20 log-spaced bins per decade
@@ -9,9 +11,10 @@ Memory stays bounded whatever the token count: each batch is folded into fixed-s
 * Top examples: the k strongest activations with at most ONE example per (context, latent), namely
   that context's maximum for the latent, so no two shown windows of a latent ever overlap. A
   [d_sae, k] buffer is merged with each batch's per-context maxima by a stable sort (ties: the
-  earlier context first); the token
-  window (window_left tokens before, window_right after) and the latent's values on it are kept
-  with each entry, so the data is never read twice.
+  earlier context first); the token window (window_left tokens before, window_right after) and the
+  latent's values on it are kept with each entry, so the data is never read twice. Windows are cut
+  only for the entries that enter the buffer, into storage rows that never move (a [d_sae, k] map
+  from rank to row follows the sort).
 * Quantile examples: a per-latent uniform reservoir sample (Algorithm R, seeded generator) of
   active (token, latent) entries with their windows. At the end the quantile edges (equal-count
   rank quantiles of the nonzero activations) come from the exact histogram, interpolated linearly
@@ -19,8 +22,10 @@ Memory stays bounded whatever the token count: each batch is folded into fixed-s
   edges, and the first `per_quantile` items of each quantile (in reservoir order, which is random)
   are kept. An item of quantile q satisfies edges[q] <= value < edges[q+1] (the last includes max).
 * Co-activation: for every pair, the number of tokens on which both fire, from the active entries
-  of each batch by index arithmetic (never a dense token x latent product). Exact counts are kept in
-  a dense int32 [d_sae, d_sae] matrix while d_sae <= `coactivation_dense_max` (8192: 256 MiB);
+  of each batch by index arithmetic (never a dense token x latent product): each token's latents
+  are laid out in a row and the pairs row < col read off its upper triangle. Exact counts are kept
+  in a dense int32 [d_sae, d_sae] matrix while d_sae <= `coactivation_dense_max` (8192: 256 MiB),
+  added with index_add and only above the diagonal (a latent's partners: its row and its column);
   above that each latent keeps a buffer of its `coactivation_buffer` most frequent partners, merged
   each batch: counts of pairs that stay in the buffer are exact, a pair evicted and seen again
   restarts from zero (so wider dictionaries get lower bounds). The top `coactivation_top` partners
@@ -31,7 +36,7 @@ Memory stays bounded whatever the token count: each batch is folded into fixed-s
 * Resume: every `checkpoint_every_batches` batches the whole accumulator state, generator included,
   is saved atomically beside the database (``<db>.state.pt``) and the store's progress row updated;
   ``resume=True`` skips the contexts already seen, so the final database is identical to an
-  uninterrupted run's.
+  uninterrupted run's. A state file of another accumulator layout (`_STATE_VERSION`) is refused.
 
 Excluded positions (BOS / special tokens, see `saelab.data.exclusion_mask`) count as zero: they
 are never active, never examples and not in the density denominator; windows still show them.
@@ -46,6 +51,7 @@ import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -104,10 +110,13 @@ class AnalysisConfig:
 
 # --- accumulators --------------------------------------------------------------------------------
 
+_STATE_VERSION = 2  # the accumulators' layout; a state file of another layout cannot be resumed
+
 
 def _new_state(d: int, cfg: AnalysisConfig) -> dict:
     k, r, w = cfg.top_k, cfg.reservoir_size, cfg.window
     state = {
+        "version": _STATE_VERSION,
         "batches": 0,
         "contexts": 0,
         "tokens": 0,  # non-excluded tokens
@@ -118,6 +127,7 @@ def _new_state(d: int, cfg: AnalysisConfig) -> dict:
         "top_val": torch.full((d, k), -math.inf),
         "top_ctx": torch.full((d, k), -1, dtype=torch.long),
         "top_pos": torch.full((d, k), -1, dtype=torch.long),
+        "top_slot": torch.arange(k).repeat(d, 1),  # rank -> row of top_tokens / top_values
         "top_tokens": torch.full((d, k, w), -1, dtype=torch.int32),
         "top_values": torch.zeros(d, k, w),
         "res_val": torch.zeros(d, r),
@@ -127,7 +137,7 @@ def _new_state(d: int, cfg: AnalysisConfig) -> dict:
         "res_values": torch.zeros(d, r, w),
     }
     if d <= cfg.coactivation_dense_max:
-        state["coact"] = torch.zeros(d, d, dtype=torch.int32)
+        state["coact"] = torch.zeros(d, d, dtype=torch.int32)  # pairs row < col only
     else:
         state["coact_other"] = torch.full((d, cfg.coactivation_buffer), -1, dtype=torch.long)
         state["coact_count"] = torch.zeros(d, cfg.coactivation_buffer, dtype=torch.long)
@@ -135,66 +145,88 @@ def _new_state(d: int, cfg: AnalysisConfig) -> dict:
 
 
 class _Batch:
-    """One batch's activations [B, T, d] (excluded positions zeroed) with padded windows to cut from."""
+    """One batch's activations [B, T, d] (excluded positions zeroed), its active entries, windows."""
 
     def __init__(self, acts: Tensor, input_ids: Tensor, offset: int, cfg: AnalysisConfig):
-        self.acts, self.offset, self.cfg = acts, offset, cfg
-        left, right = cfg.window_left, cfg.window_right
-        self.ids_pad = F.pad(input_ids.to(torch.int32), (left, right), value=-1)
-        self.acts_pad = F.pad(acts, (0, 0, left, right))
-        self.steps = torch.arange(cfg.window)
+        self.acts, self.offset, self.cfg = acts.detach().float().contiguous(), offset, cfg
+        self.ids = input_ids.to(torch.int32).contiguous()
+        self.steps = torch.arange(cfg.window) - cfg.window_left
+        d = acts.shape[-1]
+        # The active entries, sorted by token then latent: numpy's nonzero is several times faster.
+        flat = self.acts.view(-1)
+        index = torch.from_numpy(np.flatnonzero(flat.numpy() > 0))
+        self.token, self.latent, self.values = index // d, index % d, flat[index]
 
     def windows(self, b: Tensor, p: Tensor, latent: Tensor) -> tuple[Tensor, Tensor]:
-        """Token ids and the latent's values [..., W] around position p of batch row b."""
+        """Token ids (-1 past the context) and the latent's values (0 there) [..., W] around (b, p)."""
+        t, d = self.acts.shape[1:]
         cols = p[..., None] + self.steps
-        return self.ids_pad[b[..., None], cols], self.acts_pad[b[..., None], cols, latent[..., None]]
+        outside = (cols < 0) | (cols >= t)
+        where = (b * t)[..., None] + cols.clamp(0, t - 1)  # flat token index
+        tokens = self.ids.view(-1)[where].masked_fill_(outside, -1)
+        index = (where * d + latent[..., None]).view(-1)
+        values = self.acts.view(-1).index_select(0, index).view(where.shape).masked_fill_(outside, 0.0)
+        return tokens, values
 
 
-def _update_stats(state: dict, batch: _Batch, latent: Tensor, values: Tensor) -> None:
-    acts = batch.acts
-    state["n_active"] += (acts > 0).sum((0, 1))
-    state["sum_act"] += acts.double().sum((0, 1))
-    state["max_act"] = torch.maximum(state["max_act"], acts.amax((0, 1)))
+def _update_stats(state: dict, batch: _Batch) -> None:
+    latent, values = batch.latent, batch.values
+    state["n_active"] += torch.bincount(latent, minlength=len(state["n_active"]))
+    state["sum_act"].index_add_(0, latent, values.double())
+    state["max_act"].scatter_reduce_(0, latent, values, "amax")
     bins = torch.bucketize(values.double(), HIST_EDGES, right=True)
-    d = acts.shape[-1]
-    state["hist"] += torch.bincount(latent * N_HIST + bins, minlength=d * N_HIST).view(d, N_HIST)
+    state["hist"].view(-1).index_add_(0, latent * N_HIST + bins, torch.ones_like(bins))
 
 
 def _update_top(state: dict, batch: _Batch) -> None:
     """Merge each context's maximum per latent into the [d, k] buffer of strongest examples."""
-    k = state["top_val"].shape[1]
-    cmax, cpos = batch.acts.max(dim=1)  # [B, d]
-    cand = torch.where(cmax > 0, cmax, -math.inf).T
+    d, k = state["top_val"].shape
+    n_ctx, t = batch.acts.shape[:2]
+    # Per (context, latent): the maximum and its first position, from the active entries alone.
+    b, p = batch.token // t, batch.token % t
+    key = b * d + batch.latent
+    cmax = torch.zeros(n_ctx * d).scatter_reduce_(0, key, batch.values, "amax")
+    first = batch.values == cmax[key]
+    cpos = torch.full((n_ctx * d,), t).scatter_reduce_(0, key[first], p[first], "amin")
+    cand = torch.where(cmax > 0, cmax, -math.inf).view(n_ctx, d).T
+    cpos = cpos.view(n_ctx, d).T
     # A stable sort keeps ties in context order (the buffer holds earlier contexts), so equal
     # activations (the same token right after BOS, say) resolve the same way in any run.
     values, j = torch.cat([state["top_val"], cand], 1).sort(dim=1, descending=True, stable=True)
-    values, j = values[:, :k], j[:, :k]
+    values, j = values[:, :k].contiguous(), j[:, :k]
     new = j >= k
     jb, jo = (j - k).clamp(min=0), j.clamp(max=k - 1)
-    latent = torch.arange(cand.shape[0])[:, None].expand_as(j)
-    pos = cpos.T[latent, jb]
-    tokens, vals = batch.windows(jb, pos, latent)
+    pos = cpos.gather(1, jb)
     state["top_val"] = values
     state["top_ctx"] = torch.where(new, batch.offset + jb, state["top_ctx"].gather(1, jo))
     state["top_pos"] = torch.where(new, pos, state["top_pos"].gather(1, jo))
-    jw = jo[..., None].expand(-1, -1, tokens.shape[-1])
-    state["top_tokens"] = torch.where(new[..., None], tokens, state["top_tokens"].gather(1, jw))
-    state["top_values"] = torch.where(new[..., None], vals, state["top_values"].gather(1, jw))
+    # Windows stay in their storage rows; a new entry takes a row that an evicted entry freed (each
+    # latent frees as many as it gains), so only the new entries' windows are cut and written.
+    kept = torch.zeros(d, k + 1, dtype=torch.bool).scatter_(1, torch.where(new, k, j), True)[:, :k]
+    free = state["top_slot"][~kept]  # row-major, like the new entries below
+    rows, ranks = new.nonzero(as_tuple=True)
+    slot = state["top_slot"].gather(1, jo)
+    slot[rows, ranks] = free
+    state["top_slot"] = slot
+    tokens, vals = batch.windows(jb[rows, ranks], pos[rows, ranks], rows)
+    state["top_tokens"][rows, free] = tokens
+    state["top_values"][rows, free] = vals
 
 
-def _update_reservoir(state: dict, batch: _Batch, latent: Tensor, token: Tensor, values: Tensor, gen) -> None:
+def _update_reservoir(state: dict, batch: _Batch, gen: torch.Generator) -> None:
     """Algorithm R per latent, vectorised: entry i of a latent lands in slot i (i < R) or a random slot."""
     d, size = state["res_val"].shape
+    order = torch.argsort(batch.latent.int(), stable=True)  # by latent, then token
+    latent, token, values = batch.latent[order], batch.token[order], batch.values[order]
     counts = torch.bincount(latent, minlength=d)
     start = counts.cumsum(0) - counts
     i = state["n_active"][latent] + torch.arange(len(latent)) - start[latent]
     u = torch.rand(len(latent), generator=gen, dtype=torch.float64)
     slot = torch.where(i < size, i, (u * (i + 1).double()).long())
     take = (slot < size).nonzero().squeeze(1)
-    key = latent[take] * size + slot[take]
-    uniq, inv = key.unique(return_inverse=True)
     # Within a latent later entries overwrite earlier ones in the same slot: keep the last.
-    last = torch.full((len(uniq),), -1, dtype=torch.long).scatter_reduce(0, inv, take, "amax")
+    last = torch.full((d * size,), -1).scatter_reduce_(0, latent[take] * size + slot[take], take, "amax")
+    last = last[last >= 0]
     lat, sl, tok = latent[last], slot[last], token[last]
     t = batch.acts.shape[1]
     b, p = tok // t, tok % t
@@ -206,27 +238,46 @@ def _update_reservoir(state: dict, batch: _Batch, latent: Tensor, token: Tensor,
     state["res_values"][lat, sl] = vals
 
 
-def _pair_counts(token: Tensor, latent: Tensor, n_tokens: int, d: int) -> tuple[Tensor, Tensor]:
-    """(row * d + col, count) over all pairs of latents active on the same token (diagonal included).
+def _pair_keys(token: Tensor, latent: Tensor, n_tokens: int, d: int):
+    """Chunks of keys row * d + col (row < col), one per pair of latents active on the same token.
 
-    `token` must be sorted. Pairs are expanded a bounded number at a time.
+    `token` must be sorted and the latents ascending within each token. Tokens with the same
+    power-of-two bound m on their count are laid out as rows [tokens, m] (those with fewer than m
+    padded with d, which sorts last) and their pairs read off the strict upper triangle, at most
+    `_MAX_PAIRS` (padded) pairs at a time. Nothing is sorted.
     """
     counts = torch.bincount(token, minlength=n_tokens)
     starts = counts.cumsum(0) - counts
-    cost = (counts * counts).cumsum(0)
-    keys, totals, lo = [], [], 0
-    while lo < n_tokens:
-        base = int(cost[lo - 1]) if lo else 0
-        hi = min(n_tokens, max(lo + 1, int(torch.searchsorted(cost, base + _MAX_PAIRS, right=True))))
-        e0, e1 = int(starts[lo]), int(starts[hi - 1] + counts[hi - 1])
-        reps = counts[token[e0:e1]]
-        a = torch.repeat_interleave(torch.arange(e0, e1), reps)
-        within = torch.arange(len(a)) - torch.repeat_interleave(reps.cumsum(0) - reps, reps)
-        b = starts[token[a]] + within
-        u, c = (latent[a] * d + latent[b]).unique(return_counts=True)
+    dtype = torch.int32 if (d + 1) * (d + 1) < 2**31 else torch.long
+    lat = latent.to(dtype)
+    busy = (counts >= 2).nonzero().squeeze(1)
+    power = torch.ceil(torch.log2(counts[busy].double())).long()
+    for e in power.unique().tolist():
+        m = 1 << e
+        i, j = torch.triu_indices(m, m, 1)
+        steps, per_chunk = torch.arange(m), max(1, _MAX_PAIRS // len(i))
+        group = busy[power == e]
+        full = counts[group] == m
+        for toks, padded in ((group[full], False), (group[~full], True)):
+            for lo in range(0, len(toks), per_chunk):
+                t = toks[lo : lo + per_chunk]
+                index = (starts[t][:, None] + steps).clamp(max=len(lat) - 1)
+                rows = torch.where(steps < counts[t][:, None], lat[index], d) if padded else lat[index]
+                b = rows.index_select(1, j)
+                keys = torch.add(b, rows.index_select(1, i), alpha=d)
+                yield keys[b < d] if padded else keys.view(-1)  # b is the later column: a is real if b is
+
+
+def _pair_counts(token: Tensor, latent: Tensor, n_tokens: int, d: int) -> tuple[Tensor, Tensor]:
+    """(row * d + col, count) over all ordered pairs of distinct latents active on the same token."""
+    keys, totals = [], []
+    for upper in _pair_keys(token, latent, n_tokens, d):
+        upper = upper.long()
+        u, c = torch.cat([upper, (upper % d) * d + upper // d]).unique(return_counts=True)
         keys.append(u)
         totals.append(c)
-        lo = hi
+    if not keys:
+        return torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long)
     keys_all, inv = torch.cat(keys).unique(return_inverse=True)
     return keys_all, torch.zeros(len(keys_all), dtype=torch.long).scatter_add_(0, inv, torch.cat(totals))
 
@@ -250,31 +301,25 @@ def _merge_coact_buffer(state: dict, keys: Tensor, counts: Tensor, d: int) -> No
     state["coact_count"] = torch.zeros_like(count).index_put_((r[keep], rank[keep]), total[keep])
 
 
-def _update_coactivation(state: dict, acts: Tensor) -> None:
-    d = acts.shape[-1]
-    flat = acts.reshape(-1, d)
-    token, latent = (flat > 0).nonzero(as_tuple=True)  # row-major: sorted by token
-    if len(token) == 0:
-        return
-    keys, counts = _pair_counts(token, latent, flat.shape[0], d)
+def _update_coactivation(state: dict, batch: _Batch) -> None:
+    n_ctx, t, d = batch.acts.shape
     if "coact" in state:
-        state["coact"].view(-1).index_add_(0, keys, counts.to(torch.int32))
-    else:
-        off_diagonal = keys // d != keys % d
-        _merge_coact_buffer(state, keys[off_diagonal], counts[off_diagonal], d)
+        coact = state["coact"].view(-1)
+        for keys in _pair_keys(batch.token, batch.latent, n_ctx * t, d):
+            coact.index_add_(0, keys, torch.ones(len(keys), dtype=torch.int32))
+        return
+    keys, counts = _pair_counts(batch.token, batch.latent, n_ctx * t, d)
+    if len(keys):
+        _merge_coact_buffer(state, keys, counts, d)
 
 
 def update_state(state: dict, acts: Tensor, input_ids: Tensor, gen: torch.Generator, cfg: AnalysisConfig):
     """Fold one batch of latent activations [B, T, d] (excluded positions already zero) into `state`."""
     batch = _Batch(acts, input_ids, state["contexts"], cfg)
-    d = acts.shape[-1]
-    by_latent = acts.reshape(-1, d).T
-    latent, token = (by_latent > 0).nonzero(as_tuple=True)  # sorted by latent, then token
-    values = by_latent[latent, token]
-    _update_reservoir(state, batch, latent, token, values, gen)  # needs n_active from before this batch
-    _update_stats(state, batch, latent, values)
+    _update_reservoir(state, batch, gen)  # needs n_active from before this batch
+    _update_stats(state, batch)
     _update_top(state, batch)
-    _update_coactivation(state, acts)
+    _update_coactivation(state, batch)
     state["batches"] += 1
     state["contexts"] += acts.shape[0]
 
@@ -334,44 +379,79 @@ def _quantile_choice(state: dict, edges: Tensor, per_quantile: int) -> tuple[Ten
     return q, filled & (rank_in_q < per_quantile)
 
 
-def _window_row(
-    latent: int, kind: str, quantile, rank: int, value: float, ctx: int, pos: int, tokens, vals, left
-):
-    return {
-        "feature": latent,
-        "kind": kind,
-        "quantile": quantile,
-        "rank": rank,
-        "value": value,
-        "context_id": ctx,
-        "position": pos,
-        "token": tokens[left],
-        "tokens": tokens,
-        "values": "[" + ",".join(f"{v:.4g}" for v in vals) + "]",
-    }
+def _ranks_in_groups(group: Tensor) -> Tensor:
+    """0, 1, 2, ... within each run of equal values of a sorted 1-D tensor."""
+    steps = torch.arange(len(group))
+    start = torch.ones(len(group), dtype=torch.bool)
+    start[1:] = group[1:] != group[:-1]
+    return steps - torch.where(start, steps, 0).cummax(0).values
 
 
-def _example_rows(state: dict, cfg: AnalysisConfig, edges: Tensor):
-    d = state["top_val"].shape[0]
+def _format_rows(fmt: str, x: Tensor) -> list[str]:
+    """Each row of the 2-D `x` as text, by one %-operation over all rows (not one per row)."""
+    return ((fmt + "\n") * len(x) % tuple(x.reshape(-1).tolist())).split("\n")[:-1]
+
+
+def _quantile_examples(state: dict, cfg: AnalysisConfig, edges: Tensor) -> tuple[Tensor, ...]:
+    """(latent, slot, quantile, rank) of the quantile examples, by latent, quantile, value, slot."""
     q, chosen = _quantile_choice(state, edges, cfg.per_quantile)
-    top = [state[k].tolist() for k in ("top_val", "top_ctx", "top_pos", "top_tokens", "top_values")]
-    res = [state[k] for k in ("res_val", "res_ctx", "res_pos", "res_tokens", "res_values")]
-    for latent in range(d):
-        values, ctxs, positions, tokens, vals = (t[latent] for t in top)
-        for rank, value in enumerate(values):
-            if value == -math.inf:
-                break
-            yield _window_row(latent, "top", None, rank, value, ctxs[rank], positions[rank], tokens[rank],
-                              vals[rank], cfg.window_left)  # fmt: skip
-        slots = chosen[latent].nonzero().squeeze(1).tolist()
-        items = sorted((int(q[latent, s]), float(res[0][latent, s]), s) for s in slots)
-        rank, previous = 0, None
-        for quantile, value, s in items:
-            rank = rank + 1 if quantile == previous else 0
-            previous = quantile
-            yield _window_row(latent, "quantile", quantile, rank, value, int(res[1][latent, s]),
-                              int(res[2][latent, s]), res[3][latent, s].tolist(), res[4][latent, s].tolist(),
-                              cfg.window_left)  # fmt: skip
+    lat, s = chosen.nonzero(as_tuple=True)  # by latent, then slot
+    # Stable sorts from the last key to the first.
+    order = torch.argsort(state["res_val"][lat, s], stable=True)
+    lat, s = lat[order], s[order]
+    group = lat * (edges.shape[1] - 1) + q[lat, s]
+    order = torch.argsort(group, stable=True)
+    lat, s, group = lat[order], s[order], group[order]
+    return lat, s, q[lat, s], _ranks_in_groups(group)
+
+
+def _example_rows(state: dict, cfg: AnalysisConfig, edges: Tensor, block: int = 256):
+    """Each latent's top examples (strongest first) then its quantile examples, as store rows.
+
+    Blocks of latents are gathered and converted to Python at once, and their windows turned into
+    JSON text in bulk (the same text as json.dumps for the token ids and as f"{v:.4g}" for values).
+    """
+    d, k = state["top_val"].shape
+    w, left = cfg.window, cfg.window_left
+    tokens_json = "[" + ", ".join(["%d"] * w) + "]"
+    values_json = "[" + ",".join(["%.4g"] * w) + "]"
+    q_lat, q_slot, q_quantile, q_rank = _quantile_examples(state, cfg, edges)
+    q_end = torch.bincount(q_lat, minlength=d).cumsum(0).tolist()
+    for lo in range(0, d, block):
+        hi = min(d, lo + block)
+        filled = state["top_val"][lo:hi] > -math.inf  # sorted: the empty entries come last
+        n_top = filled.sum(1).tolist()
+        slot = state["top_slot"][lo:hi, :, None].expand(-1, -1, w)
+        top_val, top_ctx, top_pos = (
+            state[n][lo:hi][filled].tolist() for n in ("top_val", "top_ctx", "top_pos")
+        )
+        top_ids = state["top_tokens"][lo:hi].gather(1, slot)[filled]
+        top_token = top_ids[:, left].tolist()
+        top_tokens = _format_rows(tokens_json, top_ids)
+        top_values = _format_rows(values_json, state["top_values"][lo:hi].gather(1, slot)[filled])
+        qa, qb = q_end[lo - 1] if lo else 0, q_end[hi - 1]
+        lat, s = q_lat[qa:qb], q_slot[qa:qb]
+        q_val, q_ctx, q_pos = (state[n][lat, s].tolist() for n in ("res_val", "res_ctx", "res_pos"))
+        quantile, rank = q_quantile[qa:qb].tolist(), q_rank[qa:qb].tolist()
+        q_ids = state["res_tokens"][lat, s]
+        q_token = q_ids[:, left].tolist()
+        q_tokens = _format_rows(tokens_json, q_ids)
+        q_values = _format_rows(values_json, state["res_values"][lat, s])
+        i = 0
+        for latent in range(lo, hi):
+            for r in range(n_top[latent - lo]):
+                yield {
+                    "feature": latent, "kind": "top", "quantile": None, "rank": r, "value": top_val[i],
+                    "context_id": top_ctx[i], "position": top_pos[i], "token": top_token[i],
+                    "tokens": top_tokens[i], "values": top_values[i],
+                }  # fmt: skip
+                i += 1
+            for j in range((q_end[latent - 1] if latent else 0) - qa, q_end[latent] - qa):
+                yield {
+                    "feature": latent, "kind": "quantile", "quantile": quantile[j], "rank": rank[j],
+                    "value": q_val[j], "context_id": q_ctx[j], "position": q_pos[j], "token": q_token[j],
+                    "tokens": q_tokens[j], "values": q_values[j],
+                }  # fmt: skip
 
 
 def _top_partners(state: dict, m: int, chunk: int) -> list[tuple[int, int, int]]:
@@ -380,10 +460,16 @@ def _top_partners(state: dict, m: int, chunk: int) -> list[tuple[int, int, int]]
     if "coact" in state:
         coact = state["coact"]
         d = coact.shape[0]
+        tie = d - 1 - torch.arange(d)  # equal counts: the lower index first
         for lo in range(0, d, chunk):
-            block = coact[lo : lo + chunk].long()
-            block[torch.arange(len(block)), torch.arange(lo, lo + len(block))] = 0
-            score, other = (block * d + (d - 1 - torch.arange(d))).topk(min(m, d), dim=1)
+            hi = min(d, lo + chunk)
+            # Only pairs row < col are counted: a row's partners are its row plus its column, whose
+            # nonzero part (rows < hi) is added in square-ish tiles, a cache-friendly transpose.
+            block = coact[lo:hi].clone()
+            for top in range(0, hi, 256):
+                end = min(top + 256, hi)
+                block[:, top:end] += coact[top:end, lo:hi].T
+            score, other = block.long().mul_(d).add_(tie).topk(min(m, d), dim=1)
             for i, (s_row, o_row) in enumerate(zip(score.tolist(), other.tolist(), strict=True)):
                 rows += [(lo + i, o, s // d) for s, o in zip(s_row, o_row, strict=True) if s // d > 0]
     else:
@@ -403,6 +489,24 @@ def _norm_weight(lm) -> Tensor:
     return 1 + weight if "Gemma" in type(lm.final_norm).__name__ else weight
 
 
+def _row_histograms(values: Tensor, low: Tensor, high: Tensor, n_bins: int, rows: int = 16) -> Tensor:
+    """[n, n_bins] counts of each row of `values` in n_bins equal bins from its low to its high.
+
+    Bin of v: int((v - low) / (high - low) * n_bins), clamped to the last bin. Computed a few rows at
+    a time, so that every pass over the values stays in cache.
+    """
+    n, width = values.shape
+    scale = (high - low).clamp(min=1e-30)
+    offsets = torch.arange(rows, dtype=torch.int32)[:, None] * n_bins
+    out = torch.empty(n, n_bins, dtype=torch.long)
+    for lo in range(0, n, rows):
+        block = values[lo : lo + rows] - low[lo : lo + rows]
+        block.div_(scale[lo : lo + rows]).mul_(n_bins).clamp_(0, n_bins - 1)  # >= 0: trunc is floor
+        bins = block.to(torch.int32).add_(offsets[: len(block)])
+        out[lo : lo + rows] = torch.bincount(bins.view(-1), minlength=len(block) * n_bins).view(-1, n_bins)
+    return out
+
+
 @torch.no_grad()
 def logit_effects(lm, W_dec: Tensor, cfg: AnalysisConfig):
     """Per latent: top and bottom (token, effect) pairs and a histogram over the whole vocabulary."""
@@ -413,14 +517,12 @@ def logit_effects(lm, W_dec: Tensor, cfg: AnalysisConfig):
         effects = (W_dec[lo : lo + cfg.geometry_chunk].float().cpu() * gain) @ W_U.T
         m = min(cfg.logit_top, effects.shape[1])
         pos_v, pos_i = effects.topk(m, dim=1)
-        neg_v, neg_i = (-effects).topk(m, dim=1)
-        low, high = effects.amin(1, keepdim=True), effects.amax(1, keepdim=True)
-        bins = ((effects - low) / (high - low).clamp(min=1e-30) * nb).long().clamp(0, nb - 1)
-        rows = torch.arange(len(effects))[:, None] * nb
-        hist = torch.bincount((rows + bins).view(-1), minlength=len(effects) * nb).view(-1, nb)
+        neg_v, neg_i = effects.topk(m, dim=1, largest=False)
+        low, high = neg_v[:, :1], pos_v[:, :1]  # the row's min and max
+        hist = _row_histograms(effects, low, high, nb)
         # One conversion per chunk: per-row .tolist() calls cost more than the matmul.
         chunk = zip(
-            pos_i.tolist(), pos_v.tolist(), neg_i.tolist(), (-neg_v).tolist(),
+            pos_i.tolist(), pos_v.tolist(), neg_i.tolist(), neg_v.tolist(),
             low.squeeze(1).tolist(), high.squeeze(1).tolist(), hist.tolist(), strict=True,
         )  # fmt: skip
         for p_i, p_v, n_i, n_v, lo_v, hi_v, counts in chunk:
@@ -502,6 +604,11 @@ def _load_resume_state(path: Path, meta_json: str) -> dict:
             f"Nothing to resume: no analysis state at {path}. Run the analysis without resume to start it."
         )
     state = torch.load(path, weights_only=True)
+    if state.get("version") != _STATE_VERSION:
+        raise RunFolderError(
+            f"The analysis state at {path} was written by another version of saelab, whose accumulators "
+            "this one cannot continue. Run the analysis without resume to start over."
+        )
     if state["meta_json"] != meta_json:
         raise RunFolderError(
             f"The analysis state at {path} was written for another dictionary, model, data or config. "
@@ -571,7 +678,8 @@ def analyze(
         for input_ids in batches:
             keep = ~data.mask(input_ids, lm.tokenizer)
             x = lm.capture(input_ids.to(lm.device), hook)[hook]
-            acts = dictionary.encode(x).float().cpu() * keep[..., None]
+            acts = dictionary.encode(x).float().cpu()
+            acts[~keep] = 0  # in place: excluded positions are few, a product would copy every value
             state["tokens"] += int(keep.sum())
             update_state(state, acts, input_ids, gen, cfg)
             bar.update(len(input_ids))

@@ -233,3 +233,108 @@ def test_wrong_width_dictionary_is_refused(setup):
     wide = build_dictionary(DictionaryConfig(architecture="relu", d_in=D + 1, d_sae=8, hook_name=HOOK))
     with pytest.raises(DimensionMismatchError, match="d_in=33"):
         analyze(lm, wide, data, cfg, root / "wide.db", progress=False)
+
+
+def _sparse_batches(n_batches: int = 3, b: int = 4, t: int = 10, d: int = 40) -> list[tuple]:
+    """Random activations with very uneven activity per token (0 to ~d latents), some ties, and ids."""
+    gen = torch.Generator().manual_seed(3)
+    out = []
+    for _ in range(n_batches):
+        density = torch.rand(b, t, 1, generator=gen) ** 3
+        acts = torch.rand(b, t, d, generator=gen) * (torch.rand(b, t, d, generator=gen) < density)
+        acts[0, 3] = 0  # a token with nothing active
+        acts[1, :, 5] = acts[1, 2, 5]  # equal values along a context: the first position is its max
+        out.append((acts.round(decimals=2), torch.randint(0, 100, (b, t), generator=gen)))
+    out.append((torch.zeros(b, t, d), torch.randint(0, 100, (b, t), generator=gen)))  # an empty batch
+    return out
+
+
+@pytest.mark.parametrize("dense", [True, False])
+def test_accumulators_match_brute_force_on_uneven_activity(dense):
+    from saelab.features import _new_state, _top_partners, update_state
+
+    batches = _sparse_batches()
+    d = batches[0][0].shape[-1]
+    cfg = _cfg(top_k=3, window_left=2, window_right=1, coactivation_dense_max=d if dense else 0,
+               coactivation_buffer=d, coactivation_top=d)  # fmt: skip
+    state, gen = _new_state(d, cfg), torch.Generator().manual_seed(0)
+    for acts, ids in batches:
+        update_state(state, acts, ids, gen, cfg)
+    acts, ids = torch.cat([a for a, _ in batches]), torch.cat([i for _, i in batches])
+    flat = acts.reshape(-1, d)
+    assert torch.equal(state["n_active"], (flat > 0).sum(0))
+    assert torch.allclose(state["sum_act"], flat.double().sum(0))
+    assert torch.equal(state["max_act"], flat.amax(0))
+    hist = torch.stack([torch.bincount(torch.bucketize(c[c > 0].double(), HIST_EDGES, right=True), minlength=242)
+                        for c in flat.T])  # fmt: skip
+    assert torch.equal(state["hist"], hist)
+    # Co-activation: every partner with its exact count (the buffer holds all d here).
+    active = (flat > 0).double()
+    counts = (active.T @ active).long().fill_diagonal_(0)
+    expected = sorted((i, j, int(counts[i, j])) for i in range(d) for j in range(d) if counts[i, j] > 0)
+    assert sorted(_top_partners(state, d, 7)) == expected and expected
+    # Top examples: by value, then the earlier context; the position is the context's first maximum.
+    cmax, cpos = acts.max(dim=1)
+    padded = F.pad(ids, (2, 1), value=-1)
+    for latent in range(d):
+        ctxs = [
+            c
+            for c in torch.argsort(cmax[:, latent], descending=True, stable=True).tolist()
+            if cmax[c, latent] > 0
+        ]
+        ranks = range(len(ctxs[: cfg.top_k]))
+        assert state["top_ctx"][latent, : len(ranks)].tolist() == ctxs[: cfg.top_k]
+        for r, c in zip(ranks, ctxs, strict=False):
+            p = int(cpos[c, latent])
+            assert int(state["top_pos"][latent, r]) == p
+            row = int(state["top_slot"][latent, r])
+            assert state["top_tokens"][latent, row].tolist() == padded[c, p : p + 4].tolist()
+            window = F.pad(acts[c, :, latent], (2, 1))[p : p + 4]
+            assert torch.equal(state["top_values"][latent, row], window)
+
+
+def test_row_histograms_bin_like_the_direct_formula():
+    from saelab.features import _row_histograms
+
+    values = torch.randn(37, 101, generator=torch.Generator().manual_seed(0))
+    values[5] = 1.5  # a constant row: everything in bin 0
+    low, high = values.amin(1, keepdim=True), values.amax(1, keepdim=True)
+    bins = ((values - low) / (high - low).clamp(min=1e-30) * 7).long().clamp(0, 6)
+    expected = torch.stack([torch.bincount(row, minlength=7) for row in bins])
+    assert torch.equal(_row_histograms(values, low, high, 7), expected)
+
+
+def test_resume_refuses_a_state_of_another_layout(setup):
+    lm, sae, data, cfg, _, _, root = setup
+    path = root / "layout.db"
+    analyze(lm, sae, data, cfg, path, progress=False, stop_after_batches=1)
+    state = torch.load(state_path_for(path), weights_only=True)
+    state["version"] = 1
+    torch.save(state, state_path_for(path))
+    with pytest.raises(RunFolderError, match="another version"):
+        analyze(lm, sae, data, cfg, path, progress=False, resume=True)
+
+
+def test_window_text_is_what_json_and_format_write():
+    from saelab.features import _format_rows
+
+    values = torch.tensor([[0.0, 1e-7, 0.123456, 12345.678, 3.0], [2.5e6, 1.0, 0.5, 0.0, 7e-5]])
+    ids = torch.tensor([[-1, 0, 7, 49151, 3], [1, 2, 3, 4, 5]], dtype=torch.int32)
+    assert _format_rows("[" + ",".join(["%.4g"] * 5) + "]", values) == [
+        "[" + ",".join(f"{v:.4g}" for v in row) + "]" for row in values.tolist()
+    ]
+    assert _format_rows("[" + ", ".join(["%d"] * 5) + "]", ids) == [json.dumps(row) for row in ids.tolist()]
+    assert _format_rows("[%d]", ids[:0, :1]) == []
+
+
+def test_top_partners_read_rows_and_columns_of_the_upper_triangle():
+    from saelab.features import _top_partners
+
+    d, m = 700, 6  # wider than one 256-row tile, chunks not aligned with tiles
+    counts = torch.randint(0, 5, (d, d), generator=torch.Generator().manual_seed(0), dtype=torch.int32)
+    upper = counts.triu(1)
+    expected = []
+    for i, row in enumerate((upper + upper.T).tolist()):
+        best = sorted((-c, j) for j, c in enumerate(row) if c > 0)[:m]
+        expected += [(i, j, -c) for c, j in best]
+    assert _top_partners({"coact": upper}, m, 300) == expected
