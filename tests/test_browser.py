@@ -124,3 +124,73 @@ def test_search_by_token_and_by_text(page, base_url, tmp_path):
     assert page.locator("#text-results a.feature-link").count() > 0
     page.screenshot(path=tmp_path / "search.png", full_page=True)
     assert not page.js_errors
+
+
+def test_steering_panel_shows_unsteered_and_steered(page, base_url, tmp_path):
+    page.goto(base_url + "/feature/3")
+    page.wait_for_selector("#feature-stats dt")  # the slider's range is set from the feature's stats
+    assert page.is_hidden("#steer-results") and page.is_hidden("#steer-spinner")
+    page.fill("#steer-prompt", TEXT)
+    page.fill("#steer-strength", "6")  # the slider; the number box follows it
+    assert float(page.input_value("#steer-strength-value")) == 6
+    page.fill("#steer-tokens", "6")
+    page.click("#steer-run")
+    page.wait_for_selector("#steer-results:not([hidden])")
+    unsteered, steered = page.inner_text("#steer-unsteered"), page.inner_text("#steer-steered")
+    assert unsteered.strip() and steered.strip() and unsteered != steered
+    assert "add 6" in page.inner_text("#steer-steered-title")
+    assert (
+        page.is_hidden("#steer-spinner") and page.is_enabled("#steer-run") and page.is_hidden("#steer-error")
+    )
+    page.screenshot(path=tmp_path / "steer.png", full_page=True)
+
+    page.fill("#steer-strength-value", "0")  # the number box: strength 0 is no edit at all
+    page.click("#steer-run")
+    sync_api.expect(page.locator("#steer-steered-title")).to_contain_text("add 0")
+    assert page.inner_text("#steer-unsteered") == page.inner_text("#steer-steered")
+
+    page.fill("#steer-strength-value", "5000")  # over the server's limit: the panel shows its message
+    page.click("#steer-run")
+    page.wait_for_selector("#steer-error:not([hidden])")
+    assert "strength" in page.inner_text("#steer-error") and page.is_hidden("#error")
+    assert not page.js_errors
+
+
+def test_build_a_vector_lists_features_and_links_them(page, base_url, tmp_path):
+    page.goto(base_url + "/")
+    page.click("#nav-vector")
+    page.wait_for_url(re.compile(r"/vector$"))
+    page.fill("#vector-positive", "w1 w2 w3\n\nw4 w5\n")  # blank lines are ignored
+    page.fill("#vector-negative", "w40 w41\nw42 w43 w44 w45")
+    page.fill("#vector-n", "5")
+    page.click("#vector-run")
+    page.wait_for_selector("#vector-rows a.feature-link")
+    rows = page.locator("#vector-rows tr")
+    assert 0 < rows.count() <= 5
+    coefficients = [float(rows.nth(i).locator("td").nth(1).inner_text()) for i in range(rows.count())]
+    assert coefficients == sorted(coefficients, reverse=True)
+    assert re.search(
+        r"2 positive . 2 negative prompts .* cosine [0-9.e-]+", page.inner_text("#vector-summary")
+    )
+    page.screenshot(path=tmp_path / "vector.png", full_page=True)
+
+    link = page.locator("#vector-rows a.feature-link").first
+    target = link.get_attribute("data-idx")
+    link.click()
+    page.wait_for_url(re.compile(rf"/feature/{target}$"))
+    page.wait_for_selector("#feature-stats dt")
+    assert page.inner_text("#feature-title").strip() == f"Feature {target}"
+    assert not page.js_errors
+
+
+def test_vector_page_shows_the_servers_message(page, base_url):
+    page.goto(base_url + "/vector")
+    page.fill("#vector-positive", "w1 w2")
+    page.fill("#vector-negative", "w1 w2")  # the same prompts: a zero vector, refused with a message
+    page.click("#vector-run")
+    page.wait_for_selector("#vector-error:not([hidden])")
+    assert "all zeros" in page.inner_text("#vector-error") and page.is_hidden("#vector-table")
+    page.fill("#vector-negative", "")
+    page.click("#vector-run")
+    assert "at least one" in page.inner_text("#vector-error")
+    assert not page.js_errors

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import pytest
 import torch
 from fastapi.testclient import TestClient
@@ -10,7 +12,17 @@ from saelab.data import DataConfig, exclusion_mask
 from saelab.features import AnalysisConfig, analyze
 from saelab.models import load_model
 from saelab.server import create_app
-from saelab.server.live import MAX_TEXT_CHARS, MAX_TOKENS
+from saelab.server.live import (
+    MAX_NEW_TOKENS,
+    MAX_STRENGTH,
+    MAX_TEXT_CHARS,
+    MAX_TOKENS,
+    MAX_VECTOR_FEATURES,
+    MAX_VECTOR_PROMPTS,
+)
+from saelab.steering.decompose import decompose
+from saelab.steering.generation import GenerationConfig, compare
+from saelab.steering.interventions import ClampFeature, add_feature
 from saelab.store import FeatureStore, FeatureStoreError
 from tests.helpers import one_thread, random_topk_sae, save_model, write_corpus  # noqa: F401
 
@@ -236,6 +248,12 @@ def test_live_endpoints_answer_503_without_a_model(offline):
     for path in ("/api/activations", "/api/search/text"):
         r = offline.post(path, json={"text": TEXT})
         assert r.status_code == 503 and "without a model" in r.json()["detail"]
+    r = offline.post("/api/steer", json={"feature": 0, "strength": 1.0, "prompt": TEXT})
+    assert r.status_code == 503 and r.json()["detail"].startswith("steering is off")
+    assert "--no-live" in r.json()["detail"]
+    r = offline.post("/api/vector", json={"positive": [TEXT], "negative": ["w5"]})
+    assert r.status_code == 503 and r.json()["detail"].startswith("building vectors is off")
+    assert offline.get("/vector").status_code == 200
     assert offline.get("/api/meta").json()["live"] is False
     assert offline.get("/api/features/0").status_code == 200
 
@@ -276,9 +294,15 @@ def test_missing_store_fails_at_creation(tmp_path):
         ("/feature/3", ["feature-title", "feature-stats", "explanation", "explanation-input",
                         "explanation-save", "act-hist", "logit-hist", "logits-pos", "logits-neg", "neighbours",
                         "coactivation", "test-text", "test-run", "test-tokens", "test-token-features",
-                        "top-examples", "quantile-examples", "prev-feature", "next-feature"]),
+                        "top-examples", "quantile-examples", "prev-feature", "next-feature", "steer-form",
+                        "steer-prompt", "steer-mode", "steer-strength", "steer-strength-value", "steer-scope",
+                        "steer-tokens", "steer-seed", "steer-run", "steer-spinner", "steer-error",
+                        "steer-unsteered", "steer-steered", "nav-vector"]),
         ("/search", ["token-query", "token-search", "token-results", "expl-query", "expl-search",
                      "expl-results", "text-query", "text-search", "text-results"]),
+        ("/vector", ["vector-positive", "vector-negative", "vector-n", "vector-chat", "vector-run",
+                     "vector-spinner", "vector-error", "vector-summary", "vector-table", "vector-rows",
+                     "vector-hook", "nav-vector"]),
     ],
 )  # fmt: skip
 def test_pages_render_with_their_element_ids(client, path, ids):
@@ -288,3 +312,170 @@ def test_pages_render_with_their_element_ids(client, path, ids):
         assert f'id="{element}"' in r.text, element
     assert "http://" not in r.text and "https://" not in r.text  # works offline: nothing from a CDN
     assert "script-src 'self'" in r.headers["content-security-policy"]
+
+
+# -- steering and vectors -------------------------------------------------------------------------
+def _steer(client, **fields):
+    body = {"feature": 3, "strength": 4.0, "prompt": TEXT, "max_new_tokens": 6, "seed": 1, **fields}
+    return client.post("/api/steer", json=body)
+
+
+@pytest.mark.parametrize("mode", ["add", "clamp"])
+def test_steer_returns_what_compare_gives(client, setup, mode):
+    lm, sae, _ = setup
+    r = _steer(client, mode=mode, strength=5.0, temperature=0.0)
+    assert r.status_code == 200
+    body = r.json()
+    assert (
+        body["prompt"] == TEXT and body["mode"] == mode and body["strength"] == 5.0 and body["hook"] == HOOK
+    )
+    iv = (
+        add_feature(sae, 3, 5.0)
+        if mode == "add"
+        else ClampFeature(HOOK, dictionary=sae, features=[3], values=[5.0])
+    )
+    cfg = GenerationConfig(max_new_tokens=6, temperature=0.0, seed=1)
+    expected = compare(lm, [TEXT], [iv], cfg)[0]
+    assert body["unsteered"] == expected["unsteered"] and body["steered"] == expected["steered"]
+    assert body["unsteered"] != body["steered"]  # greedy text moves under a strong edit
+    assert len(body["unsteered"].split()) <= 6
+
+
+def test_steer_with_strength_zero_changes_nothing(client):
+    for seed in (0, 7):  # sampled (temperature 0.7): the same seed draws the same tokens
+        body = _steer(client, strength=0.0, seed=seed, max_new_tokens=8).json()
+        assert body["steered"] == body["unsteered"] and body["unsteered"].strip()
+    other = _steer(client, strength=0.0, seed=1, max_new_tokens=8, scope="generated").json()
+    assert other["steered"] == other["unsteered"]
+
+
+def test_steer_scope_prompt_and_generated_differ(client):
+    """A prompt-only edit changes the cache the generated tokens read; a generated-only one the tokens."""
+    plain = _steer(client, strength=0.0, temperature=0.0).json()["unsteered"]
+    for scope in ("prompt", "generated"):
+        body = _steer(client, strength=50.0, temperature=0.0, scope=scope).json()
+        assert body["scope"] == scope and body["unsteered"] == plain and body["steered"] != plain
+
+
+def test_concurrent_requests_do_not_see_each_others_hooks(client):
+    """The lock serialises model use: each answer equals the one it gets alone."""
+    requests = [
+        (
+            "/api/steer",
+            {"feature": 3, "strength": 0.0, "prompt": TEXT, "max_new_tokens": 6, "temperature": 0.0},
+        ),
+        (
+            "/api/steer",
+            {"feature": 5, "strength": 80.0, "prompt": TEXT, "max_new_tokens": 6, "temperature": 0.0},
+        ),
+        ("/api/steer", {"feature": 9, "strength": 9.0, "prompt": TEXT, "mode": "clamp", "max_new_tokens": 6}),
+        ("/api/activations", {"text": TEXT, "feature": 3}),
+        ("/api/vector", {"positive": ["w1 w2 w3", "w4 w5"], "negative": ["w40 w41"], "n_features": 4}),
+    ] * 2
+    alone = [client.post(path, json=body).json() for path, body in requests]
+    with ThreadPoolExecutor(len(requests)) as pool:
+        together = list(pool.map(lambda r: client.post(r[0], json=r[1]).json(), requests))
+    assert together == alone
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [{"strength": MAX_STRENGTH + 1}, {"strength": -MAX_STRENGTH - 1}, {"strength": "x"}, {"strength": None},
+     {"max_new_tokens": MAX_NEW_TOKENS + 1}, {"max_new_tokens": 0}, {"seed": -1}, {"mode": "multiply"},
+     {"scope": "middle"}, {"temperature": -1}, {"prompt": ""}, {"prompt": "  \n "}, {"feature": "a"},
+     {"feature": 1.5}],
+)  # fmt: skip
+def test_steer_rejects_bad_values(client, fields):
+    r = _steer(client, **fields)
+    assert r.status_code == 422
+    assert all(isinstance(d["msg"], str) for d in r.json()["detail"])
+
+
+@pytest.mark.parametrize("number", [b"NaN", b"Infinity", b"-Infinity", b"1e400"])
+def test_steer_rejects_non_finite_strength(client, number):
+    body = b'{"feature": 3, "prompt": "w1 w2", "strength": ' + number + b"}"
+    r = client.post("/api/steer", content=body, headers={"content-type": "application/json"})
+    assert r.status_code == 422
+    assert r.json()["detail"][0]["loc"] == ["body", "strength"]
+
+
+def test_steer_limits_and_unknown_feature(client):
+    r = _steer(client, feature=D_SAE)
+    assert r.status_code == 404 and f"has {D_SAE} latents" in r.json()["detail"]
+    assert _steer(client, feature=-1).status_code == 404
+    r = _steer(client, prompt="w1 " * (MAX_TEXT_CHARS // 3 + 1))
+    assert r.status_code == 413 and "at most 2000 characters" in r.json()["detail"]
+    r = _steer(client, prompt=" ".join(["w1"] * (MAX_TOKENS + 1)))
+    assert r.status_code == 413 and f"at most {MAX_TOKENS} tokens" in r.json()["detail"]
+    form = client.post(
+        "/api/steer", content=b"feature=3", headers={"content-type": "application/x-www-form-urlencoded"}
+    )
+    assert form.status_code == 415
+    huge = client.post("/api/steer", json={"feature": 3, "strength": 1, "prompt": "w1 " * 30_000})
+    assert huge.status_code == 413
+
+
+POSITIVE = ["w1 w2 w3", "w4 w5", "w6 w7 w8 w9 w10"]  # different lengths: left padding is exercised
+NEGATIVE = ["w40 w41", "w42 w43 w44 w45", "w46"]
+
+
+def _mean_last(lm, prompts):
+    """Each prompt on its own (no padding): the activation at its last token, averaged."""
+    rows = []
+    for p in prompts:
+        ids = torch.tensor([lm.tokenizer(p)["input_ids"]])
+        rows.append(lm.capture(ids, HOOK)[HOOK][0, -1].double())
+    return torch.stack(rows).mean(0)
+
+
+def test_vector_is_the_mean_difference_decomposed(client, setup, store):
+    lm, sae, _ = setup
+    r = client.post("/api/vector", json={"positive": POSITIVE, "negative": NEGATIVE, "n_features": 6})
+    assert r.status_code == 200
+    body = r.json()
+    vector = (_mean_last(lm, POSITIVE) - _mean_last(lm, NEGATIVE)).float()
+    assert body["vector_norm"] == pytest.approx(float(vector.norm()), rel=1e-4)
+    assert body["hook"] == HOOK and body["n_positive"] == 3 and body["n_negative"] == 3
+    expected = decompose(sae, vector, 6)
+    assert body["cosine"] == pytest.approx(expected.cosine, abs=1e-3)
+    assert -1 <= body["cosine"] <= 1 and 0 < body["cosine"]
+    feats = body["features"]
+    assert 0 < len(feats) <= 6
+    assert {f["idx"] for f in feats} == {f.index for f in expected.features}
+    coefficients = [f["coefficient"] for f in feats]
+    assert coefficients == sorted(coefficients, reverse=True) and all(c > 0 for c in coefficients)
+    for f in feats:
+        assert f["link"] == f"/feature/{f['idx']}" and -1 <= f["cosine"] <= 1
+        row = store.feature(f["idx"])
+        assert f["density"] == row["density"] and f["max_act"] == row["max_act"]
+
+
+def test_vector_of_swapped_lists_is_the_negative(client):
+    a = client.post("/api/vector", json={"positive": POSITIVE, "negative": NEGATIVE, "n_features": 3}).json()
+    b = client.post("/api/vector", json={"positive": NEGATIVE, "negative": POSITIVE, "n_features": 3}).json()
+    assert a["vector_norm"] == pytest.approx(b["vector_norm"], rel=1e-6)
+    assert {f["idx"] for f in a["features"]}.isdisjoint({f["idx"] for f in b["features"]})
+
+
+@pytest.mark.parametrize(
+    "fields, status",
+    [({"positive": []}, 422), ({"negative": []}, 422), ({"positive": ["w1", " "]}, 422),
+     ({"positive": "w1"}, 422), ({"n_features": 0}, 422), ({"n_features": MAX_VECTOR_FEATURES + 1}, 422),
+     ({"method": "magic"}, 422), ({"negative": POSITIVE}, 422),
+     ({"positive": ["w1"] * (MAX_VECTOR_PROMPTS + 1)}, 413),
+     ({"negative": ["w2", "w1 " * (MAX_TEXT_CHARS // 3 + 1)]}, 413),
+     ({"positive": [" ".join(["w1"] * (MAX_TOKENS + 1))]}, 413)],
+)  # fmt: skip
+def test_vector_limits(client, fields, status):
+    r = client.post("/api/vector", json={"positive": POSITIVE, "negative": NEGATIVE, **fields})
+    assert r.status_code == status, r.json()
+    assert r.json()["detail"]
+
+
+def test_vector_limit_messages(client):
+    r = client.post("/api/vector", json={"positive": POSITIVE, "negative": POSITIVE})
+    assert "all zeros" in r.json()["detail"]  # identical lists: no direction to decompose
+    r = client.post("/api/vector", json={"positive": ["w1"] * 40, "negative": NEGATIVE})
+    assert f"at most {MAX_VECTOR_PROMPTS}" in r.json()["detail"]
+    r = client.post("/api/vector", json={"positive": POSITIVE, "negative": ["w2", "w1 " * 700]})
+    assert r.json()["detail"].startswith("negative prompt 2 has 2100 characters")

@@ -1,8 +1,30 @@
-"""The local web app: a JSON API over the feature store (plus live encoding) and thin HTML pages on top.
+"""The local web app: a JSON API over the feature store (plus the live model) and thin HTML pages on top.
 
 Every read goes through `saelab.store.FeatureStore`; each request opens its own connection in the
 thread that serves it (SQLite connections may not cross threads). Pages are Jinja shells whose
 plain JS (static/app.js) fetches the API, so nothing is loaded from the network.
+
+The API (also listed, with schemas, at /docs):
+- `GET /api/meta`: what was analysed, latent counts, whether the live model is loaded, the limits.
+- `GET /api/features`: one sorted, filtered page of latents.
+- `GET /api/features/{i}` and `GET /api/features/{i}/examples?kind=top|quantile`: one latent.
+- `PUT /api/features/{i}/explanation` {text}: set or remove its explanation.
+- `GET /api/search?q=&kind=token|explanation`: latents by activating token or explanation.
+- `POST /api/activations` {text, feature?} and `POST /api/search/text` {text, limit}: live encoding.
+- `POST /api/steer` {feature, strength, prompt, mode: add|clamp, scope: all|prompt|generated,
+  max_new_tokens <= 64, seed, temperature, chat} -> {prompt, unsteered, steered, ...}: the prompt
+  completed twice with the same seed, without and with the latent ("add": strength x its decoder
+  row at every position in scope; "clamp": its activation set to strength, SAE error kept).
+- `POST /api/vector` {positive: [str], negative: [str], n_features <= 50, chat, method} ->
+  {vector_norm, cosine, features: [{idx, coefficient, cosine, share, link, density, max_act, ...}]}:
+  the mean difference of the two lists' activations at the dictionary's hook on the last prompt
+  token, decomposed into at most n_features latents (`saelab.steering.decompose`), features sorted
+  by coefficient (descending); `cosine` is the reconstruction's cosine with the vector.
+
+Errors are 4xx with a `detail` message, never a 500: 404 unknown latent, 413 text, list or body
+over its limit, 415 a write whose body is not JSON, 422 a malformed value (NaN, out of range), 503
+a live endpoint (activations, text search, steer, vector) on a server started without a model.
+Generation and vectors run in FastAPI's threadpool (plain `def` endpoints), one at a time.
 """
 
 from __future__ import annotations
@@ -14,15 +36,26 @@ from typing import Literal
 import torch
 from fastapi import Body, FastAPI, HTTPException, Query, Request
 from fastapi import Path as PathParam
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 from saelab.errors import SaelabError
 from saelab.features import hist_bins
-from saelab.server.live import MAX_TEXT_CHARS, MAX_TOKENS, LiveModel, TextTooLongError
+from saelab.server.live import (
+    MAX_NEW_TOKENS,
+    MAX_STRENGTH,
+    MAX_TEXT_CHARS,
+    MAX_TOKENS,
+    MAX_VECTOR_FEATURES,
+    MAX_VECTOR_PROMPTS,
+    LiveModel,
+    TextTooLongError,
+)
+from saelab.steering.generation import GenerationConfig
 from saelab.store import FeatureStore
 
 HERE = Path(__file__).parent
@@ -48,6 +81,49 @@ class TextSearchRequest(BaseModel):
 
 class ExplanationRequest(BaseModel):
     text: str | None = Field(None, description="the explanation; null or blank removes it")
+
+
+def _not_blank(text: str) -> str:
+    if not text.strip():
+        raise ValueError("must contain some text, not only whitespace")
+    return text
+
+
+class SteerRequest(BaseModel):
+    feature: int = Field(description="latent to steer with (0 .. d_sae-1)")
+    strength: float = Field(
+        ge=-MAX_STRENGTH, le=MAX_STRENGTH, allow_inf_nan=False,
+        description="add: multiple of the decoder row; clamp: the activation to set",
+    )  # fmt: skip
+    prompt: str = Field(
+        min_length=1, description=f"at most {MAX_TEXT_CHARS} characters / {MAX_TOKENS} tokens"
+    )
+    mode: Literal["add", "clamp"] = "add"
+    scope: Literal["all", "prompt", "generated"] = "all"
+    max_new_tokens: int = Field(32, ge=1, le=MAX_NEW_TOKENS)
+    seed: int = Field(0, ge=0, le=2**31 - 1)
+    temperature: float = Field(0.7, ge=0.0, le=2.0, allow_inf_nan=False, description="0 = greedy")
+    chat: bool = Field(True, description="wrap the prompt in the chat template as a user turn")
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt(cls, prompt: str) -> str:
+        return _not_blank(prompt)
+
+
+class VectorRequest(BaseModel):
+    positive: list[str] = Field(min_length=1, description=f"1 to {MAX_VECTOR_PROMPTS} prompts")
+    negative: list[str] = Field(min_length=1, description=f"1 to {MAX_VECTOR_PROMPTS} prompts")
+    n_features: int = Field(10, ge=1, le=MAX_VECTOR_FEATURES)
+    chat: bool = Field(True, description="wrap each prompt in the chat template as a user turn")
+    method: Literal["pursuit", "encoder"] = "pursuit"
+
+    @field_validator("positive", "negative")
+    @classmethod
+    def _prompts(cls, prompts: list[str]) -> list[str]:
+        for p in prompts:
+            _not_blank(p)
+        return prompts
 
 
 def create_app(
@@ -107,6 +183,15 @@ def create_app(
             del response.headers["Content-Security-Policy"]
         return response
 
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        """422 naming each bad field; the input is not echoed (NaN has no JSON form; a prompt can be long)."""
+        detail = [
+            {"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")}
+            for e in exc.errors()
+        ]
+        return JSONResponse({"detail": detail}, status_code=422)
+
     def open_store() -> FeatureStore:
         return FeatureStore(store_path, create=False)
 
@@ -122,12 +207,12 @@ def create_app(
             + (f" (0-{n_features - 1})" if n_features else ""),
         )
 
-    def require_live() -> LiveModel:
+    def require_live(what: str = "live encoding", use: str = "encode your own text") -> LiveModel:
         if live is None:
             raise HTTPException(
                 503,
-                "live encoding is off: the server was started without a model and dictionary. Restart it "
-                "with them (saelab serve with the dictionary and model) to encode your own text.",
+                f"{what} is off: the server was started without a model and dictionary (--no-live). Restart "
+                f"it with them (saelab serve without --no-live) to {use}.",
             )
         return live
 
@@ -162,7 +247,15 @@ def create_app(
             "dense_threshold": DENSE_THRESHOLD,
             "vocab_size": len(vocab),
             "live": live is not None,
-            "limits": {"text_chars": MAX_TEXT_CHARS, "tokens": MAX_TOKENS, "page": MAX_PAGE},
+            "limits": {
+                "text_chars": MAX_TEXT_CHARS,
+                "tokens": MAX_TOKENS,
+                "page": MAX_PAGE,
+                "new_tokens": MAX_NEW_TOKENS,
+                "strength": MAX_STRENGTH,
+                "vector_prompts": MAX_VECTOR_PROMPTS,
+                "vector_features": MAX_VECTOR_FEATURES,
+            },
         }
 
     @app.get("/api/features")
@@ -309,6 +402,60 @@ def create_app(
             s.set_explanation(idx, text)
         return {"idx": idx, "explanation": text}
 
+    @app.post("/api/steer")
+    def api_steer(body: SteerRequest) -> dict:
+        """Complete the prompt twice with the same seed: without and with the latent (add or clamp)."""
+        if not 0 <= body.feature < n_features:
+            raise missing(body.feature)
+        model = require_live("steering", "generate steered text")
+        cfg = GenerationConfig(
+            max_new_tokens=body.max_new_tokens, temperature=body.temperature, seed=body.seed, chat=body.chat
+        )
+        try:
+            row = model.steer(body.feature, body.strength, body.prompt, body.mode, body.scope, cfg)
+        except TextTooLongError as e:
+            raise HTTPException(413, str(e)) from None
+        except SaelabError as e:
+            raise HTTPException(422, str(e)) from None
+        return {**body.model_dump(), **row, "hook": model.write_hook}
+
+    @app.post("/api/vector")
+    def api_vector(body: VectorRequest) -> dict:
+        """Mean-difference vector of two prompt lists (last prompt token), decomposed into latents."""
+        for name, prompts in (("positive", body.positive), ("negative", body.negative)):
+            if len(prompts) > MAX_VECTOR_PROMPTS:
+                raise HTTPException(
+                    413, f"{len(prompts)} {name} prompts; give at most {MAX_VECTOR_PROMPTS} per list."
+                )
+        if body.n_features > n_features:
+            raise HTTPException(422, f"n_features must be at most {n_features}, the number of latents.")
+        model = require_live("building vectors", "build a vector from prompts")
+        try:
+            result = model.vector(body.positive, body.negative, body.n_features, body.chat, body.method)
+        except TextTooLongError as e:
+            raise HTTPException(413, str(e)) from None
+        except SaelabError as e:
+            raise HTTPException(422, str(e)) from None
+        features = sorted(result.features, key=lambda f: -f.coefficient)
+        with open_store() as s:
+            stats = {f.index: s.feature(f.index) or {} for f in features}
+        items = [
+            {
+                "idx": f.index, "coefficient": f.coefficient, "cosine": f.cosine, "share": f.share,
+                "link": f"/feature/{f.index}", "density": stats[f.index].get("density"),
+                "max_act": stats[f.index].get("max_act"), "mean_act": stats[f.index].get("mean_act"),
+                "explanation": stats[f.index].get("explanation"),
+            }
+            for f in features
+        ]  # fmt: skip
+        return {
+            "hook": model.write_hook, "position": -1, "chat": body.chat, "method": result.method,
+            "n_positive": len(body.positive), "n_negative": len(body.negative), "n_features": body.n_features,
+            "vector_norm": result.vector_norm, "cosine": result.cosine,
+            "residual_norm": result.residual_norm, "relative_residual": result.relative_residual,
+            "features": items,
+        }  # fmt: skip
+
     # -- pages ------------------------------------------------------------------------------------
     def page(request: Request, name: str, status: int = 200, **context) -> HTMLResponse:
         context = {"title": "saelab", "live": live is not None, **context}
@@ -322,11 +469,21 @@ def create_app(
     def feature_page(request: Request, idx: int):
         if not 0 <= idx < n_features:
             return page(request, "error.html", 404, message=missing(idx).detail)
-        return page(request, "feature.html", idx=idx, title=f"saelab: feature {idx}")
+        return page(
+            request, "feature.html", idx=idx, title=f"saelab: feature {idx}",
+            max_strength=MAX_STRENGTH, max_new_tokens=MAX_NEW_TOKENS,
+        )  # fmt: skip
 
     @app.get("/search", response_class=HTMLResponse, include_in_schema=False)
     def search_page(request: Request):
         return page(request, "search.html", title="saelab: search")
+
+    @app.get("/vector", response_class=HTMLResponse, include_in_schema=False)
+    def vector_page(request: Request):
+        return page(
+            request, "vector.html", title="saelab: build a vector", hook=live.write_hook if live else None,
+            max_prompts=MAX_VECTOR_PROMPTS, max_features=min(MAX_VECTOR_FEATURES, n_features),
+        )  # fmt: skip
 
     return app
 

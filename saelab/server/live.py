@@ -1,24 +1,45 @@
-"""Live encoding of user text: the model and dictionary run on demand, exactly as the analysis ran them.
+"""The live model behind the web app: encode user text, steer generations, build vectors from prompts.
 
-The text is tokenized and masked the way the store's data config says (BOS prepended, BOS and special
+Encoding tokenizes and masks text the way the store's data config says (BOS prepended, BOS and special
 tokens excluded), so live activations are comparable with the stored examples and statistics.
+Steering and vectors use `saelab.steering` (generation with the chat template, left padding), so the
+web app shows what `saelab steer` would. One lock serialises every use of the model: interventions
+are hooks on the shared model, and a request must never run inside another request's hooks.
 """
 
 from __future__ import annotations
 
 import threading
+from collections.abc import Sequence
 
 import torch
 
 from saelab.data import exclusion_mask
 from saelab.errors import DimensionMismatchError, SaelabError
+from saelab.steering.decompose import Decomposition, decompose
+from saelab.steering.directions import mean_difference
+from saelab.steering.generation import GenerationConfig, compare
+from saelab.steering.interventions import ClampFeature, InterventionError, add_feature
 
 MAX_TEXT_CHARS = 2000
 MAX_TOKENS = 256
+MAX_NEW_TOKENS = 64  # generation runs twice per request (unsteered and steered), on a CPU perhaps
+MAX_STRENGTH = 1000.0
+MAX_VECTOR_PROMPTS = 32  # per list
+MAX_VECTOR_FEATURES = 50
 
 
 class TextTooLongError(SaelabError):
     """User text beyond the live limits: the server answers 413 with this message."""
+
+
+def check_text(text: str, what: str = "text") -> None:
+    """Refuse text over the character limit before it reaches the tokenizer."""
+    if len(text) > MAX_TEXT_CHARS:
+        raise TextTooLongError(
+            f"{what} has {len(text)} characters; the live view takes at most {MAX_TEXT_CHARS} characters. "
+            "Shorten it."
+        )
 
 
 class LiveModel:
@@ -47,11 +68,7 @@ class LiveModel:
 
     def tokenize(self, text: str) -> list[int]:
         """Token ids as the analysis saw them: BOS first (if its data config prepended one), no other specials."""
-        if len(text) > MAX_TEXT_CHARS:
-            raise TextTooLongError(
-                f"text has {len(text)} characters; the live view takes at most {MAX_TEXT_CHARS} characters. "
-                "Shorten the text."
-            )
+        check_text(text)
         tok = self.lm.tokenizer
         ids = list(tok(text, add_special_tokens=False)["input_ids"])
         if self.prepend_bos:
@@ -78,3 +95,69 @@ class LiveModel:
             acts = self.dictionary.encode(x)[0].float().cpu()
         acts = acts * (~excluded)[:, None]
         return ids, acts, excluded
+
+    @property
+    def write_hook(self) -> str:
+        """Where the decoder writes: the SAE's own hook point, or a transcoder's output hook."""
+        cfg = self.dictionary.cfg
+        return cfg.output_hook_name if cfg.is_transcoder else cfg.hook_name
+
+    def check_prompt(self, prompt: str, what: str = "the prompt") -> None:
+        """Character and token limits for a prompt (counted without the chat template)."""
+        check_text(prompt, what)
+        n = len(self.lm.tokenizer(prompt, add_special_tokens=False)["input_ids"])
+        if n > MAX_TOKENS:
+            raise TextTooLongError(
+                f"{what} is {n} tokens long; the live view takes at most {MAX_TOKENS} tokens. Shorten it."
+            )
+
+    def intervention(self, feature: int, strength: float, mode: str = "add", scope: str = "all"):
+        """Mode "add": strength x the decoder row; "clamp": the latent set to `strength`, SAE error kept."""
+        if mode == "add":
+            return add_feature(self.dictionary, feature, strength, hook=self.write_hook, scope=scope)
+        if mode == "clamp":
+            if self.dictionary.cfg.is_transcoder:
+                raise InterventionError(
+                    "clamp sets a latent of an SAE at the hook point it reads and writes; this transcoder "
+                    "reads one hook point and writes another. Use mode 'add'."
+                )
+            return ClampFeature(
+                self.hook, dictionary=self.dictionary, features=[feature], values=[strength], scope=scope
+            )
+        raise InterventionError(f"unknown steering mode {mode!r}; use 'add' or 'clamp'.")
+
+    def steer(
+        self,
+        feature: int,
+        strength: float,
+        prompt: str,
+        mode: str = "add",
+        scope: str = "all",
+        cfg: GenerationConfig | None = None,
+    ) -> dict:
+        """{prompt, unsteered, steered}: one prompt completed without and with the feature, same seed."""
+        self.check_prompt(prompt)
+        intervention = self.intervention(feature, strength, mode, scope)
+        with self._lock:
+            return compare(self.lm, [prompt], [intervention], cfg or GenerationConfig())[0]
+
+    def vector(
+        self,
+        positive: Sequence[str],
+        negative: Sequence[str],
+        n_features: int,
+        chat: bool = True,
+        method: str = "pursuit",
+    ) -> Decomposition:
+        """The mean-difference vector of two prompt lists at the write hook, decomposed into latents."""
+        for name, prompts in (("positive", positive), ("negative", negative)):
+            for i, p in enumerate(prompts):
+                self.check_prompt(p, f"{name} prompt {i + 1}")
+        hook = self.write_hook
+        with self._lock:
+            directions = mean_difference(
+                self.lm, positive, negative, hooks=[hook], positions=(-1,), chat=chat
+            )
+        vector = directions.get(hook, -1)
+        weights = self.dictionary.W_dec
+        return decompose(self.dictionary, vector.to(weights.device, weights.dtype), n_features, method)

@@ -45,10 +45,24 @@ async function api(path, options) {
   try { data = await response.json(); } catch (e) { data = null; }
   if (!response.ok) {
     let detail = data && data.detail;
-    if (Array.isArray(detail)) detail = detail.map((d) => d.msg).join("; ");
+    if (Array.isArray(detail)) detail = detail.map((d) => [(d.loc || []).slice(1).join("."), d.msg].filter((x) => x).join(": ")).join("; ");
     throw new Error(detail || `${response.status} ${response.statusText}`);
   }
   return data;
+}
+
+// A panel's own error box (the page-wide one stays for page-wide errors).
+function panelError(id, message) {
+  const box = document.getElementById(id);
+  box.textContent = message || "";
+  box.hidden = !message;
+}
+
+// Runs `work` with the button disabled and the spinner shown; errors go to the panel's box.
+async function busy(buttonId, spinnerId, errorId, work) {
+  const button = document.getElementById(buttonId), spinner = document.getElementById(spinnerId);
+  button.disabled = true; spinner.hidden = false; panelError(errorId, "");
+  try { await work(); } catch (e) { panelError(errorId, e.message); } finally { button.disabled = false; spinner.hidden = true; }
 }
 
 function featureLink(idx, label) {
@@ -229,12 +243,87 @@ async function initFeature() {
     $("test-run").disabled = true;
     $("test-text").placeholder = "live encoding is off: the server runs without a model";
   }
+  initSteer(idx, f);
 
   for (const kind of ["top", "quantile"]) {
     try {
       const r = await api(`/api/features/${idx}/examples?kind=${kind}`);
       renderExamples($(`${kind}-examples`), r.items, kind);
     } catch (e) { showError(e.message); }
+  }
+}
+
+// ---------------------------------------------------------------- steering panel (feature page)
+function initSteer(idx, f) {
+  const $ = (id) => document.getElementById(id);
+  const limit = parseFloat(document.body.dataset.maxStrength) || 1000;
+  // Strength is in activation units (a decoder row times its activation is the latent's write), so the
+  // slider spans 10x the largest activation seen (at least 10), and starts at that largest activation.
+  // The number box takes any value up to the server's limit.
+  const span = Math.min(limit, Math.max(10, Math.ceil(10 * (f.max_act || 0))));
+  const slider = $("steer-strength"), box = $("steer-strength-value");
+  slider.min = String(-span); slider.max = String(span); slider.step = String(span / 200);
+  const start = f.max_act > 0 ? Number(f.max_act.toPrecision(2)) : 1;
+  slider.value = String(start); box.value = String(start);
+  slider.addEventListener("input", () => { box.value = slider.value; });
+  box.addEventListener("input", () => { if (box.value !== "") slider.value = box.value; });
+
+  $("steer-form").addEventListener("submit", (ev) => {
+    ev.preventDefault();
+    busy("steer-run", "steer-spinner", "steer-error", async () => {
+      const prompt = $("steer-prompt").value;
+      if (!prompt.trim()) throw new Error("write a prompt to complete first");
+      const strength = parseFloat(box.value);
+      if (!Number.isFinite(strength)) throw new Error("strength must be a number");
+      const body = {
+        feature: idx, strength, prompt, mode: $("steer-mode").value, scope: $("steer-scope").value,
+        max_new_tokens: parseInt($("steer-tokens").value, 10), seed: parseInt($("steer-seed").value, 10) || 0,
+      };
+      const r = await api("/api/steer", { method: "POST", body });
+      const show = (id, text) => {
+        $(id).textContent = text || "(no text: the model ended at once)";
+        $(id).classList.toggle("muted", !text);
+      };
+      show("steer-unsteered", r.unsteered);
+      show("steer-steered", r.steered);
+      $("steer-steered-title").textContent = `Steered (${r.mode} ${fmt(r.strength)})`;
+      $("steer-results").hidden = false;
+    });
+  });
+  if (document.body.dataset.live !== "true") {
+    $("steer-run").disabled = true;
+    $("steer-prompt").placeholder = "steering is off: the server runs without a model";
+  }
+}
+
+// ---------------------------------------------------------------- build a vector
+function initVector() {
+  const $ = (id) => document.getElementById(id);
+  const lines = (id) => $(id).value.split("\n").map((l) => l.trim()).filter((l) => l);
+  $("vector-form").addEventListener("submit", (ev) => {
+    ev.preventDefault();
+    busy("vector-run", "vector-spinner", "vector-error", async () => {
+      const positive = lines("vector-positive"), negative = lines("vector-negative");
+      if (!positive.length || !negative.length) throw new Error("give at least one positive and one negative prompt");
+      const body = { positive, negative, n_features: parseInt($("vector-n").value, 10) || 10, chat: $("vector-chat").checked };
+      const r = await api("/api/vector", { method: "POST", body });
+      $("vector-summary").textContent =
+        `${r.n_positive} positive − ${r.n_negative} negative prompts at ${r.hook}: |vector| ${fmt(r.vector_norm)}; ` +
+        `${r.features.length} features reconstruct it with cosine ${fmt(r.cosine)} (residual ${fmt(r.relative_residual)} of its norm).`;
+      $("vector-rows").replaceChildren(...r.features.map((x) => el("tr", { "data-idx": String(x.idx) },
+        el("td", {}, featureLink(x.idx)),
+        el("td", { text: fmt(x.coefficient) }),
+        el("td", { text: fmt(x.cosine) }),
+        el("td", { text: fmt(x.share) }),
+        el("td", { text: fmt(x.density) }),
+        el("td", { text: fmt(x.max_act) }),
+        el("td", { class: "expl", text: x.explanation || "" }))));
+      $("vector-table").hidden = false;
+    });
+  });
+  if (document.body.dataset.live !== "true") {
+    $("vector-run").disabled = true;
+    panelError("vector-error", "building vectors is off: the server runs without a model (restart without --no-live)");
   }
 }
 
@@ -271,4 +360,5 @@ document.addEventListener("DOMContentLoaded", () => {
   if (page === "index") initIndex();
   else if (page === "feature") initFeature();
   else if (page === "search") initSearch();
+  else if (page === "vector") initVector();
 });
