@@ -52,6 +52,13 @@ class DirectionFileError(SaelabError):
     """A direction-set folder that is missing, corrupt, truncated, foreign or unsafe to load."""
 
 
+class DirectionLookupError(SaelabError, KeyError):
+    """A hook or position that a direction set does not hold."""
+
+    def __str__(self) -> str:  # KeyError would print the message in quotes
+        return str(self.args[0])
+
+
 # ---- the stored result ---------------------------------------------------------------------------
 @dataclass
 class DirectionSet:
@@ -85,16 +92,20 @@ class DirectionSet:
             matches = [i for i, h in enumerate(self.hooks) if h.startswith(f"blocks.{hook}.")]
             if len(matches) == 1:
                 return matches[0]
-            raise KeyError(
+            raise DirectionLookupError(
                 f"layer {hook} matches {len(matches)} stored hooks; name the hook: one of {self.hooks}."
             )
         if hook not in self.hooks:
-            raise KeyError(f"no direction at {hook!r}; this set has hooks {self.hooks}.")
+            raise DirectionLookupError(
+                f"no direction at {hook!r}; this set has hooks {self.hooks}. Pick one of them."
+            )
         return self.hooks.index(hook)
 
     def _position_index(self, position: Position) -> int:
         if position not in self.positions:
-            raise KeyError(f"no direction at position {position!r}; this set has positions {self.positions}.")
+            raise DirectionLookupError(
+                f"no direction at position {position!r}; this set has positions {self.positions}. Pick one of them."
+            )
         return self.positions.index(position)
 
     def save(self, path: str | Path) -> Path:
