@@ -1,7 +1,11 @@
 """Interventions: steer with features and vectors, find and remove directions, decompose vectors.
 
 Modules, one job each: `interventions` (hooks and the `steer` context), `generation` (steered vs
-unsteered side by side, fluency), `decompose` (vectors as sparse sums of decoder rows).
+unsteered side by side, fluency), `evaluation` (topic mention rate vs strength), `directions`
+(difference in means / PCA from contrastive prompts), `selection` (Arditi et al. direction
+selection), `caa` (A/B contrastive activation addition), `probes` (logistic-regression probes and
+the ablation check), `orthogonalize` (weights orthogonal to a direction), `decompose` (vectors as
+sparse sums of decoder rows).
 """
 
 from saelab.steering.decompose import (
@@ -12,6 +16,7 @@ from saelab.steering.decompose import (
     encoder_then_refine,
     gradient_pursuit,
 )
+from saelab.steering.directions import DirectionSet, mean_difference, pca_direction
 from saelab.steering.generation import GenerationConfig, compare, completion_loss, generate, load_prompts
 from saelab.steering.interventions import (
     Ablate,
@@ -31,6 +36,7 @@ __all__ = [
     "CapProjection",
     "ClampFeature",
     "Decomposition",
+    "DirectionSet",
     "DecompositionError",
     "Feature",
     "GenerationConfig",
@@ -45,5 +51,7 @@ __all__ = [
     "generate",
     "gradient_pursuit",
     "load_prompts",
+    "mean_difference",
+    "pca_direction",
     "steer",
 ]
