@@ -40,6 +40,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_sweep.py
 	$(BIN)/python benchmarks/bench_memory.py
 	$(BIN)/python benchmarks/bench_toy.py
+	$(BIN)/python benchmarks/bench_features.py
 
 # Toy models of superposition and the ground-truth benchmark (~13 min on 2 cores)
 toy: $(STAMP)
