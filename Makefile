@@ -21,8 +21,8 @@ demo: $(STAMP)
 	$(BIN)/saelab demo
 
 lint: $(STAMP)
-	$(BIN)/ruff check saelab tests benchmarks
-	$(BIN)/ruff format --check saelab tests benchmarks
+	$(BIN)/ruff check saelab tests benchmarks examples
+	$(BIN)/ruff format --check saelab tests benchmarks examples
 
 # Browser tests drive Debian's Chromium through Playwright (never a browser Playwright downloads).
 browser:
