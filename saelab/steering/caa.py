@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 
 from saelab.errors import DataError, SaelabError
+from saelab.fileio import save_figure
 from saelab.steering.directions import (
     DirectionSet,
     encode,
@@ -294,11 +295,7 @@ class CAAResult:
         ax2.set(xlabel="layer", ylabel=ylabel, title="effect by layer")
         ax2.legend(fontsize=8)
         fig.tight_layout()
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
-        return path
+        return save_figure(fig, path, dpi=120)
 
 
 @torch.no_grad()

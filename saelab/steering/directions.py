@@ -37,7 +37,7 @@ from torch import Tensor
 
 from saelab.errors import ActivationError, DataError, DimensionMismatchError, SaelabError
 from saelab.fileio import atomic_folder
-from saelab.steering.generation import encode_left_padded, format_prompts
+from saelab.steering.generation import encode_left_padded, format_prompts, pad_rows
 
 FORMAT = "saelab.directions"
 FORMAT_VERSION = 1
@@ -286,13 +286,9 @@ def encode(
             raise DataError(f"the answer {answer!r} has no tokens; give every prompt a non-empty answer.")
         rows.append(row[keep].tolist() + list(extra))
         ends.append(int(keep.sum()))
-    width = max(len(r) for r in rows)
     pad = int(ids[mask == 0][0]) if bool((mask == 0).any()) else int(lm.tokenizer.pad_token_id or 0)
-    out = torch.full((len(rows), width), pad, dtype=torch.long)
-    new_mask = torch.zeros_like(out)
-    for i, r in enumerate(rows):
-        out[i, width - len(r) :] = torch.tensor(r)
-        new_mask[i, width - len(r) :] = 1
+    out, new_mask = pad_rows(rows, pad)
+    width = out.shape[1]
     lengths = new_mask.sum(1)
     prompt_end = width - lengths + torch.tensor(ends)
     return EncodedBatch(out.to(lm.device), new_mask.to(lm.device), prompt_end, lengths)
@@ -554,13 +550,7 @@ def last_logits(lm, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
     Only the last position goes through the unembedding (`logits_to_keep=1`), which on a 135M model
     is a third of the compute; models whose forward lacks that argument get the full logits sliced.
     """
-    positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-    kwargs = {
-        "input_ids": input_ids,
-        "attention_mask": attention_mask,
-        "position_ids": positions,
-        "use_cache": False,
-    }
+    kwargs = lm._prepare(input_ids, attention_mask)  # position_ids from the mask, as every forward
     if "logits_to_keep" in inspect.signature(lm.model.forward).parameters:
         kwargs["logits_to_keep"] = 1
     out = lm.model(**kwargs).logits[:, -1].float()

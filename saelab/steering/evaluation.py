@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from saelab.errors import DataError
+from saelab.fileio import save_figure
 from saelab.steering.generation import GenerationConfig, completion_loss, generate
 from saelab.steering.interventions import Intervention
 
@@ -230,8 +231,4 @@ def plot_sweep(result: SweepResult, path, title: str | None = None, min_rate: fl
     ax.legend(lines[0] + lines2[0], lines[1] + lines2[1], loc="upper left", fontsize=8)
     ax.set_title(title or result.meta.get("title", "steering sweep"), fontsize=10)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=120)

@@ -53,6 +53,20 @@ def _pad_id(tokenizer) -> int:
     return 0
 
 
+def pad_rows(
+    rows: Sequence[Sequence[int]], pad_id: int, left: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token rows of different lengths -> input_ids and attention_mask [batch, width], padded left or right."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        span = slice(width - len(r), width) if left else slice(0, len(r))
+        ids[i, span] = torch.tensor(list(r), dtype=torch.long)
+        mask[i, span] = 1
+    return ids, mask
+
+
 def encode_left_padded(tokenizer, texts: Sequence[str], device) -> tuple[torch.Tensor, torch.Tensor]:
     """input_ids and attention_mask [batch, width], padded on the left; chat texts carry their own BOS."""
     rows = [
@@ -61,12 +75,7 @@ def encode_left_padded(tokenizer, texts: Sequence[str], device) -> tuple[torch.T
     ]
     if not rows or any(len(r) == 0 for r in rows):
         raise DataError("an empty prompt cannot be completed; give every prompt some text.")
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), _pad_id(tokenizer), dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, width - len(r) :] = torch.tensor(r)
-        mask[i, width - len(r) :] = 1
+    ids, mask = pad_rows(rows, _pad_id(tokenizer))
     return ids.to(device), mask.to(device)
 
 
@@ -136,12 +145,7 @@ def completion_loss(
             c = lm.tokenizer(completion, add_special_tokens=False)["input_ids"]
             rows.append(p + c)
             starts.append(len(p))
-        width = max(len(r) for r in rows)
-        ids = torch.full((len(rows), width), _pad_id(lm.tokenizer), dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for i, r in enumerate(rows):
-            ids[i, : len(r)] = torch.tensor(r)
-            mask[i, : len(r)] = 1
+        ids, mask = pad_rows(rows, _pad_id(lm.tokenizer), left=False)
         logits = lm.forward(ids, mask).float()
         nll = F.cross_entropy(logits[:, :-1].transpose(1, 2), ids[:, 1:].to(logits.device), reduction="none")
         for i, r in enumerate(rows):

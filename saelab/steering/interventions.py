@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -66,7 +67,7 @@ def unit(direction: Tensor) -> Tensor:
 
 
 @dataclass
-class Intervention:
+class Intervention(ABC):
     """Base: `edit` maps activations [batch, seq, d] to new ones at `hook`, within `scope`."""
 
     hook: str
@@ -76,10 +77,11 @@ class Intervention:
         if self.scope not in SCOPES:
             raise InterventionError(f"unknown scope {self.scope!r}: use one of {', '.join(SCOPES)}.")
 
+    @abstractmethod
     def edit(self, x: Tensor) -> Tensor | None:
         """The edited activations, or None when this intervention changes nothing."""
-        raise NotImplementedError  # pragma: no cover - abstract
 
+    @abstractmethod
     def check(self, d: int) -> None:
         """Raise a clear error when this intervention cannot act on width-`d` activations."""
 

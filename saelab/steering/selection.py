@@ -57,7 +57,7 @@ import torch
 from torch import Tensor
 
 from saelab.errors import DataError, SaelabError
-from saelab.fileio import atomic_write_json
+from saelab.fileio import atomic_write_json, save_figure
 from saelab.steering.directions import (
     DirectionSet,
     EncodedBatch,
@@ -277,11 +277,7 @@ class SelectionResult:
         axes[-1].set_xlabel("layer (grey: last 20%, filtered)")
         fig.suptitle(f"Direction selection: {self.metric.name}")
         fig.tight_layout()
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
-        return path
+        return save_figure(fig, path, dpi=120)
 
 
 def _fmt(value: float | None) -> str:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +18,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from saelab.errors import SaelabError
-from saelab.fileio import atomic_write_json
+from saelab.fileio import atomic_write_json, save_figure
 
 LR_SCHEDULES = ("constant", "cosine")
 # ||W_i|| above this: the feature is represented. Trained norms are bimodal (~1 kept, ~0 dropped).
@@ -288,20 +287,6 @@ def _rounded(values, digits: int = 4):
     return round(float(values), digits)
 
 
-def _save_figure(fig, path: Path) -> None:
-    """savefig to a temp file beside `path`, then rename: a crash never leaves half a PNG."""
-    import matplotlib.pyplot as plt
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    try:
-        fig.savefig(tmp, dpi=110)
-        os.replace(tmp, path)
-    finally:
-        plt.close(fig)
-        tmp.unlink(missing_ok=True)
-
-
 def _pyplot():
     import matplotlib
 
@@ -314,7 +299,7 @@ def _pyplot():
 def _write_result(out_dir: str | Path, name: str, result: dict, fig, start: float) -> dict:
     """Save `<name>.png` and `<name>.json`; the wall time covers training, analysis and the figure."""
     out_dir = Path(out_dir)
-    _save_figure(fig, out_dir / f"{name}.png")
+    save_figure(fig, out_dir / f"{name}.png")
     result["wall_seconds"] = round(time.perf_counter() - start, 2)
     result["files"] = {"json": str(out_dir / f"{name}.json"), "png": str(out_dir / f"{name}.png")}
     atomic_write_json(out_dir / f"{name}.json", result)
