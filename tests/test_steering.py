@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from saelab.errors import DimensionMismatchError, UnknownHookError
+from saelab.errors import DataError, DimensionMismatchError, UnknownHookError
 from saelab.models import HookedLM
 from saelab.steering.generation import (
     GenerationConfig,
@@ -19,6 +19,7 @@ from saelab.steering.generation import (
     completion_loss,
     encode_left_padded,
     generate,
+    generate_tokens,
 )
 from saelab.steering.interventions import (
     Ablate,
@@ -26,6 +27,7 @@ from saelab.steering.interventions import (
     CapProjection,
     ClampFeature,
     InterventionError,
+    _Positions,
     ablation,
     add_feature,
     steer,
@@ -344,6 +346,117 @@ def test_kv_cached_generation_equals_recomputation(lm, scope):
     assert cached != generate(lm, PROMPTS, (), GREEDY)
 
 
+# -- positions seen during generation ---------------------------------------------------------------
+def positions_in_scope(lm: HookedLM, scope: str, prompt_len: int, run) -> list[tuple[int, list[list[int]]]]:
+    """Per forward pass of `run()`: (its width, per row the columns a scoped AddVector changed).
+
+    An outer patch saves each value and an inner one puts it back after comparing, so the model runs
+    unsteered and every runner produces the same tokens, whatever the scope.
+    """
+    saved, seen = {}, []
+    vector = torch.ones(D)
+
+    def save(x):
+        saved["x"] = x.clone()
+
+    def restore(x):
+        changed = (x != saved["x"]).any(-1)
+        seen.append((x.shape[-2], [row.nonzero().flatten().tolist() for row in changed]))
+        return saved.pop("x")
+
+    iv = AddVector(HOOK, vector=vector, scope=scope)
+    with torch.no_grad(), lm.patch({HOOK: save}), steer(lm, [iv], prompt_len=prompt_len):
+        with lm.patch({HOOK: restore}):
+            run()
+    return seen
+
+
+def expected_columns(widths: list[int], prompt_len: int, scope: str, cached: bool) -> list[list[int]]:
+    """The columns of each pass in scope, from where each pass starts: 0, or after the cached tokens."""
+    out, start = [], 0
+    for width in widths:
+        start = start if cached else 0
+        absolute = range(start, start + width)
+        out.append([c for c, p in enumerate(absolute) if (p < prompt_len) == (scope == "prompt")])
+        start += width
+    return out
+
+
+@pytest.mark.parametrize("scope", ["prompt", "generated"])
+@pytest.mark.parametrize("runner", ["cached", "recomputed", "hf-generate", "forward"])
+def test_scoped_interventions_see_exact_positions_in_every_forward_pass(lm, scope, runner):
+    """A regression test for reading positions from a transformers internal (broken by 5.24)."""
+    ids, mask = encode_left_padded(lm.tokenizer, PROMPTS, lm.device)
+    prompt_len, n = ids.shape[1], 4
+    run = {
+        "cached": lambda: generate_tokens(lm, ids, mask, n),
+        "recomputed": lambda: generate_tokens(lm, ids, mask, n, use_cache=False),
+        "hf-generate": lambda: lm.model.generate(
+            input_ids=ids, attention_mask=mask, max_new_tokens=n, do_sample=False, pad_token_id=PAD
+        ),
+        "forward": lambda: lm.forward(ids, mask),
+    }[runner]
+    seen = positions_in_scope(lm, scope, prompt_len, run)
+    widths = [w for w, _ in seen]
+    cached = runner in ("cached", "hf-generate")
+    if runner == "forward":
+        assert widths == [prompt_len]
+    elif cached:
+        assert widths[0] == prompt_len and set(widths[1:]) <= {1} and len(widths) >= 2
+    else:
+        assert widths == [prompt_len + k for k in range(len(widths))] and len(widths) >= 2
+    expected = expected_columns(widths, prompt_len, scope, cached)
+    assert [rows for _, rows in seen] == [[cols] * len(PROMPTS) for cols in expected]
+
+
+def test_own_greedy_loop_matches_transformers_generate(lm):
+    """saelab's decoding loop picks the tokens `model.generate` picks, steered or not (up to EOS)."""
+    ids, mask = encode_left_padded(lm.tokenizer, PROMPTS, lm.device)
+    ivs = [AddVector("blocks.1.hook_resid_post", vector=rand(D, seed=22), alpha=0.5, scope="generated")]
+
+    def up_to_eos(rows):
+        return [row[: row.index(EOS) + 1] if EOS in row else row for row in rows.tolist()]
+
+    for interventions in ([], ivs):
+        with torch.no_grad(), steer(lm, interventions, prompt_len=ids.shape[1]):
+            ours = generate_tokens(lm, ids, mask, 6)
+            theirs = lm.model.generate(
+                input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=PAD
+            )[:, ids.shape[1] :]
+        assert up_to_eos(ours) == up_to_eos(theirs)
+
+
+def test_positions_come_from_the_mask_then_cache_position_then_the_cache(llama):
+    tracker, one = _Positions(llama.model), tokens(1, 1)
+    tracker(llama.model, (one, torch.ones(1, 9)), {})  # positional input_ids, attention_mask
+    assert tracker.first(1) == 8
+    tracker(llama.model, (), {"input_ids": one, "cache": object(), "attention_mask": torch.ones(1, 5)})
+    assert tracker.first(1) == 4
+    tracker(llama.model, (), {"input_ids": one, "cache_position": torch.tensor([6])})
+    assert tracker.first(1) == 6
+    tracker(llama.model, (), {"input_ids": one})
+    assert tracker.first(1) == 0
+    with pytest.raises(InterventionError, match="must cover the cached tokens and the new ones"):
+        tracker(llama.model, (), {"input_ids": tokens(1, 3), "attention_mask": torch.ones(1, 2)})
+        tracker.first(3)
+    with pytest.raises(InterventionError, match="no 2-D attention_mask"):
+        tracker(llama.model, (), {"input_ids": one, "past_key_values": object()})
+        tracker.first(1)
+
+
+def test_tiny_top_p_is_greedy_and_bad_settings_are_clear_errors(lm):
+    nucleus_of_one = GenerationConfig(**{**SAMPLED.to_dict(), "top_p": 1e-6})
+    assert generate(lm, PROMPTS, (), nucleus_of_one) == generate(lm, PROMPTS, (), GREEDY)
+    for field, value, message in (
+        ("temperature", -1.0, "temperature is -1.0"),
+        ("top_p", 0.0, "top_p is 0.0"),
+        ("max_new_tokens", -2, "max_new_tokens is -2"),
+        ("batch_size", 0, "batch_size is 0"),
+    ):
+        with pytest.raises(DataError, match=message):
+            generate(lm, PROMPTS, (), GenerationConfig(**{**GREEDY.to_dict(), field: value}))
+
+
 # -- CapProjection --------------------------------------------------------------------------------
 @pytest.mark.parametrize("caps", [(0.25, 0.75), (None, 0.5), (0.5, None)])
 def test_cap_projection_bounds_the_projection_only(lm, caps):
@@ -554,7 +667,7 @@ def test_mean_difference_steering_on_the_embedded_model():
     """An ocean-minus-furniture vector (last token, blocks.8) makes SmolLM2 talk about the sea."""
     from saelab.models import load_model
 
-    lm = load_model(None, device="cpu")
+    lm = load_model(None, device="cpu", dtype=torch.float32)  # its thresholds were measured in float32
     hook = "blocks.8.hook_resid_post"
     topic = ["The waves of the ocean", "We sailed across the ocean", "Fish swim in the deep sea"]
     neutral = ["The legs of the table", "We sat around the table", "Books lie on the wooden chair"]

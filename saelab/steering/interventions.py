@@ -2,9 +2,11 @@
 
 An intervention names a hook point and a scope: the prompt tokens, the generated tokens, or all.
 `steer(lm, interventions, prompt_len)` applies any number of them, in order, for every forward
-pass while the context is active (`model.generate` with a KV cache included) and removes every hook
-when it exits. Token positions come from the KV cache's length, so a generated token knows it was
-generated whether the model recomputes the whole sequence or only the new token.
+pass while the context is active (KV-cached generation included) and removes every hook when it
+exits. A token's absolute position is read from arguments whose meaning is part of the Hugging Face
+model contract, not from cache internals: the 2-D attention_mask spans past and current tokens, so
+the first current token sits at `mask width - tokens in this pass`. A generated token thus knows it
+was generated whether the model recomputes the whole sequence or only the new token.
 
 Edits outside their scope leave values bit-identical (`torch.where`), and an addition with
 multiplier 0 is skipped, so "steered with 0" is exactly "unsteered".
@@ -13,6 +15,7 @@ multiplier 0 is skipped, so "steered with 0" is exactly "unsteered".
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator, Sequence
@@ -241,16 +244,69 @@ def ablation(lm, direction: Tensor, layers: Iterable[int] | None = None, **kw) -
 
 
 class _Positions:
-    """Reads the absolute position of the first token of each forward pass from the KV cache."""
+    """The absolute position of each forward pass's first token, read in a pre-hook on the whole model.
 
-    def __init__(self) -> None:
-        self.offset = 0
+    Sources, most stable first: a 2-D attention_mask (it covers past + current tokens in every
+    transformers release, and saelab's own generation loop always passes one); `cache_position`
+    (older releases pass it); the cache's own length as a last resort. A pass with no cache at all
+    starts at 0. Keyword names changed across releases (`past_key_values` became `cache` in 5.24),
+    so both are read, and positional arguments are bound to the model's signature.
+    """
+
+    def __init__(self, model) -> None:
+        try:
+            self._signature = inspect.signature(model.forward)
+        except (TypeError, ValueError):
+            self._signature = None
+        self._width: int | None = None  # columns of a 2-D mask: past + current tokens
+        self._offset: int | None = 0  # or the first position itself
+        self._problem = ""
+
+    def _arguments(self, args, kwargs) -> dict:
+        if args and self._signature is not None:
+            try:
+                return {**self._signature.bind_partial(*args, **kwargs).arguments, **kwargs}
+            except TypeError:
+                pass
+        return {"input_ids": args[0], **kwargs} if args else dict(kwargs)
 
     def __call__(self, _module, args, kwargs) -> None:
-        cache = kwargs.get("past_key_values")
-        self.offset = (
-            int(cache.get_seq_length()) if cache is not None and hasattr(cache, "get_seq_length") else 0
-        )
+        arguments = self._arguments(args, kwargs)
+        self._width, self._offset, self._problem = None, None, ""
+        mask = arguments.get("attention_mask")
+        if isinstance(mask, Tensor) and mask.ndim == 2:
+            self._width = mask.shape[-1]
+            return
+        where = arguments.get("cache_position")
+        if isinstance(where, Tensor) and where.numel() > 0:
+            self._offset = int(where.reshape(-1)[0])
+            return
+        cache = arguments.get("cache", arguments.get("past_key_values"))
+        if cache is None:
+            self._offset = 0
+        elif hasattr(cache, "get_seq_length"):
+            self._offset = int(cache.get_seq_length())
+        elif isinstance(cache, (tuple, list)) and cache and isinstance(cache[0], (tuple, list)) and cache[0]:
+            self._offset = int(cache[0][0].shape[-2])  # a legacy tuple cache: [layer][key/value] tensors
+        else:
+            self._problem = (
+                f"this forward pass got a KV cache ({type(cache).__name__}) but no 2-D attention_mask, so a "
+                "scoped intervention cannot tell prompt tokens from generated ones. Pass attention_mask "
+                "covering the cached and the new tokens, or generate with saelab.steering.generate."
+            )
+
+    def first(self, n: int) -> int:
+        """The absolute position of the first of the `n` tokens in the current forward pass."""
+        if self._width is not None:
+            if self._width < n:
+                raise InterventionError(
+                    f"the attention_mask has {self._width} columns but this forward pass has {n} tokens; "
+                    "it must cover the cached tokens and the new ones."
+                )
+            return self._width - n
+        if self._offset is None:
+            raise InterventionError(self._problem)
+        return self._offset
 
 
 def _scoped(interventions: list[Intervention], tracker: _Positions, prompt_len: int | None):
@@ -264,7 +320,7 @@ def _scoped(interventions: list[Intervention], tracker: _Positions, prompt_len: 
             if new is None:
                 continue
             if iv.scope != "all" and prompt_len is not None:
-                positions = tracker.offset + torch.arange(x.shape[-2], device=x.device)
+                positions = tracker.first(x.shape[-2]) + torch.arange(x.shape[-2], device=x.device)
                 inside = positions < prompt_len if iv.scope == "prompt" else positions >= prompt_len
                 new = torch.where(inside[:, None], new, current)
             changed = new
@@ -279,6 +335,8 @@ def steer(lm, interventions: Iterable[Intervention], prompt_len: int | None = No
 
     `prompt_len` is the (left-padded) prompt width: positions below it are "prompt", the rest
     "generated". Without it every position counts as prompt and "generated" interventions do nothing.
+    Scopes work for `lm.forward` / `lm.capture` (no cache: positions start at 0), for
+    `saelab.steering.generate` and for a caller's own `lm.model.generate(..., attention_mask=...)`.
     """
     interventions = list(interventions)
     by_hook: dict[str, list[Intervention]] = {}
@@ -286,10 +344,12 @@ def steer(lm, interventions: Iterable[Intervention], prompt_len: int | None = No
         lm.layer_of(iv.hook)  # unknown hook points fail here, with the list of valid ones
         iv.check(lm.hook_dim(iv.hook))
         by_hook.setdefault(iv.hook, []).append(iv)
-    tracker = _Positions()
-    handle = lm.model.register_forward_pre_hook(tracker, with_kwargs=True)
+    tracker = _Positions(lm.model)
+    scoped = prompt_len is not None and any(iv.scope != "all" for iv in interventions)
+    handle = lm.model.register_forward_pre_hook(tracker, with_kwargs=True) if scoped else None
     try:
         with lm.patch({h: _scoped(ivs, tracker, prompt_len) for h, ivs in by_hook.items()}):
             yield lm
     finally:
-        handle.remove()
+        if handle is not None:
+            handle.remove()
