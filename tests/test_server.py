@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
+import json
+import random
+import shutil
+import socket
+import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
+import httpx
 import pytest
 import torch
 from fastapi.testclient import TestClient
@@ -479,3 +486,260 @@ def test_vector_limit_messages(client):
     assert f"at most {MAX_VECTOR_PROMPTS}" in r.json()["detail"]
     r = client.post("/api/vector", json={"positive": POSITIVE, "negative": ["w2", "w1 " * 700]})
     assert r.json()["detail"].startswith("negative prompt 2 has 2100 characters")
+
+
+# -- integers of any size, and every other malformed input: 4xx, never 500 ---------------------------
+HUGE = 100000000000000000000  # past SQLite's 64-bit INTEGER: once an OverflowError and a 500
+
+
+def _range_message(idx: int) -> str:
+    return f"feature {idx} does not exist; this dictionary has {D_SAE} latents (0-{D_SAE - 1})"
+
+
+@pytest.mark.parametrize(
+    "path",
+    [f"/api/features/{HUGE}", f"/api/features/{HUGE}/examples", f"/api/features/-{HUGE}",
+     f"/api/features/{2**63 - 1}", f"/api/features/{2**63}/examples", f"/api/features/{-(2**63) - 1}"],
+)  # fmt: skip
+def test_huge_feature_index_is_404_naming_the_range(client, path):
+    r = client.get(path)
+    assert r.status_code == 404 and r.json() == {"detail": _range_message(int(path.split("/")[3]))}
+
+
+def test_offset_past_the_last_latent_is_422(client):
+    r = client.get("/api/features?offset=99999999999999999999")
+    assert r.status_code == 422
+    assert r.json()["detail"] == [
+        {"loc": ["query", "offset"], "msg": f"Input should be less than or equal to {D_SAE}",
+         "type": "less_than_equal"}
+    ]  # fmt: skip
+    end = client.get("/api/features", params={"offset": D_SAE})
+    assert end.status_code == 200 and end.json()["items"] == [] and end.json()["total"] == D_SAE
+    assert client.get("/api/features", params={"offset": D_SAE + 1}).status_code == 422
+
+
+_STEER = {"feature": 3, "strength": 1.0, "prompt": "w1 w2", "max_new_tokens": 2}
+_VECTOR = {"positive": ["w1 w2"], "negative": ["w3"], "n_features": 3}
+
+
+@pytest.mark.parametrize(
+    "method, path, body, status, expect",
+    [("GET", f"/feature/{HUGE}", None, 404, _range_message(HUGE)),
+     ("GET", f"/feature/-{HUGE}", None, 404, _range_message(-HUGE)),
+     ("PUT", f"/api/features/{HUGE}/explanation", {"text": "x"}, 404, _range_message(HUGE)),
+     ("PUT", f"/api/features/-{HUGE}/explanation", {"text": None}, 404, _range_message(-HUGE)),
+     ("POST", "/api/activations", {"text": TEXT, "feature": HUGE}, 404, _range_message(HUGE)),
+     ("POST", "/api/activations", {"text": TEXT, "feature": -HUGE}, 404, _range_message(-HUGE)),
+     ("POST", "/api/steer", {**_STEER, "feature": HUGE}, 404, _range_message(HUGE)),
+     ("POST", "/api/steer", {**_STEER, "feature": -(2**63) - 1}, 404, _range_message(-(2**63) - 1)),
+     ("POST", "/api/steer", {**_STEER, "seed": HUGE}, 422, ["body", "seed"]),
+     ("POST", "/api/steer", {**_STEER, "max_new_tokens": HUGE}, 422, ["body", "max_new_tokens"]),
+     ("POST", "/api/steer", {**_STEER, "strength": HUGE}, 422, ["body", "strength"]),
+     ("GET", f"/api/features?limit={HUGE}", None, 422, ["query", "limit"]),
+     ("GET", f"/api/search?q=w1&limit={HUGE}", None, 422, ["query", "limit"]),
+     ("GET", f"/api/search?q=w1&kind=explanation&limit=-{HUGE}", None, 422, ["query", "limit"]),
+     ("POST", "/api/search/text", {"text": TEXT, "limit": HUGE}, 422, ["body", "limit"]),
+     ("POST", "/api/vector", {**_VECTOR, "n_features": HUGE}, 422, ["body", "n_features"]),
+     ("GET", "/api/features/" + "9" * 5000, None, 422, ["path", "idx"]),  # more digits than int() takes
+     ("GET", "/api/features?offset=" + "9" * 5000, None, 422, ["query", "offset"])],
+)  # fmt: skip
+def test_every_integer_parameter_is_bounded(client, method, path, body, status, expect):
+    r = client.request(method, path, json=body)
+    assert r.status_code == status, r.text
+    if path.startswith("/feature/"):  # the HTML page: the same message, in the error page
+        assert expect in r.text and r.headers["content-type"].startswith("text/html")
+    elif isinstance(expect, str):
+        assert r.json() == {"detail": expect}
+    else:
+        assert r.json()["detail"][0]["loc"] == expect
+
+
+@pytest.mark.parametrize(
+    "method, path, body, loc",
+    [("PUT", "/api/features/0/explanation", b'{"text": "a\\ud800"}', ["body", "text"]),
+     ("POST", "/api/vector", b'{"positive": ["w1 \\udfff"], "negative": ["w2"]}', ["body", "positive", 0]),
+     ("POST", "/api/vector", b'{"positive": ["w1"], "negative": ["\\ud800"]}', ["body", "negative", 0]),
+     ("POST", "/api/activations", b'{"text": "w1 \\ud800"}', ["body", "text"]),
+     ("POST", "/api/search/text", b'{"text": "\\ud800"}', ["body", "text"]),
+     ("POST", "/api/steer", b'{"feature": 3, "strength": 1, "prompt": "\\ud800"}', ["body", "prompt"])],
+)  # fmt: skip
+def test_unpaired_surrogates_are_422(client, store, method, path, body, loc):
+    """JSON may escape half a UTF-16 pair; SQLite and the tokenizer cannot take it (once a 500)."""
+    r = client.request(method, path, content=body, headers={"content-type": "application/json"})
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"] == loc
+    assert store.feature(0)["explanation"] is None
+
+
+@pytest.fixture
+def store_copy(setup, tmp_path):
+    """A private copy of the analysed store, for tests that write explanations at random."""
+    return shutil.copy(setup[2], tmp_path / "features.db")
+
+
+BIG_TEXT = [str(HUGE), f"-{HUGE}", str(2**63), str(-(2**63) - 1), str(10**300)]
+BAD_TEXT = ["9" * 5000, "-1", "1.5", "1e400", "1e3", "nan", "NaN", "inf", "-Infinity", "", " ", "abc",
+            "0x10", "1_000", "+1", "%00", "%ED%A0%80", "%FF", "é", "١٢", "１", "😀", "..%2F..", "null",
+            "true", "[]"]  # fmt: skip
+BIG_JSON = [HUGE, -HUGE, 2**63, -(2**63) - 1, 10**300]
+BAD_JSON = [-1, 0, 1.5, -0.0, 1e308, -1e308, None, True, False, "", " ", "abc", "NaN", "1e400", "١",
+            "\u0000", "é😀", [], [None], {}, {"a": 1}, ["w1"] * 40]  # fmt: skip
+RAW_JSON = ["NaN", "Infinity", "-Infinity", "1e400", "-1e400", "9" * 400, "-" + "9" * 5000, '"\\ud800"',
+            '"x\\udfff"', "[" * 50 + "]" * 50]  # fmt: skip
+QUERIES = {
+    "/api/features": ["sort", "order", "offset", "limit", "min_density", "max_density", "include_dead"],
+    "/api/features/0/examples": ["kind"],
+    "/api/search": ["q", "kind", "limit"],
+}
+BODIES = {
+    ("POST", "/api/activations"): {"text": TEXT, "feature": 3},
+    ("POST", "/api/search/text"): {"text": TEXT, "limit": 5},
+    ("PUT", "/api/features/0/explanation"): {"text": "fuzz"},
+    ("POST", "/api/steer"): {**_STEER, "temperature": 0.0, "seed": 1, "mode": "add", "scope": "all",
+                             "chat": True},
+    ("POST", "/api/vector"): {**_VECTOR, "chat": True, "method": "pursuit"},
+}  # fmt: skip
+ROUTES = ["/", "/search", "/vector", "/feature/0", "/api/meta", "/api/features", "/api/features/0",
+          "/api/features/0/examples", "/api/features/0/explanation", "/api/activations", "/api/search",
+          "/api/search/text", "/api/steer", "/api/vector", "/static/app.js", "/docs",
+          "/openapi.json"]  # fmt: skip
+RAW_BODIES = [b"", b"{", b"[]", b"null", b'"text"', b"[" * 5000, b"\xff\xfe{}", b'{"text": 1}' * 2,
+              b'{"text": "' + b"x" * 70_000 + b'"}']  # fmt: skip
+CONTENT_TYPES = ["text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x",
+                 "application/json-patch+json", "", "APPLICATION/JSON; charset=latin-1",
+                 "application/json;;"]  # fmt: skip
+
+
+def _fuzz_cases(seed: int = 0) -> list[tuple[str, str, dict]]:
+    """(method, url, httpx request kwargs): every path, query and body parameter given bad values,
+    raw non-JSON numbers and lone surrogates in bodies, wrong methods and wrong content types."""
+    rng = random.Random(seed)
+
+    def pick(big: list, bad: list, n: int) -> list:  # always one integer past SQLite's range
+        return [rng.choice(big), *rng.sample(bad, n - 1)]
+
+    cases = []
+    for template in ("/api/features/{}", "/api/features/{}/examples", "/feature/{}"):
+        cases += [("GET", template.format(v), {}) for v in pick(BIG_TEXT, BAD_TEXT, 5)]
+    cases += [
+        ("PUT", f"/api/features/{v}/explanation", {"json": {"text": "fuzz"}})
+        for v in pick(BIG_TEXT, BAD_TEXT, 6)
+    ]
+    for path, params in QUERIES.items():
+        for param in params:
+            cases += [("GET", f"{path}?q=w1&{param}={v}", {}) for v in pick(BIG_TEXT, BAD_TEXT, 4)]
+    for (method, path), base in BODIES.items():
+        for field in base:
+            cases += [(method, path, {"json": {**base, field: v}}) for v in pick(BIG_JSON, BAD_JSON, 3)]
+            raw = json.dumps({**base, field: "@"}).replace('"@"', rng.choice(RAW_JSON))
+            cases.append((method, path, {"content": raw, "headers": {"content-type": "application/json"}}))
+            cases.append((method, path, {"json": {k: v for k, v in base.items() if k != field}}))  # missing
+    for path in rng.sample(ROUTES, 8):
+        for method in rng.sample(["DELETE", "PATCH", "PUT", "POST", "OPTIONS"], 2):
+            cases.append((method, path, {"json": {}}))
+    for method, path in BODIES:
+        for body in rng.sample(RAW_BODIES, 3):
+            cases.append((method, path, {"content": body, "headers": {"content-type": "application/json"}}))
+        kind = rng.choice(CONTENT_TYPES)
+        cases.append(
+            (method, path, {"content": json.dumps(BODIES[method, path]), "headers": {"content-type": kind}})
+        )
+    return cases
+
+
+def test_fuzzed_requests_never_get_a_5xx(setup, store_copy):
+    """~195 seeded bad requests over every route and parameter: each gets a 4xx (or a 2xx) and a
+    message, never a 500 or a stack trace; the server answers normally afterwards."""
+    lm, sae, _ = setup
+    cases = _fuzz_cases()
+    assert 150 <= len(cases) <= 200 and cases == _fuzz_cases()  # bounded and deterministic
+    failures = []
+    with TestClient(create_app(store_copy, lm, sae), raise_server_exceptions=False) as c:
+        start = time.monotonic()
+        for method, url, kwargs in cases:
+            r = c.request(method, url, **kwargs)
+            if r.status_code >= 500 or "Traceback" in r.text:
+                failures.append((method, url[:80], str(kwargs)[:120], r.status_code, r.text[:200]))
+            elif r.status_code >= 400 and r.headers["content-type"].startswith("application/json"):
+                if not r.json().get("detail"):
+                    failures.append((method, url[:80], str(kwargs)[:120], r.status_code, "no detail"))
+        elapsed = time.monotonic() - start
+        assert c.get("/api/meta").status_code == 200 and c.get("/api/features/0").status_code == 200
+    assert failures == []
+    assert elapsed < 60, f"{len(cases)} fuzzed requests took {elapsed:.1f} s"
+
+
+@pytest.fixture
+def live_server(setup, store_copy):
+    """A real uvicorn server on a free 127.0.0.1 port over a copy of the store; stopped after the test."""
+    import uvicorn
+
+    lm, sae, _ = setup
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(create_app(store_copy, lm, sae), log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(15)
+        sock.close()
+        assert not thread.is_alive(), "uvicorn did not stop"
+
+
+def _load_plan(n: int = 320, seed: int = 0) -> list[tuple[str, str, dict | None]]:
+    """n mixed valid requests, reads mostly; the live model (encode, steer, vector) a small share."""
+    rng = random.Random(seed)
+    kind, sort = lambda: rng.choice(["top", "quantile"]), lambda: rng.choice(["density", "idx", "max_act"])
+    kinds = [
+        (30, lambda i: ("GET", f"/api/features/{i}", None)),
+        (20, lambda i: ("GET", f"/api/features/{i}/examples?kind={kind()}", None)),
+        (15, lambda i: ("GET", f"/api/features?sort={sort()}&offset={i}&limit=20", None)),
+        (6, lambda i: ("GET", "/api/meta", None)),
+        (6, lambda i: ("GET", f"/api/search?q=w{i}&kind=token", None)),
+        (3, lambda i: ("GET", "/api/search?q=load&kind=explanation", None)),
+        (6, lambda i: ("GET", f"/feature/{i}", None)),
+        (3, lambda i: ("GET", rng.choice(["/", "/search", "/vector", "/static/app.js"]), None)),
+        (6, lambda i: ("PUT", f"/api/features/{i}/explanation", {"text": f"load {i}"})),
+        (4, lambda i: ("POST", "/api/activations", {"text": TEXT, "feature": i})),
+        (2, lambda i: ("POST", "/api/search/text", {"text": TEXT, "limit": 10})),
+        (1, lambda i: ("POST", "/api/steer", {**_STEER, "feature": i, "temperature": 0.0})),
+        (1, lambda i: ("POST", "/api/vector", _VECTOR)),
+    ]  # fmt: skip
+    weights = [w for w, _ in kinds]
+    return [rng.choices(kinds, weights)[0][1](rng.randrange(D_SAE)) for _ in range(n)]
+
+
+@pytest.mark.timeout(180)
+def test_concurrent_load_on_a_real_server(live_server):
+    """320 mixed valid requests from 8 threads against uvicorn: every one a 200 with the right answer."""
+    plan = _load_plan()
+    assert len(plan) == 320 and plan == _load_plan()
+
+    def run(chunk):
+        out = []
+        with httpx.Client(base_url=live_server, timeout=60) as http:
+            for method, url, body in chunk:
+                r = http.request(method, url, json=body)
+                out.append((method, url, r.status_code, r.text[:200], r))
+        return out
+
+    start = time.monotonic()
+    with ThreadPoolExecutor(8) as pool:
+        results = [x for chunk in pool.map(run, [plan[i::8] for i in range(8)]) for x in chunk]
+    elapsed = time.monotonic() - start
+    assert [x[:4] for x in results if x[2] != 200] == []
+    for method, url, _, _, r in results:
+        if url.startswith("/api/features/") and method == "GET":
+            assert r.json()["idx"] == int(url.split("/")[3].split("?")[0])
+        elif url.startswith("/api/features?"):
+            assert r.json()["total"] == D_SAE and 0 < len(r.json()["items"]) <= 20
+    with httpx.Client(base_url=live_server, timeout=60) as http:
+        for idx in {int(url.split("/")[3]) for method, url, _ in plan if method == "PUT"}:
+            assert http.get(f"/api/features/{idx}").json()["explanation"] == f"load {idx}"
+    assert elapsed < 120, f"320 requests took {elapsed:.1f} s"

@@ -21,9 +21,11 @@ The API (also listed, with schemas, at /docs):
   token, decomposed into at most n_features latents (`saelab.steering.decompose`), features sorted
   by coefficient (descending); `cosine` is the reconstruction's cosine with the vector.
 
-Errors are 4xx with a `detail` message, never a 500: 404 unknown latent, 413 text, list or body
-over its limit, 415 a write whose body is not JSON, 422 a malformed value (NaN, out of range), 503
-a live endpoint (activations, text search, steer, vector) on a server started without a model.
+Errors are 4xx with a `detail` message, never a 500: 404 unknown latent (any integer, however large,
+is checked against the store's range before SQL sees it), 413 text, list or body over its limit, 415 a
+write whose body is not JSON, 422 a malformed value (NaN, out of range, an offset past the last latent,
+text with unpaired surrogates), 503 a live endpoint (activations, text search, steer, vector) on a
+server started without a model.
 Generation and vectors run in FastAPI's threadpool (plain `def` endpoints), one at a time.
 """
 
@@ -31,16 +33,16 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
-from fastapi import Body, FastAPI, HTTPException, Query, Request
+from fastapi import Body, Depends, FastAPI, HTTPException, Query, Request
 from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
-from pydantic import BaseModel, Field, field_validator
+from pydantic import AfterValidator, BaseModel, Field, field_validator
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 from saelab.errors import SaelabError
@@ -69,18 +71,33 @@ LOCAL_HOSTS = ["127.0.0.1", "localhost", "::1", "[::1]", "testserver"]
 FeatureIdx = PathParam(description="latent index (0 .. d_sae-1)")
 
 
+def _utf8(text: str) -> str:
+    """Refuse unpaired surrogates (JSON "\\ud800"): neither SQLite nor the tokenizer can take them."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(
+            f"character {e.start} is an unpaired UTF-16 surrogate ({text[e.start]!r}); "
+            "send valid Unicode text"
+        ) from None
+    return text
+
+
+Text = Annotated[str, AfterValidator(_utf8)]  # every user string that reaches SQLite or the tokenizer
+
+
 class ActivationsRequest(BaseModel):
-    text: str = Field(min_length=1, description=f"at most {MAX_TEXT_CHARS} characters / {MAX_TOKENS} tokens")
+    text: Text = Field(min_length=1, description=f"at most {MAX_TEXT_CHARS} characters / {MAX_TOKENS} tokens")
     feature: int | None = Field(None, description="latent whose per-token activation to report")
 
 
 class TextSearchRequest(BaseModel):
-    text: str = Field(min_length=1, description=f"at most {MAX_TEXT_CHARS} characters / {MAX_TOKENS} tokens")
+    text: Text = Field(min_length=1, description=f"at most {MAX_TEXT_CHARS} characters / {MAX_TOKENS} tokens")
     limit: int = Field(50, ge=1, le=MAX_PAGE)
 
 
 class ExplanationRequest(BaseModel):
-    text: str | None = Field(None, description="the explanation; null or blank removes it")
+    text: Text | None = Field(None, description="the explanation; null or blank removes it")
 
 
 def _not_blank(text: str) -> str:
@@ -95,7 +112,7 @@ class SteerRequest(BaseModel):
         ge=-MAX_STRENGTH, le=MAX_STRENGTH, allow_inf_nan=False,
         description="add: multiple of the decoder row; clamp: the activation to set",
     )  # fmt: skip
-    prompt: str = Field(
+    prompt: Text = Field(
         min_length=1, description=f"at most {MAX_TEXT_CHARS} characters / {MAX_TOKENS} tokens"
     )
     mode: Literal["add", "clamp"] = "add"
@@ -112,8 +129,8 @@ class SteerRequest(BaseModel):
 
 
 class VectorRequest(BaseModel):
-    positive: list[str] = Field(min_length=1, description=f"1 to {MAX_VECTOR_PROMPTS} prompts")
-    negative: list[str] = Field(min_length=1, description=f"1 to {MAX_VECTOR_PROMPTS} prompts")
+    positive: list[Text] = Field(min_length=1, description=f"1 to {MAX_VECTOR_PROMPTS} prompts")
+    negative: list[Text] = Field(min_length=1, description=f"1 to {MAX_VECTOR_PROMPTS} prompts")
     n_features: int = Field(10, ge=1, le=MAX_VECTOR_FEATURES)
     chat: bool = Field(True, description="wrap each prompt in the chat template as a user turn")
     method: Literal["pursuit", "encoder"] = "pursuit"
@@ -200,12 +217,25 @@ def create_app(
             return vocab[token_id]
         return f"<{token_id}>"
 
+    latents = range(n_features)  # `idx in latents` is exact and O(1) for any Python int
+
     def missing(idx: int) -> HTTPException:
         return HTTPException(
             404,
             f"feature {idx} does not exist; this dictionary has {n_features} latents"
             + (f" (0-{n_features - 1})" if n_features else ""),
         )
+
+    def known(idx: int) -> int:
+        """`idx` if it names a latent of this store, else 404 naming the range: every route's one check,
+        made before SQL sees the number (SQLite integers stop at 2**63-1 and raise OverflowError past it)."""
+        if idx not in latents:
+            raise missing(idx)
+        return idx
+
+    def feature_idx(idx: int = FeatureIdx) -> int:
+        """The `{idx}` path parameter of the API routes, checked by `known`."""
+        return known(idx)
 
     def require_live(what: str = "live encoding", use: str = "encode your own text") -> LiveModel:
         if live is None:
@@ -262,7 +292,7 @@ def create_app(
     def api_features(
         sort: Literal["density", "max_act", "mean_act", "n_active", "idx"] = "density",
         order: Literal["desc", "asc"] = "desc",
-        offset: int = Query(0, ge=0),
+        offset: int = Query(0, ge=0, le=n_features, description="at most the number of latents"),
         limit: int = Query(100, ge=1, le=MAX_PAGE),
         min_density: float | None = Query(None, ge=0.0, le=1.0),
         max_density: float | None = Query(None, ge=0.0, le=1.0),
@@ -276,7 +306,7 @@ def create_app(
         return {"total": total, "offset": offset, "limit": limit, "items": items}
 
     @app.get("/api/features/{idx}")
-    def api_feature(idx: int = FeatureIdx) -> dict:
+    def api_feature(idx: int = Depends(feature_idx)) -> dict:
         """Stats, activation histogram (shared log bins), logit tables and histogram with token text,
         decoder neighbours, co-firing latents and the explanation of one latent."""
         with open_store() as s:
@@ -306,12 +336,10 @@ def create_app(
         }
 
     @app.get("/api/features/{idx}/examples")
-    def api_examples(idx: int = FeatureIdx, kind: Literal["top", "quantile"] = "top") -> dict:
+    def api_examples(idx: int = Depends(feature_idx), kind: Literal["top", "quantile"] = "top") -> dict:
         """Stored examples: windows of {id, text, value} tokens (padding dropped); `center` is the
         activating token's index in `tokens`."""
         with open_store() as s:
-            if s.feature(idx) is None:
-                raise missing(idx)
             rows = s.examples(idx, kind)
         items = []
         for r in rows:
@@ -332,8 +360,8 @@ def create_app(
     def api_activations(body: ActivationsRequest) -> dict:
         """Encode text live: per token its text, whether it is excluded (BOS/special: all zeros), the
         requested latent's activation (if `feature`), and the top 10 active latents (value descending)."""
-        if body.feature is not None and not 0 <= body.feature < n_features:
-            raise missing(body.feature)
+        if body.feature is not None:
+            known(body.feature)
         ids, acts, excluded = encode(body.text)
         k = min(TOP_PER_TOKEN, acts.shape[1])
         values, idxs = acts.topk(k, dim=1) if len(ids) else (torch.zeros(0, k), torch.zeros(0, k))
@@ -389,7 +417,7 @@ def create_app(
         return {"tokens": [text_of(t) for t in ids], "items": items}
 
     @app.put("/api/features/{idx}/explanation")
-    def api_set_explanation(idx: int = FeatureIdx, body: ExplanationRequest = Body()) -> dict:
+    def api_set_explanation(idx: int = Depends(feature_idx), body: ExplanationRequest = Body()) -> dict:
         """Set (or, with null/blank text, remove) a latent's explanation."""
         text = None if body.text is None or not body.text.strip() else body.text.strip()
         if text is not None and len(text) > MAX_EXPLANATION_CHARS:
@@ -397,16 +425,13 @@ def create_app(
                 413, f"explanation has {len(text)} characters; at most {MAX_EXPLANATION_CHARS}"
             )
         with open_store() as s:
-            if s.feature(idx) is None:
-                raise missing(idx)
             s.set_explanation(idx, text)
         return {"idx": idx, "explanation": text}
 
     @app.post("/api/steer")
     def api_steer(body: SteerRequest) -> dict:
         """Complete the prompt twice with the same seed: without and with the latent (add or clamp)."""
-        if not 0 <= body.feature < n_features:
-            raise missing(body.feature)
+        known(body.feature)
         model = require_live("steering", "generate steered text")
         cfg = GenerationConfig(
             max_new_tokens=body.max_new_tokens, temperature=body.temperature, seed=body.seed, chat=body.chat
@@ -467,7 +492,7 @@ def create_app(
 
     @app.get("/feature/{idx}", response_class=HTMLResponse, include_in_schema=False)
     def feature_page(request: Request, idx: int):
-        if not 0 <= idx < n_features:
+        if idx not in latents:
             return page(request, "error.html", 404, message=missing(idx).detail)
         return page(
             request, "feature.html", idx=idx, title=f"saelab: feature {idx}",
