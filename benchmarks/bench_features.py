@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from saelab.data import DataConfig
+from saelab.devices import describe_machine, resolve_dtype_name
 from saelab.dictionaries import DictionaryConfig, build_dictionary
 from saelab.features import AnalysisConfig, analyze
 from saelab.models import load_model
@@ -36,14 +37,14 @@ def dictionary(lm):
     return sae.eval()
 
 
-def run(tokens: int, threads: int) -> tuple[tuple[float, float], tuple[float, float]]:
+def run(tokens: int, threads: int, dtype: str) -> tuple[tuple[float, float], tuple[float, float]]:
     """((harvest, analysis) wall seconds, (harvest, analysis) CPU seconds) for `tokens` tokens.
 
     Both phases run on the same number of threads. CPU seconds (this process's) are less sensitive
     than wall seconds to other work on a shared machine.
     """
     torch.set_num_threads(threads)
-    lm = load_model(None, device="cpu", dtype=torch.bfloat16)
+    lm = load_model(None, device="cpu", dtype=dtype)
     data = DataConfig(context_size=128)
     n_contexts = tokens // 128
     sae = dictionary(lm)
@@ -64,13 +65,16 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=32768)
     parser.add_argument("--memory", action="store_true", help="peak RSS at tokens and 10x tokens")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="for both phases")
+    parser.add_argument("--dtype", default="auto", help="model dtype (auto: what saelab.devices picks)")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        run(args.tokens, args.threads)
+        run(args.tokens, args.threads, args.dtype)
         print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)
         return
-    (harvest, analysis), (harvest_cpu, analysis_cpu) = run(args.tokens, args.threads)
+    torch.set_num_threads(args.threads)
+    print(describe_machine(resolve_dtype_name(args.dtype, "cpu", announce=False)))
+    (harvest, analysis), (harvest_cpu, analysis_cpu) = run(args.tokens, args.threads, args.dtype)
     print(f"{args.tokens:,} tokens, TopK k32 d_sae 4608, {args.threads} thread(s)")
     for name, wall, cpu in (
         ("harvest alone", harvest, harvest_cpu),
@@ -82,7 +86,15 @@ def main() -> None:
     )
     if args.memory:
         for tokens in (args.tokens, 10 * args.tokens):
-            child = ["--child", "--tokens", str(tokens), "--threads", str(args.threads)]
+            child = [
+                "--child",
+                "--tokens",
+                str(tokens),
+                "--threads",
+                str(args.threads),
+                "--dtype",
+                args.dtype,
+            ]
             out = subprocess.run([sys.executable, __file__, *child], capture_output=True, text=True)
             print(f"  peak RSS at {tokens:>9,} tokens: {out.stdout.strip().splitlines()[-1]} MiB")
 

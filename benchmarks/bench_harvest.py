@@ -12,6 +12,7 @@ import time
 import torch
 
 from saelab.data import token_batches
+from saelab.devices import describe_machine, resolve_dtype_name
 from saelab.models import load_model
 
 HOOK = "blocks.15.hook_resid_post"
@@ -30,12 +31,10 @@ def main() -> None:
     parser.add_argument("--contexts", type=int, default=64, help="contexts of 128 tokens, in batches of 32")
     parser.add_argument("--dtypes", nargs="+", default=["bfloat16", "float32"])
     args = parser.parse_args()
-    print(
-        f"harvest of {HOOK}, SmolLM2-135M-Instruct, {args.contexts} x 128 tokens, "
-        f"{torch.get_num_threads()} thread(s)"
-    )
+    print(describe_machine() + f"; dtype auto picks {resolve_dtype_name('auto', 'cpu', announce=False)}")
+    print(f"harvest of {HOOK}, SmolLM2-135M-Instruct, {args.contexts} x 128 tokens")
     for name in args.dtypes:
-        lm = load_model(None, device="cpu", dtype=getattr(torch, name))
+        lm = load_model(None, device="cpu", dtype=name)
         batches = list(
             token_batches(None, lm.tokenizer, context_size=128, batch_size=32, max_contexts=args.contexts)
         )

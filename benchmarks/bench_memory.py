@@ -13,6 +13,8 @@ import subprocess
 import sys
 import tempfile
 
+from saelab.devices import describe_machine, resolve_dtype_name
+
 CHILD = r"""
 import resource, sys
 from saelab.training import TrainConfig, train
@@ -23,7 +25,7 @@ from saelab.models import load_model
 import torch
 what, tokens, folder = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 if what == "harvest":
-    lm = load_model(None, device="cpu", dtype=torch.bfloat16)
+    lm = load_model(None, device="cpu", dtype="auto")
     harvest_to_cache(lm, DataConfig(), ["blocks.15.hook_resid_post"], tokens, folder + "/cache", shard_tokens=4096,
                      progress=False)
 else:
@@ -45,6 +47,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--tokens", type=int, default=16384)
     args = parser.parse_args()
+    print(describe_machine(resolve_dtype_name("auto", "cpu", announce=False)))
     print("peak RSS (MiB), embedded model, blocks.15.hook_resid_post, TopK d_sae 4608")
     for scale in (1, 10):
         tokens = args.tokens * scale

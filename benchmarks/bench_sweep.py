@@ -11,6 +11,7 @@ import argparse
 import tempfile
 import time
 
+from saelab.devices import describe_machine, resolve_dtype_name
 from saelab.dictionaries import DictionaryConfig
 from saelab.training import TrainConfig, train
 
@@ -41,6 +42,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--tokens", type=int, default=65536)
     args = parser.parse_args()
+    print(describe_machine(resolve_dtype_name("auto", "cpu", announce=False)))
     separate = [run([d], args.tokens) for d in SWEEP]
     sweep = run(SWEEP, args.tokens)
     single = separate[1]  # topk k=32

@@ -11,6 +11,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from saelab.devices import describe_machine
 from saelab.toy import tms
 from saelab.toy.bench import bench_settings, run_setting
 
@@ -34,6 +35,7 @@ def main() -> None:
             stages[f"bench: {name}"] = lambda setting=setting: run_setting(
                 setting, out / "bench", progress=False
             )
+        print(describe_machine("float32"))
         total = 0.0
         for name, stage in stages.items():
             start = time.perf_counter()

@@ -13,6 +13,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from saelab.devices import describe_machine
 from saelab.dictionaries import DictionaryConfig, StepContext, build_dictionary
 
 D_IN, D_SAE, K, BATCH = 576, 4608, 32, 4096
@@ -86,6 +87,7 @@ def main() -> None:
     t_ours = timed(saelab_step(None), args.steps)
     t_aux = timed(saelab_step(dead), args.steps)
     t_bf16 = timed(saelab_step(None, "bfloat16"), args.steps)
+    print(describe_machine("float32 weights; encoder matmul as listed"))
     print(f"TopK step, d_in {D_IN}, d_sae {D_SAE}, k {K}, batch {BATCH}, {args.threads} thread(s)")
     rows = [
         ("dense PyTorch reference (float32)", t_ref),

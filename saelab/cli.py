@@ -27,6 +27,11 @@ err_console = Console(stderr=True)
 
 EMBEDDED_HF_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 DEFAULT_HOOK = "blocks.15.hook_resid_post"
+DTYPE_HELP = (
+    "Model dtype: auto (bfloat16 where the CPU or GPU has bf16 matrix units, else float32), "
+    "bfloat16, float32 or float16."
+)
+DEVICE_HELP = "auto (cuda, then mps, then cpu), cpu, cuda or mps."
 
 
 def main() -> None:
@@ -128,8 +133,8 @@ def harvest(
         True, help="Drop position 0 (BOS / attention sink, norm ~100x the median)."
     ),
     exclude_special: bool = typer.Option(True, help="Drop special tokens."),
-    device: str = typer.Option("cpu", help="cpu, cuda or mps."),
-    dtype: str = typer.Option("bfloat16", help="Model dtype: bfloat16 (fast on CPU) or float32."),
+    device: str = typer.Option("auto", help=DEVICE_HELP),
+    dtype: str = typer.Option("auto", help=DTYPE_HELP),
     seed: int = typer.Option(0, help="Shuffling seed."),
 ):
     """Harvest activations into a memory-mapped, resumable disk cache that training can read many times."""
@@ -150,9 +155,7 @@ def harvest(
 # ---- train --------------------------------------------------------------------------------------
 
 
-def sweep_configs(
-    architecture, width, k, l1, target_l0, hook, output_hook, d_in, seed, encoder_dtype="float32"
-):
+def sweep_configs(architecture, width, k, l1, target_l0, hook, output_hook, d_in, seed, encoder_dtype="auto"):
     """The cartesian product of the sweep options, each knob applied only where it means something."""
     from saelab.dictionaries import ARCHITECTURES, DictionaryConfig
 
@@ -163,8 +166,8 @@ def sweep_configs(
         raise SaelabError(
             f"--k {max(k)} is larger than --width {min(width)}: k must be at most the number of latents."
         )
-    if encoder_dtype not in ("float32", "bfloat16"):
-        raise SaelabError(f"unknown --encoder-dtype {encoder_dtype!r}; use float32 or bfloat16.")
+    if encoder_dtype not in ("auto", "float32", "bfloat16"):
+        raise SaelabError(f"unknown --encoder-dtype {encoder_dtype!r}; use auto, float32 or bfloat16.")
     configs = []
     for arch, d_sae in itertools.product(architecture, width):
         knobs = {
@@ -210,8 +213,9 @@ def train(
     l1: list[float] = typer.Option([5.0], help="relu/gated: L1 coefficient; repeat to sweep."),
     target_l0: list[float] = typer.Option([32.0], help="jumprelu: target L0; repeat to sweep."),
     encoder_dtype: str = typer.Option(
-        "float32",
-        help="topk: encoder matmul dtype while training; bfloat16 is ~1.4x faster on AMX CPUs / GPUs.",
+        "auto",
+        help="topk: encoder matmul dtype while training; auto = bfloat16 where the model's auto dtype is "
+        "bfloat16 (~1.4x faster on AMX CPUs / GPUs), else float32.",
     ),
     data: str = typer.Option(
         None, help="Text source (file, folder or HF dataset); default: embedded corpus."
@@ -225,6 +229,9 @@ def train(
         False, help="Train straight from the model through a shuffle buffer (no disk)."
     ),
     tokens: int = typer.Option(1_000_000, min=1, help="Training tokens."),
+    harvest_tokens: int = typer.Option(
+        None, min=1, help="Tokens to harvest into the run's cache (default: --tokens); fewer trains epochs."
+    ),
     batch_size: int = typer.Option(1024, min=1, help="Activation vectors per step."),
     lr: float = typer.Option(1e-3, help="Adam learning rate (linear warm-up, decay over the last 20%)."),
     dead_after_tokens: int = typer.Option(
@@ -238,10 +245,8 @@ def train(
     checkpoint_every: int = typer.Option(200, min=1, help="Steps between atomic checkpoints."),
     exclude_bos: bool = typer.Option(True, help="Exclude position 0 (attention sink) from training."),
     exclude_special: bool = typer.Option(True, help="Exclude special tokens from training."),
-    device: str = typer.Option("cpu", help="cpu, cuda or mps."),
-    dtype: str = typer.Option(
-        "bfloat16", help="Model dtype while harvesting: bfloat16 (fast on CPU) or float32."
-    ),
+    device: str = typer.Option("auto", help=DEVICE_HELP),
+    dtype: str = typer.Option("auto", help=DTYPE_HELP),
     seed: int = typer.Option(0, help="Seed for initialisation and shuffling."),
     resume: bool = typer.Option(False, help="Continue the run in --run-dir from its last checkpoint."),
     overwrite: bool = typer.Option(False, help="Replace a finished or unfinished run in --run-dir."),
@@ -271,14 +276,16 @@ def train(
         activations=str(activations) if activations else None,
         stream=stream,
         n_tokens=tokens,
+        harvest_tokens=harvest_tokens,
         batch_size=batch_size,
         lr=lr,
         dead_after_tokens=dead_after_tokens,
         resample_every_tokens=resample_every,
         checkpoint_every=checkpoint_every,
         seed=seed,
-        device=device,
+        device=_device(device),
         model_dtype=_dtype(dtype, as_name=True),
+        evaluate_after=evaluate_after,
     )
 
     def has_checkpoint(folder: Path) -> bool:  # worth keeping for --resume
@@ -291,9 +298,17 @@ def train(
             raise _model_file_error(cfg.model, err) from None
     if saved and distributed.is_main():
         console.print(f"trained {len(saved)} dictionar{'y' if len(saved) == 1 else 'ies'} in {run_dir}")
-        if evaluate_after:
+        # The run's own options (a resumed run keeps those it started with, not this call's defaults).
+        ran = TrainConfig.from_dict(json.loads((run_dir / "config.json").read_text()))
+        if ran.evaluate_after:
             results = _evaluate_folders(
-                list(saved.values()), cfg.model, cfg.data.source, 65536, 128, device, dtype=dtype
+                list(saved.values()),
+                ran.model,
+                ran.data.source,
+                65536,
+                128,
+                ran.device,
+                dtype=ran.model_dtype,
             )
             _print_table(results)
     distributed.cleanup()
@@ -319,25 +334,23 @@ def _sae_folders(path: Path) -> list[Path]:
 
 
 def _dtype(name: str, as_name: bool = False):
-    """Parse a dtype option; as_name=True returns the canonical name instead of the torch dtype."""
-    import torch
+    """Check a --dtype option: a torch dtype or "auto" (as_name=True: its canonical name)."""
+    from saelab.devices import dtype_name, parse_dtype
 
-    from saelab.errors import SaelabError
-
-    table = {
-        "bfloat16": torch.bfloat16,
-        "bf16": torch.bfloat16,
-        "float32": torch.float32,
-        "fp32": torch.float32,
-        "float16": torch.float16,
-        "fp16": torch.float16,
-    }
-    if name not in table:
-        raise SaelabError(f"unknown dtype {name!r}; use bfloat16, float32 or float16.")
-    return str(table[name]).removeprefix("torch.") if as_name else table[name]
+    parsed = parse_dtype(name)
+    if as_name:
+        return parsed if parsed == "auto" else dtype_name(parsed)
+    return parsed
 
 
-def _evaluate_folders(folders, model, data, tokens, ce_contexts, device, out=None, dtype="bfloat16"):
+def _device(name: str) -> str:
+    """Check a --device option and resolve "auto" to the device it picks here."""
+    from saelab.devices import resolve_device
+
+    return str(resolve_device(name))
+
+
+def _evaluate_folders(folders, model, data, tokens, ce_contexts, device, out=None, dtype="auto"):
     from saelab.evaluation import EvalConfig, evaluate
 
     results = {}
@@ -416,8 +429,8 @@ def eval_command(
         128, min=0, help="Contexts for CE / KL with the SAE spliced in (0 to skip)."
     ),
     out: Path = typer.Option(None, help="Where to write eval.json and density.png; default: beside the SAE."),
-    device: str = typer.Option("cpu", help="cpu, cuda or mps."),
-    dtype: str = typer.Option("bfloat16", help="Model dtype: bfloat16 (fast on CPU) or float32."),
+    device: str = typer.Option("auto", help=DEVICE_HELP),
+    dtype: str = typer.Option("auto", help=DTYPE_HELP),
 ):
     """Evaluate dictionaries: L0, MSE, explained variance, CE/KL loss recovered, dead/dense latents."""
     results = _evaluate_folders(_sae_folders(path), model, data, tokens, ce_contexts, device, out, dtype)
@@ -436,8 +449,8 @@ def analyze(
     top_k: int = typer.Option(20, min=1, help="Top activating examples kept per latent."),
     out: Path = typer.Option(None, help="Database file (one SAE) or folder; default: features.db beside it."),
     resume: bool = typer.Option(False, help="Continue an interrupted analysis from its checkpoint."),
-    device: str = typer.Option("cpu", help="cpu, cuda or mps."),
-    dtype: str = typer.Option("bfloat16", help="Model dtype: bfloat16 (fast on CPU) or float32."),
+    device: str = typer.Option("auto", help=DEVICE_HELP),
+    dtype: str = typer.Option("auto", help=DTYPE_HELP),
     seed: int = typer.Option(0, help="Seed of the quantile-example reservoirs."),
 ):
     """One streaming pass: top and quantile examples, histograms, density, co-activation, logit effects,
@@ -483,8 +496,8 @@ def serve(
     host: str = typer.Option("127.0.0.1", help="Interface to bind (127.0.0.1: this machine only)."),
     port: int = typer.Option(8000, min=1, max=65535, help="Port."),
     live: bool = typer.Option(True, help="Load the model and SAE for 'test your own text' and text search."),
-    device: str = typer.Option("cpu", help="cpu, cuda or mps (for the live model)."),
-    dtype: str = typer.Option("bfloat16", help="Model dtype for the live model."),
+    device: str = typer.Option("auto", help=DEVICE_HELP),
+    dtype: str = typer.Option("auto", help=DTYPE_HELP),
 ):
     """Browse, search and test every feature of an analysed dictionary in a local web app."""
     from saelab.server.app import serve as run_server
@@ -540,47 +553,125 @@ def export_command(
 # ---- demo ---------------------------------------------------------------------------------------
 
 
+DEMO_PLAN = "demo_plan.json"
+
+
 @app.command()
 def demo(
     run_dir: Path = typer.Option(Path("runs/demo"), help="Run folder."),
-    tokens: int = typer.Option(1_000_000, help="Training tokens."),
+    tokens: int = typer.Option(
+        None, min=1024, help="Training tokens, all harvested fresh; default: sized to fit --minutes here."
+    ),
+    minutes: float = typer.Option(15.0, min=1.0, help="Wall-clock budget of the whole demo."),
+    started_at: float = typer.Option(
+        None,
+        help="Unix time the demo's set-up began (`make demo` passes it, so set-up counts); default: now.",
+    ),
     overwrite: bool = typer.Option(False, help="Retrain even if the demo run has finished."),
-    analyze_tokens: int = typer.Option(131_072, min=0, help="Tokens for the feature analysis (0: skip it)."),
+    analyze_tokens: int = typer.Option(
+        None, min=0, help="Tokens for the feature analysis (0: skip it); default: 131,072, or fewer to fit."
+    ),
     serve_app: bool = typer.Option(True, "--serve/--no-serve", help="End by serving the feature web app."),
     port: int = typer.Option(8000, min=1, max=65535, help="Port of the web app."),
+    device: str = typer.Option("auto", help=DEVICE_HELP),
+    dtype: str = typer.Option("auto", help=DTYPE_HELP),
 ):
     """Harvest from the embedded corpus, train a TopK SAE on blocks.15.hook_resid_post, evaluate, summarise,
-    analyse its features and serve them in the local web app."""
-    from saelab.dictionaries import DictionaryConfig
+    analyse its features and serve them in the local web app, sized to fit --minutes on this machine."""
+    from saelab.budget import DemoPlan
+    from saelab.fileio import atomic_write_json
     from saelab.training import DONE, TrainConfig
     from saelab.training import train as run_training
 
-    cfg = TrainConfig(
-        run_dir=str(run_dir),
-        dictionaries=[DictionaryConfig(architecture="topk", k=32, d_sae=4608)],
-        n_tokens=tokens,
-    )
-    start = time.perf_counter()
-    if (run_dir / DONE).exists() and not overwrite:
+    start = started_at if started_at is not None else time.time()
+    device = _device(device)
+    plan_path = run_dir / DEMO_PLAN
+    finished = (run_dir / DONE).exists() and not overwrite
+    resumable = (run_dir / "checkpoint" / "state.pt").exists() and not overwrite
+    timings: dict[str, float] = {}
+    if finished or resumable:
+        plan = DemoPlan(**json.loads(plan_path.read_text())) if plan_path.is_file() else None
+        cfg = TrainConfig.from_dict(json.loads((run_dir / "config.json").read_text()))
+    else:
+        plan, cfg = _plan_demo(run_dir, tokens, minutes, start, device, dtype, timings)
+    if finished:
         console.print(f"{run_dir} already holds a finished demo run; evaluating it (--overwrite retrains).")
         folders = [Path(p) for p in json.loads((run_dir / DONE).read_text())["dictionaries"].values()]
     else:
-        resume = (run_dir / "checkpoint" / "state.pt").exists() and not overwrite
-        folders = list(run_training(cfg, resume=resume, overwrite=overwrite).values())
-    results = _evaluate_folders(folders, None, None, 65536, 128, "cpu")
+        clock = time.perf_counter()
+        folders = list(run_training(cfg, resume=resumable, overwrite=overwrite).values())
+        timings["train"] = time.perf_counter() - clock
+    if plan is not None:
+        atomic_write_json(plan_path, plan.to_dict())
+    eval_tokens, ce_contexts = (plan.eval_tokens, plan.ce_contexts) if plan else (65536, 128)
+    clock = time.perf_counter()
+    results = _evaluate_folders(folders, None, None, eval_tokens, ce_contexts, device, dtype=cfg.model_dtype)
+    timings["eval"] = time.perf_counter() - clock
     _print_table(results)
+    metrics = results[folders[0].name]
     console.print(
-        f"demo finished in {time.perf_counter() - start:.0f} s; SAE in {folders[0]}, "
-        f"metrics in {folders[0] / 'eval.json'}, density plot in {folders[0] / 'density.png'}"
+        f"quality on held-out text: explained variance {metrics['explained_variance']:.3f}, "
+        f"CE loss score {metrics.get('ce_loss_score', float('nan')):.3f}; SAE in {folders[0]}, metrics in "
+        f"{folders[0] / 'eval.json'}, density plot in {folders[0] / 'density.png'}"
     )
-    if analyze_tokens <= 0:
-        return
+    if analyze_tokens is None:
+        analyze_tokens = plan.analyze_tokens if plan else 131_072
     store = folders[0] / "features.db"
-    if not _analysis_complete(store) or overwrite:
+    if analyze_tokens > 0 and (not _analysis_complete(store) or overwrite):
+        clock = time.perf_counter()
         analyze(folders[0], tokens=analyze_tokens, model=None, data=None, top_k=20, out=None, resume=False,
-                device="cpu", dtype="bfloat16", seed=0)  # fmt: skip
-    if serve_app:
-        serve(folders[0], host="127.0.0.1", port=port, live=True, device="cpu", dtype="bfloat16")
+                device=device, dtype=cfg.model_dtype, seed=0)  # fmt: skip
+        timings["analyze"] = time.perf_counter() - clock
+    stages = ", ".join(f"{name} {seconds:.0f} s" for name, seconds in timings.items())
+    console.print(
+        f"demo finished in {time.time() - start:.0f} s of a {minutes * 60:.0f} s budget "
+        f"(counted from {'set-up' if started_at is not None else 'the start'}; {stages})"
+    )
+    if serve_app and analyze_tokens > 0:
+        serve(folders[0], host="127.0.0.1", port=port, live=True, device=device, dtype=cfg.model_dtype)
+
+
+def _plan_demo(run_dir, tokens, minutes, start, device, dtype, timings):
+    """Measure this machine, size the demo to the time left, harvest its cache; return (plan, config)."""
+    from saelab.activations import harvest_to_cache
+    from saelab.budget import measure_harvest, measure_train_step, plan_demo
+    from saelab.data import DataConfig
+    from saelab.devices import dtype_name, encoder_dtype
+    from saelab.dictionaries import DictionaryConfig
+    from saelab.training import TrainConfig
+
+    clock = time.perf_counter()
+    lm = _load_model(None, device=device, dtype=_dtype(dtype))
+    model_dtype = dtype_name(lm.model.dtype)
+    dictionary = DictionaryConfig(architecture="topk", k=32, d_sae=4608, d_in=lm.d_model,
+                                  encoder_dtype=encoder_dtype("auto", device) if dtype == "auto" else "float32")  # fmt: skip
+    data = DataConfig()
+    harvest_speed = measure_harvest(lm, data, dictionary.hook_name)
+    train_speed = measure_train_step(dictionary) / 1.15  # the loop's bookkeeping, logging, checkpoints
+    timings["load+measure"] = time.perf_counter() - clock
+    left = minutes * 60 - (time.time() - start)
+    plan = plan_demo(harvest_speed, train_speed, left, fixed_tokens=tokens)
+    console.print(
+        f"demo plan: {plan.harvest_tokens:,} tokens harvested, {plan.train_tokens:,} trained "
+        f"({plan.epochs:.1f} epochs), eval {plan.eval_tokens:,} tokens + {plan.ce_contexts} CE contexts, "
+        f"analysis {plan.analyze_tokens:,} tokens; about {plan.estimate_s / 60:.1f} of the {left / 60:.1f} "
+        f"minutes left. Why: {plan.reason} (measured here: harvest {harvest_speed:,.0f} tok/s in "
+        f"{model_dtype}, TopK step {train_speed:,.0f} tok/s; --tokens overrides)."
+    )
+    dictionary.d_in = 0  # as wide as the hook point, resolved by the trainer
+    cfg = TrainConfig(
+        run_dir=str(run_dir),
+        dictionaries=[dictionary],
+        n_tokens=plan.train_tokens,
+        harvest_tokens=plan.harvest_tokens,
+        device=device,
+        model_dtype=model_dtype,
+    )
+    clock = time.perf_counter()
+    harvest_to_cache(lm, cfg.data, cfg.hooks, plan.harvest_tokens, run_dir / "activations",
+                     batch_contexts=cfg.harvest_batch_contexts, seed=cfg.seed)  # fmt: skip
+    timings["harvest"] = time.perf_counter() - clock
+    return plan, cfg
 
 
 def _analysis_complete(store_path: Path) -> bool:
@@ -697,12 +788,11 @@ def toy_all(out: Path = _TOY_OUT, quick: bool = _QUICK, seed: int = _SEED):
     )
 
 
-if __name__ == "__main__":
-    main()
-
-
 # ---- interventions (steering, directions) ---------------------------------------------------------
 from saelab.cli_steering import direction_app, steer_app  # noqa: E402
 
 app.add_typer(steer_app, name="steer")
 app.add_typer(direction_app, name="direction")
+
+if __name__ == "__main__":  # after every command group is registered (python -m saelab.cli steer ...)
+    main()

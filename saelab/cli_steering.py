@@ -19,8 +19,12 @@ direction_app = typer.Typer(
 )
 
 _MODEL = typer.Option(None, help="Model; default: the embedded SmolLM2-135M-Instruct (or the SAE's model).")
-_DEVICE = typer.Option("cpu", help="cpu, cuda or mps.")
-_DTYPE = typer.Option("float32", help="Model dtype: float32 or bfloat16.")
+_DEVICE = typer.Option("auto", help="auto (cuda, then mps, then cpu), cpu, cuda or mps.")
+_DTYPE = typer.Option(
+    "auto",
+    help="Model dtype: auto (bfloat16 where the CPU or GPU has bf16 matrix units, else float32), "
+    "bfloat16, float32 or float16.",
+)
 _CHAT = typer.Option(True, "--chat/--no-chat", help="Wrap prompts in the chat template as a user turn.")
 
 

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from saelab.devices import resolve_device, resolve_dtype
 from saelab.errors import ModelNotFoundError, UnknownHookError
 from saelab.paths import cache_dir
 
@@ -459,24 +460,19 @@ def _from_pretrained(where: str, what: str, **kwargs):
     return model, tokenizer
 
 
-def _default_device() -> str:
-    if torch.cuda.is_available():
-        return "cuda"
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        return "mps"
-    return "cpu"
-
-
 def load_model(
     name_or_path: str | os.PathLike | None = None,
-    device: str | None = None,
-    dtype: torch.dtype = torch.float32,
+    device: str | torch.device | None = "auto",
+    dtype: str | torch.dtype = "auto",
 ) -> HookedLM:
     """Load a causal LM for hooking: the embedded default, a .gguf file, a local folder or a hub id.
 
     The model is in eval mode with gradients off for its weights and the KV cache disabled
-    (harvesting never generates). `device=None` picks cuda, then mps, then cpu.
+    (harvesting never generates). `device="auto"` (or None) picks cuda, then mps, then cpu;
+    `dtype="auto"` picks what this hardware runs fast (`saelab.devices`).
     """
+    device = resolve_device(device)
+    dtype = resolve_dtype(dtype, device)
     name = None if name_or_path is None else str(name_or_path)
     hf_id = None
     if name is None or name.lower() in _EMBEDDED_ALIASES:
@@ -510,7 +506,7 @@ def load_model(
             hf_id = name
     model.eval().requires_grad_(False)
     model.config.use_cache = False
-    model.to(device=device or _default_device(), dtype=dtype)
+    model.to(device=device, dtype=dtype)
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token  # batching needs a pad token (GPT-2 has none)
     return HookedLM(model, tokenizer, name=name, hf_id=hf_id)

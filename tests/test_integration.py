@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 from saelab.data import DataConfig
 from saelab.dictionaries import DictionaryConfig
@@ -40,7 +39,7 @@ def test_embedded_model_end_to_end(tmp_path):
     first, last = metrics[0], [m for m in metrics if m["dictionary"] == metrics[0]["dictionary"]][-1]
     assert last["fvu"] < first["fvu"]
 
-    lm = load_model(None, dtype=torch.bfloat16)
+    lm = load_model(None, dtype="auto")  # bfloat16 only where it runs fast
     topk = load_dictionary(saved["topk-k32-w1024"])
     assert topk.cfg.d_in == 576 and topk.cfg.metadata["hook_name"] == "blocks.15.hook_resid_post"
     result = evaluate(

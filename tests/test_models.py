@@ -329,7 +329,7 @@ def test_load_model_local_folder(tmp_path):
     model = _tiny("llama")
     model.save_pretrained(tmp_path / "m")
     _tiny_tokenizer().save_pretrained(tmp_path / "m")
-    lm = load_model(str(tmp_path / "m"), device="cpu")
+    lm = load_model(str(tmp_path / "m"), device="cpu", dtype=torch.float32)
     assert lm.family == "llama" and lm.n_layers == 3 and lm.name == str(tmp_path / "m") and lm.hf_id is None
     assert not lm.model.training and not any(p.requires_grad for p in lm.model.parameters())
     assert lm.model.config.use_cache is False
@@ -341,6 +341,10 @@ def test_load_model_local_folder(tmp_path):
         _close(lm.forward(ids), model(ids).logits)
     half = load_model(tmp_path / "m", device="cpu", dtype=torch.bfloat16)
     assert half.model.dtype == torch.bfloat16
+    from saelab.devices import resolve_dtype
+
+    auto = load_model(tmp_path / "m")  # the Python API's defaults: device and dtype "auto"
+    assert auto.model.dtype == resolve_dtype("auto", "cpu") and auto.device.type == "cpu"
 
 
 def test_load_model_bad_paths(tmp_path):
@@ -385,7 +389,7 @@ def test_write_cache_is_atomic(tmp_path, monkeypatch):
     assert "quantization_config" not in json.loads((target / "config.json").read_text())
     assert json.loads((target / "saelab_source.json").read_text()) == {"gguf": "x"}
     assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == ["tiny"]
-    lm = load_model(str(target), device="cpu")
+    lm = load_model(str(target), device="cpu", dtype=torch.float32)
     ids = _ids()
     with torch.no_grad():
         _close(lm.forward(ids), plain(ids).logits)
@@ -396,7 +400,7 @@ def test_embedded_model():
     from saelab.models import EMBEDDED_HF_ID, _embedded_cache, embedded_gguf_path
 
     assert embedded_gguf_path().is_file()
-    lm = load_model(device="cpu")
+    lm = load_model(device="cpu", dtype=torch.float32)
     assert (lm.name, lm.hf_id, lm.family) == ("SmolLM2-135M-Instruct", EMBEDDED_HF_ID, "llama")
     assert lm.n_layers == 30 and lm.d_model == 576
     assert (_embedded_cache() / "model.safetensors").is_file()
@@ -407,7 +411,7 @@ def test_embedded_model():
     norms = acts.norm(dim=-1)
     assert norms[0] > 5 * norms[1:].median()  # attention sink at position 0
     start = time.time()
-    again = load_model("smollm2", device="cpu")
+    again = load_model("smollm2", device="cpu", dtype=torch.float32)
     assert time.time() - start < 10  # from the safetensors cache, not the GGUF
     torch.testing.assert_close(
         again.capture(ids, ["blocks.15.hook_resid_post"])["blocks.15.hook_resid_post"][0], acts

@@ -101,7 +101,7 @@ def test_written_folder_equals_runtime_ablation(kind, tmp_path):
 
     folder = write_orthogonalized(lm, d, tmp_path / "orth", provenance={"method": "random", "seed": 1})
     assert (folder / "model.safetensors").is_file() and (folder / "tokenizer.json").is_file()
-    new = load_model(folder, device="cpu")
+    new = load_model(folder, device="cpu", dtype=torch.float32)
     with torch.no_grad():
         got = new.forward(ids, mask)
     real = mask.bool()
@@ -228,7 +228,7 @@ def test_gguf_dequantized_config_is_handled(tmp_path):
     expected = _runtime(lm, d, ids, mask)
     folder = write_orthogonalized(lm, d, tmp_path / "orth")
     assert "quantization_config" not in json.loads((folder / "config.json").read_text())
-    new = load_model(folder, device="cpu")
+    new = load_model(folder, device="cpu", dtype=torch.float32)
     with torch.no_grad():
         got = new.forward(ids, mask)
     torch.testing.assert_close(got[mask.bool()], expected[mask.bool()], atol=1e-4, rtol=1e-4)

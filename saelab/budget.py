@@ -1,0 +1,174 @@
+"""Size a job to a wall-clock budget from speeds measured on this machine.
+
+The demo promises 15 minutes on any 2-core CPU, but harvest speed differs 4x between an AMX Xeon
+in bfloat16 and an AVX2-only CPU in float32. So the demo measures the harvest and a training step
+on the first batches and sizes every stage to fit the time left: it harvests fewer tokens and
+trains on them for more than one epoch (each in a new order), and shortens the evaluation and the
+feature analysis only when it must. Every number is printed with the reason.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+
+# Costs in "harvest-token equivalents", measured on SmolLM2-135M at blocks.15 (both CPU kinds):
+# a full forward (30 blocks + a 49k-token unembedding) costs ~2.3x an early exit after block 15,
+# and the feature-analysis pass ~1.35x the harvest plus ~10 s of fixed work.
+FULL_FORWARD_COST = 2.3
+ANALYSIS_COST, ANALYSIS_FIXED_S = 1.35, 10.0
+CE_FORWARDS = 3  # clean, with the SAE spliced in, zero-ablated
+SAFETY = 0.9  # plan to 90% of the time left: speeds drift as the machine warms or shares its cores
+
+
+@dataclass
+class DemoPlan:
+    """How many tokens each demo stage gets, and why."""
+
+    harvest_tokens: int
+    train_tokens: int
+    eval_tokens: int
+    ce_contexts: int
+    analyze_tokens: int
+    harvest_tok_s: float
+    train_tok_s: float
+    budget_s: float
+    estimate_s: float
+    reason: str
+
+    @property
+    def epochs(self) -> float:
+        return self.train_tokens / self.harvest_tokens
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def stage_seconds(
+    harvest_tok_s: float,
+    train_tok_s: float,
+    harvest_tokens: int,
+    train_tokens: int,
+    eval_tokens: int,
+    ce_contexts: int,
+    analyze_tokens: int,
+    context_size: int = 128,
+) -> dict[str, float]:
+    """Estimated seconds of each stage at the measured speeds."""
+    analysis = ANALYSIS_COST * analyze_tokens / harvest_tok_s + (ANALYSIS_FIXED_S if analyze_tokens else 0.0)
+    return {
+        "harvest": harvest_tokens / harvest_tok_s,
+        "train": train_tokens / train_tok_s,
+        "eval": (eval_tokens + CE_FORWARDS * FULL_FORWARD_COST * ce_contexts * context_size) / harvest_tok_s,
+        "analyze": analysis,
+    }
+
+
+def plan_demo(
+    harvest_tok_s: float,
+    train_tok_s: float,
+    budget_s: float,
+    tokens: int = 1_000_000,
+    eval_tokens: int = 65_536,
+    ce_contexts: int = 128,
+    analyze_tokens: int = 131_072,
+    min_harvest: int = 131_072,
+    max_epochs: int = 8,
+    fixed_tokens: int | None = None,
+) -> DemoPlan:
+    """The largest demo that fits `budget_s` at these speeds.
+
+    Order of cuts, from what costs quality least: (1) harvest fewer tokens and train more epochs on
+    them (1M training tokens kept; down to `min_harvest` harvested, at most `max_epochs`); (2) halve
+    the evaluation and analysis tokens and the CE contexts (their figures get noisier, not worse);
+    (3) fewer training tokens. `fixed_tokens` (the user's --tokens) disables the sizing.
+    """
+    full = dict(eval_tokens=eval_tokens, ce_contexts=ce_contexts, analyze_tokens=analyze_tokens)
+    usable = SAFETY * budget_s
+
+    def plan(harvest: int, train: int, reason: str, **stages) -> DemoPlan:
+        seconds = stage_seconds(harvest_tok_s, train_tok_s, harvest, train, **stages)
+        return DemoPlan(
+            harvest, train, stages["eval_tokens"], stages["ce_contexts"], stages["analyze_tokens"],
+            harvest_tok_s, train_tok_s, budget_s, sum(seconds.values()), reason,
+        )  # fmt: skip
+
+    if fixed_tokens is not None:
+        return plan(fixed_tokens, fixed_tokens, "--tokens given: no sizing", **full)
+    best = plan(tokens, tokens, "the full demo fits the time left", **full)
+    if best.estimate_s <= usable:
+        return best
+    for stages, note in ((full, ""), (_halved(full), "; evaluation and analysis halved")):
+        others = sum(stage_seconds(harvest_tok_s, train_tok_s, 0, tokens, **stages).values())
+        harvest = int((usable - others) * harvest_tok_s)
+        floor = max(min_harvest, math.ceil(tokens / max_epochs))
+        if harvest >= floor:
+            harvest = min(tokens, harvest)
+            return plan(
+                harvest,
+                tokens,
+                f"harvest at {harvest_tok_s:,.0f} tok/s: {tokens:,} fresh tokens would not fit, so "
+                f"{harvest:,} are harvested and trained on for {tokens / harvest:.1f} epochs{note}",
+                **stages,
+            )
+    stages = _halved(full)
+    harvest = max(min_harvest // 2, 1024)
+    others = sum(stage_seconds(harvest_tok_s, train_tok_s, harvest, 0, **stages).values())
+    train = max(harvest, min(tokens, int((usable - others) * train_tok_s), harvest * max_epochs))
+    return plan(
+        harvest,
+        train,
+        f"this machine is slow (harvest {harvest_tok_s:,.0f} tok/s, training {train_tok_s:,.0f} tok/s): "
+        f"minimum harvest, {train:,} training tokens; evaluation and analysis halved",
+        **stages,
+    )
+
+
+def _halved(stages: dict) -> dict:
+    return {key: max(1, value // 2) for key, value in stages.items()}
+
+
+# -- measurements ---------------------------------------------------------------------------------
+def measure_harvest(lm, data, hook: str, batch_contexts: int = 32) -> float:
+    """Tokens per second of the early-exit capture, timed on one batch after a small warm-up batch."""
+    from saelab.data import token_batches
+
+    batches = token_batches(
+        data.source,
+        lm.tokenizer,
+        context_size=data.context_size,
+        batch_size=batch_contexts,
+        prepend_bos=data.prepend_bos,
+        split=data.split,
+        text_field=data.text_field,
+        dataset_config=data.dataset_config,
+    )
+    first = next(iter(batches))
+    lm.capture(first[:4], [hook])  # warm-up: kernel selection, allocator
+    start = time.perf_counter()
+    lm.capture(first, [hook])
+    return first.numel() / (time.perf_counter() - start)
+
+
+def measure_train_step(dictionary_cfg, batch_size: int = 1024, steps: int = 4) -> float:
+    """Tokens per second of training steps of this dictionary (forward, backward, Adam) on random rows."""
+    from saelab.dictionaries import StepContext, build_dictionary
+
+    dictionary = build_dictionary(dictionary_cfg)
+    optimizer = torch.optim.Adam(dictionary.parameters(), lr=1e-4)
+    x = torch.randn(batch_size, dictionary_cfg.d_in, generator=torch.Generator().manual_seed(0))
+
+    def step() -> None:
+        out = dictionary.training_loss(x, x, StepContext(dead_mask=None, progress=0.5))
+        optimizer.zero_grad(set_to_none=True)
+        out.loss.backward()
+        optimizer.step()
+
+    step()  # warm-up
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    return steps * batch_size / (time.perf_counter() - start)

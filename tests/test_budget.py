@@ -1,0 +1,69 @@
+"""Sizing the demo to its time budget from measured speeds (saelab.budget)."""
+
+from __future__ import annotations
+
+import pytest
+
+from saelab.budget import SAFETY, measure_train_step, plan_demo, stage_seconds
+from saelab.dictionaries import DictionaryConfig
+
+# Speeds measured on the two kinds of 2-core machine (harvest tok/s, TopK step tok/s).
+AMX = (2700.0, 12000.0)
+AVX2 = (721.0, 6000.0)
+
+
+def _seconds(plan, speeds):
+    return sum(
+        stage_seconds(
+            *speeds,
+            plan.harvest_tokens,
+            plan.train_tokens,
+            plan.eval_tokens,
+            plan.ce_contexts,
+            plan.analyze_tokens,
+        ).values()
+    )
+
+
+def test_a_fast_machine_gets_the_full_demo():
+    plan = plan_demo(*AMX, budget_s=13 * 60)
+    assert (plan.harvest_tokens, plan.train_tokens) == (1_000_000, 1_000_000)
+    assert (plan.eval_tokens, plan.ce_contexts, plan.analyze_tokens) == (65_536, 128, 131_072)
+    assert plan.epochs == 1.0 and "fits" in plan.reason
+
+
+def test_a_slow_machine_harvests_less_and_trains_more_epochs():
+    plan = plan_demo(*AVX2, budget_s=13 * 60)
+    assert plan.train_tokens == 1_000_000
+    assert 131_072 <= plan.harvest_tokens < 1_000_000
+    assert plan.epochs > 1.5 and "epochs" in plan.reason and "721 tok/s" in plan.reason
+    assert _seconds(plan, AVX2) <= SAFETY * 13 * 60 + 1  # the estimate fits the budget
+
+
+def test_cuts_go_in_order_and_always_fit_when_possible():
+    previous = None
+    for minutes in (20, 13, 10, 8, 6):
+        plan = plan_demo(*AVX2, budget_s=minutes * 60)
+        assert plan.estimate_s == pytest.approx(_seconds(plan, AVX2))
+        if previous is not None:
+            assert plan.harvest_tokens <= previous.harvest_tokens
+            assert plan.analyze_tokens <= previous.analyze_tokens
+        previous = plan
+    assert previous.analyze_tokens == 65_536 and previous.ce_contexts == 64  # halved at 6 minutes
+
+
+def test_a_hopelessly_slow_machine_still_gets_a_plan_and_says_so():
+    plan = plan_demo(50.0, 500.0, budget_s=60)
+    assert plan.harvest_tokens >= 1024 and plan.train_tokens >= plan.harvest_tokens
+    assert "slow" in plan.reason
+
+
+def test_tokens_given_disable_the_sizing():
+    plan = plan_demo(*AVX2, budget_s=60, fixed_tokens=50_000)
+    assert (plan.harvest_tokens, plan.train_tokens) == (50_000, 50_000)
+    assert "--tokens" in plan.reason
+
+
+def test_measure_train_step_returns_a_rate():
+    rate = measure_train_step(DictionaryConfig(architecture="topk", d_in=16, d_sae=64, k=4), batch_size=64)
+    assert rate > 0
