@@ -42,7 +42,7 @@ DEVICES = ("auto", "cpu", "cuda", "mps")
 # bf16 must beat float32 by this factor in the micro-benchmark to be chosen (noise margin).
 BF16_MIN_SPEEDUP = 1.2
 _CACHE_FILE = "dtype_choice.json"
-_CACHE_VERSION = 1
+_CACHE_VERSION = 2
 _ISA_VARIABLES = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA")
 
 
@@ -180,7 +180,6 @@ def cpu_model() -> str:
 def _cache_key() -> dict:
     env = {var: os.environ.get(var, "") for var in _ISA_VARIABLES}
     return {
-        "version": _CACHE_VERSION,
         "cpu": cpu_model(),
         "capability": torch.backends.cpu.get_cpu_capability(),
         "torch": torch.__version__,
@@ -195,13 +194,13 @@ def _cpu_choice() -> DtypeChoice:
     if not has_units:
         return DtypeChoice("float32", f"CPU without bf16 matrix units ({which})")
     path = _choice_cache_path()
-    key = _cache_key()
-    try:
-        saved = json.loads(path.read_text())
-        if saved.get("key") == key:
-            return DtypeChoice(**saved["choice"])
-    except (OSError, ValueError, KeyError, TypeError):
-        pass
+    key = json.dumps(_cache_key(), sort_keys=True)
+    saved = _read_choices(path)
+    if key in saved:
+        try:
+            return DtypeChoice(**saved[key])
+        except TypeError:
+            pass
     speedup = bf16_speedup()
     if speedup >= BF16_MIN_SPEEDUP:
         choice = DtypeChoice(
@@ -211,7 +210,7 @@ def _cpu_choice() -> DtypeChoice:
         choice = DtypeChoice(
             "float32", f"CPU has {which} but a bf16 matmul ran at {speedup:.2f}x fp32 speed here"
         )
-    _save_choice(path, key, choice)
+    _save_choice(path, {**saved, key: asdict(choice)})
     return choice
 
 
@@ -221,11 +220,22 @@ def _choice_cache_path() -> Path:
     return cache_dir() / _CACHE_FILE
 
 
-def _save_choice(path: Path, key: dict, choice: DtypeChoice) -> None:
+def _read_choices(path: Path) -> dict:
+    """{machine key: choice} from the cache file; a missing or corrupt file is an empty cache."""
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return (
+        saved.get("choices", {}) if isinstance(saved, dict) and saved.get("version") == _CACHE_VERSION else {}
+    )
+
+
+def _save_choice(path: Path, choices: dict) -> None:
     from saelab.fileio import atomic_write_json
 
     try:
-        atomic_write_json(path, {"key": key, "choice": asdict(choice)})
+        atomic_write_json(path, {"version": _CACHE_VERSION, "choices": choices})
     except OSError:
         pass  # a read-only cache only costs the micro-benchmark next time
 

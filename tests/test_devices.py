@@ -63,12 +63,21 @@ def test_the_verdict_is_cached_per_machine_and_environment(monkeypatch, tmp_path
     devices._cpu_choice.cache_clear()
     devices.auto_dtype(torch.device("cpu"))
     assert calls == [1]  # the second process reads the file
-    saved = json.loads((tmp_path / "cache" / "dtype_choice.json").read_text())
-    assert saved["choice"]["dtype"] == "bfloat16" and saved["key"]["cpu"] == devices.cpu_model()
+    saved = json.loads((tmp_path / "cache" / "dtype_choice.json").read_text())["choices"]
+    ((key, choice),) = saved.items()
+    assert choice["dtype"] == "bfloat16" and json.loads(key)["cpu"] == devices.cpu_model()
     monkeypatch.setenv("ATEN_CPU_CAPABILITY", "avx512")  # another environment: measured again
     devices._cpu_choice.cache_clear()
     devices.auto_dtype(torch.device("cpu"))
     assert calls == [1, 1]
+    monkeypatch.delenv("ATEN_CPU_CAPABILITY")  # both verdicts are kept: back to the first, no benchmark
+    devices._cpu_choice.cache_clear()
+    devices.auto_dtype(torch.device("cpu"))
+    assert calls == [1, 1]
+    (tmp_path / "cache" / "dtype_choice.json").write_text("{not json")  # corrupt: measured again
+    devices._cpu_choice.cache_clear()
+    assert devices.auto_dtype(torch.device("cpu")).dtype == "bfloat16"
+    assert calls == [1, 1, 1]
 
 
 def test_an_isa_limit_hides_the_units(monkeypatch):
