@@ -17,8 +17,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from tqdm.auto import tqdm
 
+from saelab import distributed
 from saelab.data import DataConfig, exclusion_mask, token_batches
 from saelab.errors import ActivationError, DataError
 from saelab.fileio import atomic_write_json
@@ -48,11 +50,15 @@ def harvest(
     skip_contexts: int = 0,
     progress: bool = True,
     desc: str = "harvest",
+    rank: int = 0,
+    world_size: int = 1,
 ) -> Iterator[tuple[dict[str, torch.Tensor], int]]:
     """Yield ({hook: [kept_tokens, d] float32}, contexts_used) batches until n_tokens kept tokens.
 
     One forward pass per batch captures every hook and stops after the last needed layer. Excluded
     positions (the position-0 attention sink / BOS, special tokens) never leave this function.
+    With world_size > 1 only this rank's contexts are read (see `token_batches`); skip_contexts
+    and contexts_used then count this rank's contexts.
     """
     hooks = list(dict.fromkeys(hooks))
     for hook in hooks:
@@ -69,6 +75,8 @@ def harvest(
         text_field=data.text_field,
         dataset_config=data.dataset_config,
         skip_contexts=skip_contexts,
+        rank=rank,
+        world_size=world_size,
     )
     try:
         for input_ids in batches:
@@ -90,7 +98,9 @@ def harvest(
                 return
     finally:
         bar.close()
-    if produced == 0 and skip_contexts == 0:  # a resumed stream may simply be at its end
+    # A resumed stream may simply be at its end; one rank's share of a tiny dataset may be empty
+    # while the others' are not (StreamingActivations.peek then decides for every rank at once).
+    if produced == 0 and skip_contexts == 0 and world_size == 1:
         raise DataError(
             f"the dataset {data.source or 'embedded corpus'!r} gave no usable tokens: every position was "
             "excluded or the text was empty. Point --data at a non-empty source."
@@ -145,8 +155,12 @@ class ShuffleBuffer:
 class StreamingActivations:
     """Train straight from the model: harvest into a shuffle buffer, no disk. Resumable exactly.
 
-    With world_size > 1 every rank harvests the same stream and keeps rows rank::world_size of each
-    batch, so data-parallel training sees exactly the global batches of a single process.
+    With world_size > 1 each rank harvests only its own contexts (rank, rank + world_size, ... of the
+    stream; see `token_batches`) into its own buffer of buffer_tokens / world_size rows, and serves
+    batch_size / world_size rows a step: N ranks run the model once over the data between them, and
+    the global batch is still batch_size rows. In a process group, `peek` and `next_batch` are
+    collective (every rank calls them equally often, as the trainer does), so every rank
+    initialises from the same rows and all ranks stop at the same step when one runs out.
     """
 
     def __init__(
@@ -163,21 +177,40 @@ class StreamingActivations:
         rank: int = 0,
         world_size: int = 1,
     ):
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ActivationError(f"rank {rank} is not a rank of a world of {world_size} processes.")
+        if batch_size % world_size:
+            lower = max(world_size, batch_size // world_size * world_size)
+            raise ActivationError(
+                f"batch_size {batch_size} does not split evenly over {world_size} processes (each rank "
+                f"trains on batch_size / world_size rows of its own). Use a multiple of {world_size}, "
+                f"such as {lower} or {lower + world_size}."
+            )
         self.lm, self.data, self.hooks = lm, data, list(dict.fromkeys(hooks))
         self.rank, self.world_size = rank, world_size
         self.batch_size, self.n_tokens = batch_size, n_tokens
-        self.capacity = max(buffer_tokens, 2 * batch_size)
+        self.local_batch = batch_size // world_size
+        # This rank's share of n_tokens and of the buffer: together the ranks hold what one process
+        # would, and each buffer mixes rows from the same stretch of the stream as one process's.
+        self.local_tokens = None
+        if n_tokens is not None:
+            self.local_tokens = n_tokens // world_size + int(rank < n_tokens % world_size)
+        self.capacity = max(buffer_tokens // world_size, 2 * self.local_batch)
         self.batch_contexts, self.progress = batch_contexts, progress
-        self.generator = torch.Generator().manual_seed(seed)
+        self.generator = torch.Generator().manual_seed(seed + 1_000_003 * rank)  # rank 0: seed itself
         self.buffer = ShuffleBuffer({h: lm.hook_dim(h) for h in self.hooks}, self.capacity, self.generator)
-        self.contexts_used = 0
+        self.contexts_used = 0  # this rank's contexts
         self.tokens_harvested = 0
         self.exhausted = False
         self._stream: Iterator | None = None
 
+    def _grouped(self) -> bool:
+        """Whether the ranks are processes of one torch.distributed group (else each stands alone)."""
+        return self.world_size > 1 and dist.is_available() and dist.is_initialized()
+
     def _refill(self) -> None:
         if self._stream is None:
-            remaining = None if self.n_tokens is None else self.n_tokens - self.tokens_harvested
+            remaining = None if self.local_tokens is None else self.local_tokens - self.tokens_harvested
             self._stream = harvest(
                 self.lm,
                 self.data,
@@ -186,6 +219,8 @@ class StreamingActivations:
                 self.batch_contexts,
                 skip_contexts=self.contexts_used,
                 progress=False,
+                rank=self.rank,
+                world_size=self.world_size,
             )
         while len(self.buffer) < self.capacity:
             try:
@@ -198,31 +233,48 @@ class StreamingActivations:
             self.tokens_harvested += next(iter(acts.values())).shape[0]
         self.buffer.shuffle()
 
-    def next_batch(self) -> dict[str, torch.Tensor] | None:
-        """The next training batch, or None when the stream is exhausted."""
-        if len(self.buffer) < self.capacity // 2 + self.batch_size and not self.exhausted:
+    def _fill_if_low(self) -> None:
+        if len(self.buffer) < self.capacity // 2 + self.local_batch and not self.exhausted:
             self._refill()
-        if len(self.buffer) < self.batch_size:
-            return None
-        batch = self.buffer.take(self.batch_size)
-        if self.world_size > 1:
-            batch = {h: v[self.rank :: self.world_size] for h, v in batch.items()}
-        return batch
+
+    def next_batch(self) -> dict[str, torch.Tensor] | None:
+        """This rank's next batch_size / world_size rows, or None when the stream (any rank's) is done."""
+        self._fill_if_low()
+        ready = len(self.buffer) >= self.local_batch
+        if self._grouped():
+            # Decided together: a rank that stopped alone would leave the others waiting forever in
+            # the gradient all-reduce. The rows of the ranks that still have some stay in their buffers.
+            flag = torch.tensor([int(ready)], device=distributed._collective_device())
+            dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+            ready = bool(flag.item())
+        return self.buffer.take(self.local_batch) if ready else None
 
     def dims(self) -> dict[str, int]:
         return dict(self.buffer.dims)
 
     def peek(self, n_rows: int) -> dict[str, torch.Tensor]:
-        """The first n_rows of the stream, without consuming them (to initialise scales and b_dec)."""
-        if len(self.buffer) < self.capacity // 2 + self.batch_size and not self.exhausted:
-            self._refill()
-        if len(self.buffer) == 0:
+        """The first rows of the stream, without consuming them (to initialise scales and b_dec).
+
+        Each rank gives its first n_rows / world_size rows; in a process group every rank gets all
+        of them in rank order, so every rank initialises its dictionaries from the same rows.
+        """
+        self._fill_if_low()
+        share = max(1, n_rows // self.world_size)
+        rows = {hook: value[-share:].clone() for hook, value in self.buffer.rows.items()}
+        if self._grouped():
+            parts: list = [None] * self.world_size
+            dist.all_gather_object(parts, rows)
+            rows = {hook: torch.cat([part[hook] for part in parts]) for hook in self.hooks}
+        if next(iter(rows.values())).shape[0] == 0:
             raise DataError("no activations to initialise from: the dataset gave no usable tokens.")
-        return {hook: value[-n_rows:].clone() for hook, value in self.buffer.rows.items()}
+        return rows
 
     def state_dict(self) -> dict:
+        """This rank's position only: a multi-process run must keep one state per rank."""
         return {
             "kind": "stream",
+            "rank": self.rank,
+            "world_size": self.world_size,
             "contexts_used": self.contexts_used,
             "tokens_harvested": self.tokens_harvested,
             "exhausted": self.exhausted,
@@ -231,6 +283,13 @@ class StreamingActivations:
         }
 
     def load_state_dict(self, state: dict) -> None:
+        saved = (int(state.get("rank", 0)), int(state.get("world_size", 1)))
+        if saved != (self.rank, self.world_size):
+            raise ActivationError(
+                f"this streaming position belongs to rank {saved[0]} of {saved[1]} processes, not rank "
+                f"{self.rank} of {self.world_size}: each rank harvests its own contexts, so resume a "
+                f"streamed run with the same number of processes ({saved[1]}), or start it afresh."
+            )
         self.contexts_used = int(state["contexts_used"])
         self.tokens_harvested = int(state["tokens_harvested"])
         self.exhausted = bool(state["exhausted"])

@@ -423,18 +423,28 @@ def token_batches(
     dataset_config: str | None = None,
     max_contexts: int | None = None,
     skip_contexts: int = 0,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> Iterator[torch.Tensor]:
     """LongTensor[B, context_size] batches: one deterministic pass over the source.
 
     ``skip_contexts`` drops the first contexts of the stream (resume: the rest is exactly what an
     uninterrupted run would have produced; skipped text is still tokenized). ``max_contexts``
     caps how many contexts this call yields after the skip. The last batch may be smaller.
+
+    With ``world_size > 1`` the stream is this rank's share: contexts rank, rank + world_size, ...
+    of the whole stream, so ranks never read the same context and together read all of them.
+    ``skip_contexts`` and ``max_contexts`` then count this rank's contexts. Every rank tokenizes
+    the whole text (cheap next to the model's forward passes) and keeps only its own contexts.
     """
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise DataError(f"rank {rank} is not a rank of a world of {world_size} processes.")
     name = "the embedded corpus" if source is None else f"dataset {os.fspath(source)!r} (split {split!r})"
     texts = iter_texts(source, split=split, text_field=text_field, dataset_config=dataset_config)
     contexts = iter_contexts(texts, tokenizer, context_size, prepend_bos, source_name=name)
-    stop = None if max_contexts is None else skip_contexts + max_contexts
-    contexts = islice(contexts, skip_contexts, stop)
+    start = rank + skip_contexts * world_size
+    stop = None if max_contexts is None else rank + (skip_contexts + max_contexts) * world_size
+    contexts = islice(contexts, start, stop, world_size)
     while batch := list(islice(contexts, batch_size)):
         yield torch.stack(batch)
 

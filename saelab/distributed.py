@@ -103,6 +103,19 @@ def sum_tensor_(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def gather_object(obj: object) -> list | None:
+    """Every rank's `obj` (anything picklable) on rank 0, in rank order; None on the other ranks.
+
+    For per-rank state that rank 0 saves, such as each streaming rank's data position. [obj] in
+    one process.
+    """
+    if not dist.is_initialized():
+        return [obj]
+    out = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    dist.gather_object(obj, out, dst=0)
+    return out
+
+
 def broadcast_(tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
     """Give every rank rank `src`'s values (e.g. after rank 0 resampled dead latents)."""
     if dist.is_initialized():

@@ -345,7 +345,10 @@ def train(
     if resume:
         state = torch.load(checkpoint_file(run_dir), map_location="cpu", weights_only=True)
         step = int(state["step"])
-        source.load_state_dict(state["source"])
+        # One data position per rank (streaming ranks read their own contexts); a checkpoint from
+        # before per-rank positions, or a rank-independent source on more ranks, uses rank 0's.
+        sources = state.get("sources") or [state["source"]]
+        source.load_state_dict(sources[rank] if rank < len(sources) else sources[0])
         torch.set_rng_state(state["rng"])
         for member, member_state in zip(members, state["members"], strict=True):
             member.load_state_dict(member_state)
@@ -382,11 +385,12 @@ def train(
 
     saved: dict[str, Path] = {}
     error = None
+    sources = distributed.gather_object(source.state_dict())  # collective: outside rank 0's block
     if main:
         try:
             for member in members:
                 saved[member.name] = _save_member(member, cfg, run_dir)
-            _checkpoint(run_dir, members, source, step, metrics_path, main)
+            _write_checkpoint(run_dir, members, sources, step, metrics_path)
             atomic_write_json(
                 run_dir / DONE,
                 {
@@ -518,14 +522,23 @@ def _log(
 
 
 def _checkpoint(run_dir, members, source, step, metrics_path, main) -> None:
+    """Collective: rank 0 gathers every rank's data position and writes the checkpoint.
+
+    Every rank's, because streaming ranks each harvest their own contexts into their own buffer.
+    """
+    sources = distributed.gather_object(source.state_dict())
+    if main:
+        _write_checkpoint(run_dir, members, sources, step, metrics_path)
+
+
+def _write_checkpoint(run_dir, members, sources, step, metrics_path) -> None:
     """Write the whole training state into a temp folder and rename it over the old checkpoint."""
-    if not main:
-        return
     metrics_lines = len(metrics_path.read_text().splitlines()) if metrics_path.exists() else 0
     state = {
         "step": step,
         "metrics_lines": metrics_lines,
-        "source": source.state_dict(),
+        "source": sources[0],
+        "sources": sources,
         "rng": torch.get_rng_state(),
         "members": [member.state_dict() for member in members],
     }

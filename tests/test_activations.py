@@ -348,13 +348,3 @@ def test_streaming_serves_the_whole_stream_once_and_ends(world):
     got = torch.cat(rows)
     assert not torch.equal(got, ref[POST0][:1000])
     assert _multiset(got) == _multiset(ref[POST0][:1000])
-
-
-def test_streaming_rank_slices(world):
-    single = _stream(world)
-    ranks = [_stream(world, rank=r, world_size=2) for r in range(2)]
-    for _ in range(8):
-        whole = single.next_batch()
-        parts = [r.next_batch() for r in ranks]
-        assert torch.equal(parts[0][POST0], whole[POST0][0::2])
-        assert torch.equal(parts[1][POST0], whole[POST0][1::2])
