@@ -7,6 +7,7 @@ LOCK    := requirements/lock.txt
 CORE    := $(VENV)/.installed-core
 TESTING := $(VENV)/.installed-test
 UPGRADE := .venv-upgrade
+# `make demo DEMO_ARGS=--no-serve` stops after the analysis instead of serving.
 # When `make demo` started, before any set-up: the demo's 15-minute budget counts the set-up too.
 STARTED := $(shell date +%s)
 SHELL   := bash
@@ -31,7 +32,7 @@ $(TESTING): $(CORE)
 	touch $@
 
 demo: $(CORE)
-	$(BIN)/saelab demo --started-at $(STARTED)
+	$(BIN)/saelab demo --started-at $(STARTED) $(DEMO_ARGS)
 
 lint: $(TESTING)
 	$(BIN)/ruff check saelab tests benchmarks examples
