@@ -9,7 +9,6 @@ feature analysis only when it must. Every number is printed with the reason.
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import asdict, dataclass
 
