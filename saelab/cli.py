@@ -634,7 +634,7 @@ def demo(
 def _plan_demo(run_dir, tokens, minutes, start, device, dtype, timings):
     """Measure this machine, size the demo to the time left, harvest its cache; return (plan, config)."""
     from saelab.activations import harvest_to_cache
-    from saelab.budget import measure_harvest, measure_train_step, plan_demo
+    from saelab.budget import measure_full_forward, measure_harvest, measure_train_step, plan_demo
     from saelab.data import DataConfig
     from saelab.devices import dtype_name, encoder_dtype
     from saelab.dictionaries import DictionaryConfig
@@ -648,15 +648,17 @@ def _plan_demo(run_dir, tokens, minutes, start, device, dtype, timings):
     data = DataConfig()
     harvest_speed = measure_harvest(lm, data, dictionary.hook_name)
     train_speed = measure_train_step(dictionary) / 1.15  # the loop's bookkeeping, logging, checkpoints
+    forward_speed = measure_full_forward(lm, DataConfig(split="eval"))
     timings["load+measure"] = time.perf_counter() - clock
     left = minutes * 60 - (time.time() - start)
-    plan = plan_demo(harvest_speed, train_speed, left, fixed_tokens=tokens)
+    plan = plan_demo(harvest_speed, train_speed, left, fixed_tokens=tokens, forward_tok_s=forward_speed)
     console.print(
         f"demo plan: {plan.harvest_tokens:,} tokens harvested, {plan.train_tokens:,} trained "
         f"({plan.epochs:.1f} epochs), eval {plan.eval_tokens:,} tokens + {plan.ce_contexts} CE contexts, "
         f"analysis {plan.analyze_tokens:,} tokens; about {plan.estimate_s / 60:.1f} of the {left / 60:.1f} "
         f"minutes left. Why: {plan.reason} (measured here: harvest {harvest_speed:,.0f} tok/s in "
-        f"{model_dtype}, TopK step {train_speed:,.0f} tok/s; --tokens overrides)."
+        f"{model_dtype}, TopK step {train_speed:,.0f} tok/s, full forward {forward_speed:,.0f} tok/s; "
+        "--tokens overrides)."
     )
     dictionary.d_in = 0  # as wide as the hook point, resolved by the trainer
     cfg = TrainConfig(
