@@ -151,14 +151,16 @@ def _scaled(stages: dict, divisor: int) -> dict:
 
 
 # -- measurements ---------------------------------------------------------------------------------
-def measure_harvest(lm, data, hook: str, batch_contexts: int = 32) -> float:
-    """Tokens per second of the early-exit capture, timed on one batch after a small warm-up batch."""
-    batches = data.batches(lm.tokenizer, batch_contexts)
-    first = next(iter(batches))
-    lm.capture(first[:4], [hook])  # warm-up: kernel selection, allocator
-    start = time.perf_counter()
-    lm.capture(first, [hook])
-    return first.numel() / (time.perf_counter() - start)
+def measure_harvest(lm, data, hook: str, batch_contexts: int = 32, timed: int = 2) -> float:
+    """Tokens per second of the early-exit capture, timed on `timed` batches after a warm-up batch."""
+    batches = iter(data.batches(lm.tokenizer, batch_contexts))
+    lm.capture(next(batches), [hook])  # warm-up: kernel selection, allocator, thread pool
+    tokens, start = 0, time.perf_counter()
+    for _ in range(timed):
+        batch = next(batches)
+        lm.capture(batch, [hook])
+        tokens += batch.numel()
+    return tokens / (time.perf_counter() - start)
 
 
 def measure_full_forward(lm, data, contexts: int = 8) -> float:
@@ -171,7 +173,7 @@ def measure_full_forward(lm, data, contexts: int = 8) -> float:
     return batch.numel() / (time.perf_counter() - start)
 
 
-def measure_train_step(dictionary_cfg, batch_size: int = 1024, steps: int = 4) -> float:
+def measure_train_step(dictionary_cfg, batch_size: int = 1024, steps: int = 8, warmup: int = 3) -> float:
     """Tokens per second of training steps of this dictionary (forward, backward, Adam) on random rows."""
     from saelab.dictionaries import StepContext, build_dictionary
 
@@ -185,7 +187,8 @@ def measure_train_step(dictionary_cfg, batch_size: int = 1024, steps: int = 4) -
         out.loss.backward()
         optimizer.step()
 
-    step()  # warm-up
+    for _ in range(warmup):  # Adam's state, the allocator and oneDNN's primitives settle in a few steps
+        step()
     start = time.perf_counter()
     for _ in range(steps):
         step()

@@ -647,7 +647,7 @@ def _plan_demo(run_dir, tokens, minutes, start, device, dtype, timings):
                                   encoder_dtype=encoder_dtype("auto", device) if dtype == "auto" else "float32")  # fmt: skip
     data = DataConfig()
     harvest_speed = measure_harvest(lm, data, dictionary.hook_name)
-    train_speed = measure_train_step(dictionary) / 1.15  # the loop's bookkeeping, logging, checkpoints
+    train_speed = measure_train_step(dictionary) / 1.1  # the loop's bookkeeping, logging, checkpoints
     forward_speed = measure_full_forward(lm, DataConfig(split="eval"))
     timings["load+measure"] = time.perf_counter() - clock
     left = minutes * 60 - (time.time() - start)
