@@ -444,12 +444,22 @@ def test_positions_come_from_the_mask_then_cache_position_then_the_cache(llama):
         tracker.first(1)
 
 
+def test_top_k_keeps_only_the_k_most_likely_tokens():
+    from saelab.steering.generation import _next_tokens
+
+    logits = torch.tensor([[0.0, 3.0, 2.9, 1.0, 2.8]]).repeat(2000, 1)
+    drawn = set(_next_tokens(logits, temperature=5.0, top_p=1.0, top_k=2).tolist())
+    assert drawn == {1, 2}  # a flat (temperature 5) distribution over the top two only
+    assert set(_next_tokens(logits, temperature=5.0, top_p=1.0, top_k=0).tolist()) == {0, 1, 2, 3, 4}
+
+
 def test_tiny_top_p_is_greedy_and_bad_settings_are_clear_errors(lm):
     nucleus_of_one = GenerationConfig(**{**SAMPLED.to_dict(), "top_p": 1e-6})
     assert generate(lm, PROMPTS, (), nucleus_of_one) == generate(lm, PROMPTS, (), GREEDY)
     for field, value, message in (
         ("temperature", -1.0, "temperature is -1.0"),
         ("top_p", 0.0, "top_p is 0.0"),
+        ("top_k", -1, "top_k is -1"),
         ("max_new_tokens", -2, "max_new_tokens is -2"),
         ("batch_size", 0, "batch_size is 0"),
     ):

@@ -8,8 +8,8 @@ forked RNG: steered and unsteered runs draw the same random numbers, and the cal
 Decoding is saelab's own loop (`generate_tokens`), not `model.generate`: one prefill, then one token
 per forward pass on the model's KV cache, with explicit attention_mask and position_ids. saelab thus
 owns the positions every hook sees, and neither generate's internals nor its hidden sampling defaults
-(top_k=50, any penalty a model's generation_config sets) change the text from one transformers release
-to the next. Sampling is exactly temperature + top_p.
+(any penalty a model's generation_config sets) change the text from one transformers release to the
+next. Sampling is exactly temperature, then top_k (50 by default, as transformers' default), then top_p.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ class GenerationConfig:
     max_new_tokens: int = 40
     temperature: float = 0.7  # 0 = greedy
     top_p: float = 0.9
+    top_k: int = 50  # 0 = no top-k cut (transformers' default is 50, which saelab keeps)
     seed: int = 0
     chat: bool = True  # wrap each prompt in the tokenizer's chat template as a user turn
     batch_size: int = 16
@@ -48,6 +49,8 @@ class GenerationConfig:
             raise DataError(f"temperature is {self.temperature}; use 0 (greedy) or a positive number.")
         if not (math.isfinite(self.top_p) and 0 < self.top_p <= 1):
             raise DataError(f"top_p is {self.top_p}; use a value in (0, 1] (1 keeps every token).")
+        if not (isinstance(self.top_k, int) and self.top_k >= 0):
+            raise DataError(f"top_k is {self.top_k!r}; use a whole number >= 0 (0 keeps every token).")
         if not (isinstance(self.batch_size, int) and self.batch_size >= 1):
             raise DataError(f"batch_size is {self.batch_size!r}; use a whole number >= 1.")
 
@@ -127,11 +130,14 @@ def _stop_ids(lm) -> list[int]:
     return ids
 
 
-def _next_tokens(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
-    """One token per row: argmax when temperature is 0, else nucleus sampling at that temperature."""
+def _next_tokens(logits: torch.Tensor, temperature: float, top_p: float, top_k: int = 0) -> torch.Tensor:
+    """One token per row: argmax when temperature is 0, else top-k and nucleus sampling at that temperature."""
     if temperature == 0:
         return logits.argmax(-1)
     logits = logits.float() / temperature
+    if 0 < top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, -math.inf)
     if top_p < 1:
         # Keep the smallest set of most likely tokens whose probability reaches top_p (at least one).
         ascending, order = logits.sort(-1)
@@ -150,6 +156,7 @@ def generate_tokens(
     temperature: float = 0.0,
     top_p: float = 1.0,
     use_cache: bool = True,
+    top_k: int = 0,
 ) -> torch.Tensor:
     """New token ids [batch, <= max_new_tokens] after left-padded prompts; rows end at EOS, then pad.
 
@@ -182,7 +189,7 @@ def generate_tokens(
             inputs[keep_key] = 1
         output = model(**inputs)
         cache = _returned_cache(output) if use_cache else None
-        token = _next_tokens(output.logits[:, -1], temperature, top_p)
+        token = _next_tokens(output.logits[:, -1], temperature, top_p, top_k)
         token = torch.where(done, torch.full_like(token, pad), token)
         new.append(token)
         done |= torch.isin(token, stop)
@@ -219,7 +226,9 @@ def generate(
         with torch.random.fork_rng(devices=[lm.device] if lm.device.type == "cuda" else []):
             torch.manual_seed(cfg.seed + start)
             with steer(lm, interventions, prompt_len=ids.shape[1]):
-                new = generate_tokens(lm, ids, mask, cfg.max_new_tokens, cfg.temperature, cfg.top_p)
+                new = generate_tokens(
+                    lm, ids, mask, cfg.max_new_tokens, cfg.temperature, cfg.top_p, top_k=cfg.top_k
+                )
         out += _decode(lm.tokenizer, new, _stop_ids(lm))
     return out
 
