@@ -89,8 +89,8 @@ def plan_demo(
 
     Cuts, from what costs quality least (measured on SmolLM2, TopK k32, 1M training tokens):
     (1) harvest fewer tokens, down to `min_harvest`, and train more epochs on them: 262,144
-    harvested (3.8 epochs) gave EV 0.950 and CE loss score 0.984, 131,072 (7.6 epochs) 0.941 and
-    0.969; (2) halve, then quarter, the evaluation and analysis tokens and the CE contexts (their
+    harvested (3.8 epochs) gave EV 0.950 and CE loss score 0.984, 163,840 (6.1) 0.944 and 0.976,
+    131,072 (7.6) 0.941 and 0.969; (2) halve, then quarter, the evaluation and analysis tokens and the CE contexts (their
     figures get noisier, not worse); (3) harvest down to half `min_harvest`; (4) fewer training
     tokens. `fixed_tokens` (the user's --tokens) disables the sizing.
     """
