@@ -17,6 +17,7 @@ The choice is printed once per process, in one line, with the reason.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import platform
 import sys
@@ -28,6 +29,8 @@ from pathlib import Path
 import torch
 
 from saelab.errors import SaelabError
+
+log = logging.getLogger(__name__)
 
 AUTO = "auto"
 DTYPES = {
@@ -115,9 +118,10 @@ def resolve_dtype(
     parsed = parse_dtype(name or AUTO)
     if parsed != AUTO:
         return parsed
-    choice = auto_dtype(resolve_device(device))
+    device = resolve_device(device)
+    choice = auto_dtype(device)
     if announce:
-        _announce(resolve_device(device), choice)
+        _announce(device, choice)
     return choice.torch_dtype
 
 
@@ -236,8 +240,8 @@ def _save_choice(path: Path, choices: dict) -> None:
 
     try:
         atomic_write_json(path, {"version": _CACHE_VERSION, "choices": choices})
-    except OSError:
-        pass  # a read-only cache only costs the micro-benchmark next time
+    except OSError as err:  # a read-only cache only costs the micro-benchmark in the next process
+        log.warning("could not cache the dtype choice in %s (%s)", path, err)
 
 
 def bf16_speedup(rows: int = 512, budget_s: float = 0.6) -> float:
