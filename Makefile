@@ -37,6 +37,7 @@ demo: $(CORE)
 lint: $(TESTING)
 	$(BIN)/ruff check saelab tests benchmarks examples
 	$(BIN)/ruff format --check saelab tests benchmarks examples
+	$(BIN)/lint-imports
 
 # Browser tests drive Debian's Chromium through Playwright (never a browser Playwright downloads).
 browser:

@@ -19,11 +19,11 @@ from pathlib import Path
 
 import torch
 
-from saelab.data import DataConfig
-from saelab.devices import describe_machine, resolve_dtype_name
+from saelab.analysis.features import AnalysisConfig, analyze
+from saelab.core.data import DataConfig
+from saelab.core.devices import describe_machine, resolve_dtype_name
+from saelab.core.models import load_model
 from saelab.dictionaries import DictionaryConfig, build_dictionary
-from saelab.features import AnalysisConfig, analyze
-from saelab.models import load_model
 
 HOOK = "blocks.15.hook_resid_post"
 
@@ -65,7 +65,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=32768)
     parser.add_argument("--memory", action="store_true", help="peak RSS at tokens and 10x tokens")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="for both phases")
-    parser.add_argument("--dtype", default="auto", help="model dtype (auto: what saelab.devices picks)")
+    parser.add_argument("--dtype", default="auto", help="model dtype (auto: what saelab.core.devices picks)")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:

@@ -11,9 +11,9 @@ import time
 
 import torch
 
-from saelab.data import token_batches
-from saelab.devices import describe_machine, resolve_dtype_name
-from saelab.models import load_model
+from saelab.core.data import token_batches
+from saelab.core.devices import describe_machine, resolve_dtype_name
+from saelab.core.models import load_model
 
 HOOK = "blocks.15.hook_resid_post"
 

@@ -13,15 +13,15 @@ import subprocess
 import sys
 import tempfile
 
-from saelab.devices import describe_machine, resolve_dtype_name
+from saelab.core.devices import describe_machine, resolve_dtype_name
 
 CHILD = r"""
 import resource, sys
 from saelab.training import TrainConfig, train
-from saelab.activations import harvest_to_cache
-from saelab.data import DataConfig
+from saelab.core.activations import harvest_to_cache
+from saelab.core.data import DataConfig
 from saelab.dictionaries import DictionaryConfig
-from saelab.models import load_model
+from saelab.core.models import load_model
 import torch
 what, tokens, folder = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 if what == "harvest":

@@ -11,7 +11,7 @@ import argparse
 import tempfile
 import time
 
-from saelab.devices import describe_machine, resolve_dtype_name
+from saelab.core.devices import describe_machine, resolve_dtype_name
 from saelab.dictionaries import DictionaryConfig
 from saelab.training import TrainConfig, train
 

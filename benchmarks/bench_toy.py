@@ -11,7 +11,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from saelab.devices import describe_machine
+from saelab.core.devices import describe_machine
 from saelab.toy import tms
 from saelab.toy.bench import bench_settings, run_setting
 

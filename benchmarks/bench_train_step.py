@@ -13,7 +13,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from saelab.devices import describe_machine
+from saelab.core.devices import describe_machine
 from saelab.dictionaries import DictionaryConfig, StepContext, build_dictionary
 
 D_IN, D_SAE, K, BATCH = 576, 4608, 32, 4096

@@ -22,9 +22,9 @@ from pathlib import Path
 
 import torch
 
-from saelab.fileio import atomic_write_json
-from saelab.models import load_model
-from saelab.steering.caa import CAAConfig, load_items, run_caa
+from saelab.core.fileio import atomic_write_json
+from saelab.core.models import load_model
+from saelab.interventions.caa import CAAConfig, load_items, run_caa
 
 
 def main() -> None:

@@ -21,7 +21,7 @@ candidate of the 135M model is filtered out (the table says why).
         --layer-step 1 --n-val 32 --kl-threshold 0.1 --min-addition-score 0  # refusal, on a GPU
 
 (refusal.json: harmful vs harmless instructions, e.g. AdvBench vs Alpaca, in the format of
-saelab/steering/prompts/selection_code.json with "metric_strings": ["I", "As"].)
+saelab/interventions/prompts/selection_code.json with "metric_strings": ["I", "As"].)
 Writes runs/steering/selection_<behaviour>/: directions.safetensors/json, selection.json, selection.png.
 """
 
@@ -34,11 +34,16 @@ from pathlib import Path
 
 import torch
 
-from saelab.fileio import atomic_write_json
-from saelab.models import load_model
-from saelab.steering.generation import GenerationConfig, generate
-from saelab.steering.interventions import AddVector, ablation
-from saelab.steering.selection import BehaviourMetric, SelectionConfig, load_prompt_sets, select_direction
+from saelab.core.fileio import atomic_write_json
+from saelab.core.models import load_model
+from saelab.interventions.generation import GenerationConfig, generate
+from saelab.interventions.hooks import AddVector, ablation
+from saelab.interventions.selection import (
+    BehaviourMetric,
+    SelectionConfig,
+    load_prompt_sets,
+    select_direction,
+)
 
 
 def main() -> None:

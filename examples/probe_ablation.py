@@ -1,7 +1,7 @@
 """Find a sentiment direction, probe for sentiment later in the model, ablate the direction, steer with it.
 
 On the embedded SmolLM2-135M-Instruct, with 72 positive and 72 negative short reviews
-(saelab/steering/prompts/probe_sentiment.json) split 75/25 into train and held-out prompts:
+(saelab/interventions/prompts/probe_sentiment.json) split 75/25 into train and held-out prompts:
 
 1. a mean-difference direction at a middle layer's resid_pre, last prompt token (training prompts only);
 2. a logistic-regression probe at a later hook (training prompts), scored on the held-out prompts;
@@ -29,12 +29,12 @@ from pathlib import Path
 
 import torch
 
-from saelab.models import load_model
-from saelab.steering.directions import mean_difference
-from saelab.steering.generation import encode_left_padded, format_prompts, load_prompts
-from saelab.steering.interventions import AddVector, ablation, steer
-from saelab.steering.orthogonalize import write_orthogonalized
-from saelab.steering.probes import (
+from saelab.core.models import load_model
+from saelab.interventions.directions import mean_difference
+from saelab.interventions.generation import encode_left_padded, format_prompts, load_prompts
+from saelab.interventions.hooks import AddVector, ablation, steer
+from saelab.interventions.orthogonalize import write_orthogonalized
+from saelab.interventions.probes import (
     ablation_check,
     fraction_predicted,
     probe_activations,

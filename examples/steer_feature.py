@@ -26,11 +26,11 @@ from pathlib import Path
 
 import torch
 
+from saelab.core.models import load_model
 from saelab.dictionaries.io import load_dictionary
-from saelab.models import load_model
-from saelab.steering.evaluation import best_strength, keyword_pattern, plot_sweep, steering_sweep
-from saelab.steering.generation import GenerationConfig, encode_left_padded
-from saelab.steering.interventions import ClampFeature, add_feature
+from saelab.interventions.evaluation import best_strength, keyword_pattern, plot_sweep, steering_sweep
+from saelab.interventions.generation import GenerationConfig, encode_left_padded
+from saelab.interventions.hooks import ClampFeature, add_feature
 
 PROMPTS = Path(__file__).resolve().parents[1] / "saelab" / "steering" / "prompts"
 
@@ -118,7 +118,7 @@ def main() -> None:
     neutral = json.loads((PROMPTS / "neutral_prompts.json").read_text())[: args.n_prompts]
     store = None
     if args.store.is_file():
-        from saelab.store import FeatureStore
+        from saelab.analysis.store import FeatureStore
 
         store = FeatureStore(args.store, create=False)
     else:

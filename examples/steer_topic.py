@@ -2,7 +2,7 @@
 
 1. Build a steering vector per layer: the difference of means of the residual stream
    (blocks.{L}.hook_resid_post) between prompts about the topic and matched prompts about other
-   things (`saelab/steering/prompts/topic_<name>.json`), read at chosen token positions:
+   things (`saelab/interventions/prompts/topic_<name>.json`), read at chosen token positions:
    `--positions last` is the last prompt token (the chat template's final "\\n"), `--positions
    instruction` averages the last 5 tokens of the user's instruction (positions -7..-11 with the
    SmolLM2 template, whose post-instruction suffix is 6 tokens).
@@ -28,11 +28,11 @@ from pathlib import Path
 
 import torch
 
-from saelab.models import load_model
-from saelab.steering.directions import mean_difference
-from saelab.steering.evaluation import best_strength, plot_sweep, steering_sweep
-from saelab.steering.generation import GenerationConfig, encode_left_padded, format_prompts
-from saelab.steering.interventions import AddVector, unit
+from saelab.core.models import load_model
+from saelab.interventions.directions import mean_difference
+from saelab.interventions.evaluation import best_strength, plot_sweep, steering_sweep
+from saelab.interventions.generation import GenerationConfig, encode_left_padded, format_prompts
+from saelab.interventions.hooks import AddVector, unit
 
 PROMPTS = Path(__file__).resolve().parents[1] / "saelab" / "steering" / "prompts"
 SAE_HOOK = "blocks.15.hook_resid_post"
@@ -91,7 +91,7 @@ def decompose_vector(
 ) -> dict:
     """Decompose a blocks.15 vector into the demo SAE's features; top examples when a store exists."""
     from saelab.dictionaries.io import load_dictionary
-    from saelab.steering.decompose import decompose
+    from saelab.interventions.decompose import decompose
 
     sae = load_dictionary(sae_path)
     result = decompose(sae, vector, n_features=n_features, method="pursuit")
@@ -111,7 +111,7 @@ def decompose_vector(
     print(f"reconstruction cosine by number of features: {out['cosine_by_n_features']}")
     print(f"  (a random vector: {out['random_vector_cosine_by_n_features']})")
     if store_path is not None and store_path.is_file():
-        from saelab.store import FeatureStore
+        from saelab.analysis.store import FeatureStore
 
         with FeatureStore(store_path, create=False) as store:
             for f in out["features"]:

@@ -33,3 +33,54 @@ class ActivationError(SaelabError):
 
 class RunFolderError(SaelabError):
     """A run folder in the wrong state: no checkpoint to resume, or a finished run in the way."""
+
+
+class DeviceError(SaelabError):
+    """A device or dtype that cannot be used here (unknown name, CUDA asked for but absent, ...)."""
+
+
+class FeatureStoreError(SaelabError):
+    """A feature store file that is foreign, corrupt, of another schema version, or incomplete."""
+
+
+class InterventionError(SaelabError):
+    """An intervention that cannot be applied: bad scope, wrong width, zero or non-finite direction."""
+
+
+class DirectionFileError(SaelabError):
+    """A direction-set folder that is missing, corrupt, truncated, foreign or unsafe to load."""
+
+
+class DirectionLookupError(SaelabError, KeyError):
+    """A hook or position that a direction set does not hold."""
+
+    def __str__(self) -> str:  # KeyError would print the message in quotes
+        return str(self.args[0])
+
+
+class DecompositionError(SaelabError, ValueError):
+    """A vector or setting that cannot be decomposed (zero vector, n_features out of range, ...)."""
+
+
+class ProbeError(SaelabError, ValueError):
+    """Data a probe cannot be trained on: one class, too few samples, mismatched lengths, bad settings."""
+
+
+class CAAError(SaelabError):
+    """A/B items or settings that cannot be evaluated (unknown letter, letters that are not one token)."""
+
+
+class SelectionError(SaelabError):
+    """Settings or prompt sets that direction selection cannot work with."""
+
+
+class OrthogonalizationError(SaelabError, ValueError):
+    """A model or direction that cannot be orthogonalized, or a folder that cannot be written."""
+
+
+class ToyConfigError(SaelabError, ValueError):
+    """A toy-model config that cannot run: say which field is wrong and what it should be."""
+
+
+class TextTooLongError(SaelabError):
+    """User text beyond the live limits: the server answers 413 with this message."""

@@ -11,9 +11,9 @@ import html
 import math
 from pathlib import Path
 
-from saelab.features import hist_bins
-from saelab.fileio import atomic_write_json, atomic_write_text
-from saelab.store import FeatureStore
+from saelab.analysis.features import hist_bins
+from saelab.analysis.store import FeatureStore
+from saelab.core.fileio import atomic_write_json, atomic_write_text
 
 BAR_COUNT = 40  # bars of the Neuronpedia-style histograms
 

@@ -19,13 +19,13 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from saelab import distributed
-from saelab.activations import CachedActivations, StreamingActivations, harvest_to_cache, steps_for
-from saelab.data import DataConfig
+from saelab.core import distributed
+from saelab.core.activations import CachedActivations, StreamingActivations, harvest_to_cache, steps_for
+from saelab.core.data import DataConfig
+from saelab.core.fileio import atomic_folder, atomic_write_json, atomic_write_text
 from saelab.dictionaries import Dictionary, DictionaryConfig, StepContext, build_dictionary
 from saelab.dictionaries.io import save_dictionary
 from saelab.errors import RunFolderError, UnknownHookError
-from saelab.fileio import atomic_folder, atomic_write_json, atomic_write_text
 
 DONE = "DONE.json"
 CHECKPOINT = "checkpoint"
@@ -64,7 +64,7 @@ class TrainConfig:
     log_every: int = 10
     seed: int = 0
     device: str = "cpu"
-    # The LM's dtype while harvesting. "auto" (saelab.devices): bfloat16 where the hardware has bf16
+    # The LM's dtype while harvesting. "auto" (saelab.core.devices): bfloat16 where the hardware has bf16
     # matrix units (~2.8x faster on AMX CPUs; changes the residual stream by ~1%, far below an SAE's
     # reconstruction error), float32 elsewhere. A run stores the dtype it resolved to.
     model_dtype: str = "auto"
@@ -213,14 +213,14 @@ def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
 
 
 def _load_lm(cfg: TrainConfig):
-    from saelab.models import load_model
+    from saelab.core.models import load_model
 
     return load_model(cfg.model, device=cfg.device, dtype=cfg.model_dtype)
 
 
 def resolve_auto(cfg: TrainConfig) -> TrainConfig:
     """Replace every "auto" dtype by what this hardware runs fast, so config.json says what ran."""
-    from saelab.devices import encoder_dtype, resolve_dtype_name
+    from saelab.core.devices import encoder_dtype, resolve_dtype_name
 
     needs_model = cfg.synthetic is None and (cfg.stream or cfg.activations is None)
     if cfg.model_dtype == "auto" and needs_model:

@@ -1,4 +1,4 @@
-"""saelab.activations on a tiny random Llama: harvest, shuffle buffer, disk cache, streaming, resumption."""
+"""saelab.core.activations on a tiny random Llama: harvest, shuffle buffer, disk cache, streaming, resumption."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from saelab import activations
-from saelab.activations import (
+from saelab.core import activations
+from saelab.core.activations import (
     MANIFEST,
     CachedActivations,
     CacheInfo,
@@ -19,9 +19,9 @@ from saelab.activations import (
     harvest,
     harvest_to_cache,
 )
-from saelab.data import DataConfig, exclusion_mask, token_batches
+from saelab.core.data import DataConfig, exclusion_mask, token_batches
+from saelab.core.models import HookedLM, load_model
 from saelab.errors import ActivationError, UnknownHookError
-from saelab.models import HookedLM, load_model
 from tests.helpers import one_thread, save_model, write_corpus  # noqa: F401 (autouse fixture)
 
 CTX = 16

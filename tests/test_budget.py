@@ -1,10 +1,10 @@
-"""Sizing the demo to its time budget from measured speeds (saelab.budget)."""
+"""Sizing the demo to its time budget from measured speeds (saelab.cli.budget)."""
 
 from __future__ import annotations
 
 import pytest
 
-from saelab.budget import SAFETY, measure_train_step, plan_demo, stage_seconds
+from saelab.cli.budget import SAFETY, measure_train_step, plan_demo, stage_seconds
 from saelab.dictionaries import DictionaryConfig
 
 # Speeds (harvest, TopK step, full forward; tok/s): measured on a 2-core AMX Xeon in bfloat16, and

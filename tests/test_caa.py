@@ -8,9 +8,9 @@ import pytest
 import torch
 from helpers import make_model, make_tokenizer, one_thread  # noqa: F401
 
+from saelab.core.models import HookedLM
 from saelab.errors import DataError
-from saelab.models import HookedLM
-from saelab.steering.caa import (
+from saelab.interventions.caa import (
     ABItem,
     CAAConfig,
     CAAError,
@@ -23,7 +23,7 @@ from saelab.steering.caa import (
     run_caa,
     split_items,
 )
-from saelab.steering.directions import DirectionSet
+from saelab.interventions.directions import DirectionSet
 
 # The word-level test tokenizer has no "(" or "A": letters are words, the answer prefix a word too.
 CFG = dict(letters=("w1", "w2"), answer_prefix="w3 ", choice_format="{letter} {text}", chat=False)
@@ -147,7 +147,7 @@ def test_shipped_items_are_balanced_and_held_out():
 
 @pytest.mark.integration
 def test_caa_probability_rises_with_multiplier_on_the_embedded_model():
-    from saelab.models import load_model
+    from saelab.core.models import load_model
 
     torch.set_num_threads(1)
     lm = load_model(None)

@@ -126,7 +126,7 @@ def test_help_exits_zero():
         code, out, err = run(*args, "--help")
         assert code == 0 and "Usage" in out and "--help" in out, (args, err)
     result = subprocess.run(
-        [sys.executable, "-m", "saelab.cli", "--help"], capture_output=True, text=True, timeout=120
+        [sys.executable, "-m", "saelab", "--help"], capture_output=True, text=True, timeout=120
     )
     assert result.returncode == 0 and all(c in result.stdout for c in ("harvest", "train", "eval"))
 
@@ -288,7 +288,7 @@ def test_missing_dictionary_and_cache(env, tmp_path):
 
 
 def test_analyze_writes_a_feature_store_beside_the_sae(env, tmp_path):
-    from saelab.store import FeatureStore
+    from saelab.analysis.store import FeatureStore
 
     out = tmp_path / "f.db"
     code, stdout, err = run("analyze", env["sae"], "--dtype", "float32", "--tokens", 256, "--out", out)

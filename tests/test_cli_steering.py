@@ -9,7 +9,7 @@ import torch
 
 from saelab.dictionaries import DictionaryConfig, build_dictionary
 from saelab.dictionaries.io import save_dictionary
-from saelab.steering.directions import DirectionSet
+from saelab.interventions.directions import DirectionSet
 from tests.helpers import WORDS, save_model
 from tests.test_cli import refused, run
 

@@ -1,4 +1,4 @@
-"""Tests for saelab.data: sources, splits, packing, resumption, masks and errors (no downloads)."""
+"""Tests for saelab.core.data: sources, splits, packing, resumption, masks and errors (no downloads)."""
 
 import json
 import random
@@ -11,8 +11,8 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from saelab import data
-from saelab.data import (
+from saelab.core import data
+from saelab.core.data import (
     DataConfig,
     check_enough_tokens,
     exclusion_mask,

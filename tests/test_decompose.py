@@ -10,7 +10,7 @@ import torch
 
 from saelab.dictionaries import DictionaryConfig, build_dictionary
 from saelab.errors import ActivationError, DimensionMismatchError
-from saelab.steering.decompose import (
+from saelab.interventions.decompose import (
     Decomposition,
     DecompositionError,
     decompose,

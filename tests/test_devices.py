@@ -1,4 +1,4 @@
-"""Device and dtype choice (saelab.devices): auto picks bf16 only where it runs fast, and says why."""
+"""Device and dtype choice (saelab.core.devices): auto picks bf16 only where it runs fast, and says why."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import json
 import pytest
 import torch
 
-from saelab import devices
-from saelab.devices import DeviceError, DtypeChoice
+from saelab.core import devices
+from saelab.core.devices import DeviceError, DtypeChoice
 
 
 @pytest.fixture(autouse=True)

@@ -9,9 +9,9 @@ import pytest
 import torch
 from helpers import make_model, make_tokenizer, one_thread  # noqa: F401
 
+from saelab.core.models import HookedLM
 from saelab.errors import DataError, UnknownHookError
-from saelab.models import HookedLM
-from saelab.steering.directions import (
+from saelab.interventions.directions import (
     DirectionFileError,
     DirectionSet,
     collect_activations,
@@ -21,8 +21,8 @@ from saelab.steering.directions import (
     pca_directions,
     post_instruction_positions,
 )
-from saelab.steering.interventions import ablation, steer
-from saelab.steering.selection import (
+from saelab.interventions.hooks import ablation, steer
+from saelab.interventions.selection import (
     BehaviourMetric,
     SelectionConfig,
     SelectionError,
@@ -266,7 +266,7 @@ def test_selection_never_picks_the_last_20_percent_of_layers():
     assert kept == sorted(kept) and best.ablation_score == kept[0]
     # The ablation score is the metric on the positive validation prompts with r ablated everywhere.
     r = result.direction()
-    from saelab.steering.directions import encode, last_logits
+    from saelab.interventions.directions import encode, last_logits
 
     batch = encode(lm, POSITIVE[:3])
     with steer(lm, ablation(lm, r)):

@@ -1,4 +1,4 @@
-"""saelab.evaluation checked against brute-force computations on a tiny random Llama (no downloads)."""
+"""saelab.analysis.evaluation checked against brute-force computations on a tiny random Llama (no downloads)."""
 
 from __future__ import annotations
 
@@ -9,11 +9,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from saelab.data import DataConfig, token_batches
+from saelab.analysis.evaluation import EvalConfig, _score, downstream_metrics, evaluate, load_eval
+from saelab.core.data import DataConfig, token_batches
+from saelab.core.models import load_model
 from saelab.dictionaries import DictionaryConfig, build_dictionary
 from saelab.errors import DimensionMismatchError
-from saelab.evaluation import EvalConfig, _score, downstream_metrics, evaluate, load_eval
-from saelab.models import load_model
 from tests.helpers import SPECIAL, save_model, write_corpus
 
 D = 32

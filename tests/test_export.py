@@ -7,9 +7,9 @@ import re
 
 import pytest
 
+from saelab.analysis.store import FeatureStore
 from saelab.errors import SaelabError
 from saelab.export import export_html, export_neuronpedia
-from saelab.store import FeatureStore
 from tests.test_cli import run
 from tests.test_server import setup  # noqa: F401 (the tiny analysed store, as a fixture)
 

@@ -1,4 +1,4 @@
-"""saelab.features checked against brute-force computations on a tiny random Llama (no downloads)."""
+"""saelab.analysis.features checked against brute-force computations on a tiny random Llama (no downloads)."""
 
 from __future__ import annotations
 
@@ -9,12 +9,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from saelab.data import DataConfig
+from saelab.analysis.features import HIST_EDGES, AnalysisConfig, analyze, state_path_for
+from saelab.analysis.store import FeatureStore
+from saelab.core.data import DataConfig
+from saelab.core.models import load_model
 from saelab.dictionaries import DictionaryConfig, build_dictionary
 from saelab.errors import DimensionMismatchError, RunFolderError
-from saelab.features import HIST_EDGES, AnalysisConfig, analyze, state_path_for
-from saelab.models import load_model
-from saelab.store import FeatureStore
 from tests.helpers import one_thread, random_topk_sae, save_model, write_corpus  # noqa: F401
 
 D, D_SAE, CTX = 32, 64, 16
@@ -251,7 +251,7 @@ def _sparse_batches(n_batches: int = 3, b: int = 4, t: int = 10, d: int = 40) ->
 
 @pytest.mark.parametrize("dense", [True, False])
 def test_accumulators_match_brute_force_on_uneven_activity(dense):
-    from saelab.features import _new_state, _top_partners, update_state
+    from saelab.analysis.features import _new_state, _top_partners, update_state
 
     batches = _sparse_batches()
     d = batches[0][0].shape[-1]
@@ -294,7 +294,7 @@ def test_accumulators_match_brute_force_on_uneven_activity(dense):
 
 
 def test_row_histograms_bin_like_the_direct_formula():
-    from saelab.features import _row_histograms
+    from saelab.analysis.features import _row_histograms
 
     values = torch.randn(37, 101, generator=torch.Generator().manual_seed(0))
     values[5] = 1.5  # a constant row: everything in bin 0
@@ -316,7 +316,7 @@ def test_resume_refuses_a_state_of_another_layout(setup):
 
 
 def test_window_text_is_what_json_and_format_write():
-    from saelab.features import _format_rows
+    from saelab.analysis.features import _format_rows
 
     values = torch.tensor([[0.0, 1e-7, 0.123456, 12345.678, 3.0], [2.5e6, 1.0, 0.5, 0.0, 7e-5]])
     ids = torch.tensor([[-1, 0, 7, 49151, 3], [1, 2, 3, 4, 5]], dtype=torch.int32)
@@ -328,7 +328,7 @@ def test_window_text_is_what_json_and_format_write():
 
 
 def test_top_partners_read_rows_and_columns_of_the_upper_triangle():
-    from saelab.features import _top_partners
+    from saelab.analysis.features import _top_partners
 
     d, m = 700, 6  # wider than one 256-row tile, chunks not aligned with tiles
     counts = torch.randint(0, 5, (d, d), generator=torch.Generator().manual_seed(0), dtype=torch.int32)

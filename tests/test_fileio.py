@@ -6,7 +6,7 @@ import os
 
 import torch
 
-from saelab.fileio import atomic_save_tensors, atomic_write_json
+from saelab.core.fileio import atomic_save_tensors, atomic_write_json
 
 
 def test_atomic_files_get_the_mode_a_plain_open_would_give(tmp_path):

@@ -10,11 +10,11 @@ import json
 
 import pytest
 
-from saelab.data import DataConfig
+from saelab.analysis.evaluation import EvalConfig, evaluate
+from saelab.core.data import DataConfig
+from saelab.core.models import load_model
 from saelab.dictionaries import DictionaryConfig
 from saelab.dictionaries.io import load_dictionary
-from saelab.evaluation import EvalConfig, evaluate
-from saelab.models import load_model
 from saelab.training import TrainConfig, train
 
 pytestmark = pytest.mark.integration

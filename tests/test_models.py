@@ -1,4 +1,4 @@
-"""Hook points of saelab.models checked against Hugging Face's own hidden states on tiny random models."""
+"""Hook points of saelab.core.models checked against Hugging Face's own hidden states on tiny random models."""
 
 import json
 import time
@@ -6,8 +6,8 @@ import time
 import pytest
 import torch
 
+from saelab.core.models import SUFFIXES, HookedLM, _write_cache, load_model, special_token_ids
 from saelab.errors import ModelNotFoundError, UnknownHookError
-from saelab.models import SUFFIXES, HookedLM, _write_cache, load_model, special_token_ids
 
 VOCAB = 120
 
@@ -341,7 +341,7 @@ def test_load_model_local_folder(tmp_path):
         _close(lm.forward(ids), model(ids).logits)
     half = load_model(tmp_path / "m", device="cpu", dtype=torch.bfloat16)
     assert half.model.dtype == torch.bfloat16
-    from saelab.devices import resolve_dtype
+    from saelab.core.devices import resolve_dtype
 
     auto = load_model(tmp_path / "m")  # the Python API's defaults: device and dtype "auto"
     assert auto.model.dtype == resolve_dtype("auto", "cpu") and auto.device.type == "cpu"
@@ -397,7 +397,7 @@ def test_write_cache_is_atomic(tmp_path, monkeypatch):
 
 @pytest.mark.integration
 def test_embedded_model():
-    from saelab.models import EMBEDDED_HF_ID, _embedded_cache, embedded_gguf_path
+    from saelab.core.models import EMBEDDED_HF_ID, _embedded_cache, embedded_gguf_path
 
     assert embedded_gguf_path().is_file()
     lm = load_model(device="cpu", dtype=torch.float32)
@@ -420,7 +420,7 @@ def test_embedded_model():
 
 def test_hooks_handle_kwargs_and_tuples():
     """Transformers may pass hidden_states by keyword and return tuples; hooks must see the tensor."""
-    from saelab.models import _hook
+    from saelab.core.models import _hook
 
     class Layer(torch.nn.Module):
         def forward(self, hidden_states, scale=1.0):

@@ -11,11 +11,11 @@ import torch
 import transformers as tr
 from helpers import VOCAB, make_model, make_tokenizer, one_thread  # noqa: F401
 
+from saelab.core.models import HookedLM, load_model
 from saelab.errors import DimensionMismatchError, SaelabError
-from saelab.models import HookedLM, load_model
-from saelab.steering.generation import encode_left_padded
-from saelab.steering.interventions import AddVector, ablation, steer
-from saelab.steering.orthogonalize import (
+from saelab.interventions.generation import encode_left_padded
+from saelab.interventions.hooks import AddVector, ablation, steer
+from saelab.interventions.orthogonalize import (
     SIDECAR,
     OrthogonalizationError,
     orthogonalize_weights,

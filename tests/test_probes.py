@@ -8,11 +8,11 @@ import pytest
 import torch
 from helpers import make_model, make_tokenizer, one_thread  # noqa: F401
 
+from saelab.core.models import HookedLM
 from saelab.errors import ActivationError, DataError
-from saelab.models import HookedLM
-from saelab.steering.generation import encode_left_padded
-from saelab.steering.interventions import AddVector, ablation
-from saelab.steering.probes import (
+from saelab.interventions.generation import encode_left_padded
+from saelab.interventions.hooks import AddVector, ablation
+from saelab.interventions.probes import (
     ProbeError,
     ablation_check,
     chance_accuracy,

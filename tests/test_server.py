@@ -15,9 +15,13 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
-from saelab.data import DataConfig, exclusion_mask
-from saelab.features import AnalysisConfig, analyze
-from saelab.models import load_model
+from saelab.analysis.features import AnalysisConfig, analyze
+from saelab.analysis.store import FeatureStore, FeatureStoreError
+from saelab.core.data import DataConfig, exclusion_mask
+from saelab.core.models import load_model
+from saelab.interventions.decompose import decompose
+from saelab.interventions.generation import GenerationConfig, compare
+from saelab.interventions.hooks import ClampFeature, add_feature
 from saelab.server import create_app
 from saelab.server.live import (
     MAX_NEW_TOKENS,
@@ -27,10 +31,6 @@ from saelab.server.live import (
     MAX_VECTOR_FEATURES,
     MAX_VECTOR_PROMPTS,
 )
-from saelab.steering.decompose import decompose
-from saelab.steering.generation import GenerationConfig, compare
-from saelab.steering.interventions import ClampFeature, add_feature
-from saelab.store import FeatureStore, FeatureStoreError
 from tests.helpers import one_thread, random_topk_sae, save_model, write_corpus  # noqa: F401
 
 D, D_SAE, CTX = 32, 64, 16

@@ -11,9 +11,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from saelab.core.models import HookedLM
 from saelab.errors import DataError, DimensionMismatchError, UnknownHookError
-from saelab.models import HookedLM
-from saelab.steering.generation import (
+from saelab.interventions.generation import (
     GenerationConfig,
     compare,
     completion_loss,
@@ -21,7 +21,7 @@ from saelab.steering.generation import (
     generate,
     generate_tokens,
 )
-from saelab.steering.interventions import (
+from saelab.interventions.hooks import (
     Ablate,
     AddVector,
     CapProjection,
@@ -445,7 +445,7 @@ def test_positions_come_from_the_mask_then_cache_position_then_the_cache(llama):
 
 
 def test_top_k_keeps_only_the_k_most_likely_tokens():
-    from saelab.steering.generation import _next_tokens
+    from saelab.interventions.generation import _next_tokens
 
     logits = torch.tensor([[0.0, 3.0, 2.9, 1.0, 2.8]]).repeat(2000, 1)
     drawn = set(_next_tokens(logits, temperature=5.0, top_p=1.0, top_k=2).tolist())
@@ -675,7 +675,7 @@ def test_completion_loss_is_the_mean_token_cross_entropy(lm):
 @pytest.mark.integration
 def test_mean_difference_steering_on_the_embedded_model():
     """An ocean-minus-furniture vector (last token, blocks.8) makes SmolLM2 talk about the sea."""
-    from saelab.models import load_model
+    from saelab.core.models import load_model
 
     lm = load_model(None, device="cpu", dtype=torch.float32)  # its thresholds were measured in float32
     hook = "blocks.8.hook_resid_post"

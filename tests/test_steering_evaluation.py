@@ -10,9 +10,9 @@ import pytest
 import torch
 from helpers import make_model, make_tokenizer, one_thread  # noqa: F401
 
+from saelab.core.models import HookedLM
 from saelab.errors import DataError
-from saelab.models import HookedLM
-from saelab.steering.evaluation import (
+from saelab.interventions.evaluation import (
     SweepPoint,
     SweepResult,
     best_strength,
@@ -22,8 +22,8 @@ from saelab.steering.evaluation import (
     plot_sweep,
     steering_sweep,
 )
-from saelab.steering.generation import GenerationConfig, completion_loss, generate
-from saelab.steering.interventions import AddVector
+from saelab.interventions.generation import GenerationConfig, completion_loss, generate
+from saelab.interventions.hooks import AddVector
 
 PROMPTS = ["w1 w2 w3", "w4 w5", "w6 w7 w8 w9", "w10"]
 HOOK = "blocks.1.hook_resid_post"
@@ -200,9 +200,9 @@ def test_ocean_vector_raises_the_mention_rate_on_smollm2():
     """The shipped ocean prompt sets give a vector that makes neutral completions talk about the sea."""
     from pathlib import Path
 
-    from saelab.models import load_model
-    from saelab.steering.directions import mean_difference
-    from saelab.steering.interventions import unit
+    from saelab.core.models import load_model
+    from saelab.interventions.directions import mean_difference
+    from saelab.interventions.hooks import unit
 
     prompts = Path(__file__).resolve().parents[1] / "saelab" / "steering" / "prompts"
     topic = json.loads((prompts / "topic_ocean.json").read_text())

@@ -1,4 +1,4 @@
-"""saelab.store: schema checks, paging and search queries, and all-or-nothing writes."""
+"""saelab.analysis.store: schema checks, paging and search queries, and all-or-nothing writes."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import sqlite3
 
 import pytest
 
-from saelab.store import SCHEMA_VERSION, FeatureStore, FeatureStoreError
+from saelab.analysis.store import SCHEMA_VERSION, FeatureStore, FeatureStoreError
 
 N = 30
 

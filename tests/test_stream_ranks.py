@@ -24,11 +24,11 @@ import torch
 from safetensors.torch import load_file
 
 from saelab import training
-from saelab.activations import StreamingActivations
-from saelab.data import DataConfig, token_batches
+from saelab.core.activations import StreamingActivations
+from saelab.core.data import DataConfig, token_batches
+from saelab.core.models import HookedLM, load_model
 from saelab.dictionaries import DictionaryConfig
 from saelab.errors import ActivationError, DataError
-from saelab.models import HookedLM, load_model
 from saelab.training import TrainConfig, train
 from tests.helpers import one_thread, save_model, write_corpus  # noqa: F401 (autouse fixture)
 
@@ -104,8 +104,9 @@ from pathlib import Path
 
 import torch
 
-from saelab import distributed, training
-from saelab.models import HookedLM
+from saelab import training
+from saelab.core import distributed
+from saelab.core.models import HookedLM
 from saelab.training import TrainConfig
 
 cfg_path, out, tag, stop, mode = sys.argv[1:6]

@@ -13,12 +13,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from saelab.activations import CachedActivations, harvest_to_cache
-from saelab.data import DataConfig
+from saelab.core.activations import CachedActivations, harvest_to_cache
+from saelab.core.data import DataConfig
+from saelab.core.models import load_model
 from saelab.dictionaries import DictionaryConfig
 from saelab.dictionaries.io import load_dictionary
 from saelab.errors import ActivationError, RunFolderError, UnknownHookError
-from saelab.models import load_model
 from saelab.training import TrainConfig, train
 from tests.helpers import one_thread, save_model, write_corpus  # noqa: F401 (autouse fixture)
 
@@ -288,7 +288,8 @@ from pathlib import Path
 import torch
 
 torch.set_num_threads(1)
-from saelab import distributed, training
+from saelab import training
+from saelab.core import distributed
 
 cfg = training.TrainConfig.from_dict(json.loads(Path(sys.argv[1]).read_text()))
 out = Path(sys.argv[2])

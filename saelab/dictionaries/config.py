@@ -41,7 +41,7 @@ class DictionaryConfig:
     threshold_momentum: float = 0.99
     # topk: dtype of the encoder matmul in training steps. "bfloat16" is ~1.4x faster where the
     # hardware has bf16 matmul units (AMX CPUs, GPUs); forward values are then bf16-rounded (~0.4%).
-    # "auto": the trainer picks bfloat16 exactly where saelab.devices picks it for the model.
+    # "auto": the trainer picks bfloat16 exactly where saelab.core.devices picks it for the model.
     encoder_dtype: str = "auto"
     apply_b_dec_to_input: bool = True
     # "expected_average_only_in": scale inputs by sqrt(d) / E||x|| while training; folded in at save.

@@ -18,11 +18,11 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from saelab.core.fileio import atomic_folder, atomic_save_tensors, atomic_write_json
 from saelab.dictionaries.base import Dictionary
 from saelab.dictionaries.config import DictionaryConfig
 from saelab.dictionaries.sae import build_dictionary
 from saelab.errors import DictionaryFileError, DimensionMismatchError
-from saelab.fileio import atomic_folder, atomic_save_tensors, atomic_write_json
 
 CFG, WEIGHTS, SPARSITY = "cfg.json", "sae_weights.safetensors", "sparsity.safetensors"
 SPARSIFY_WEIGHTS, DL_WEIGHTS, DL_CFG = "sae.safetensors", "ae.pt", "config.json"

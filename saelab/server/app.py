@@ -1,6 +1,6 @@
 """The local web app: a JSON API over the feature store (plus the live model) and thin HTML pages on top.
 
-Every read goes through `saelab.store.FeatureStore`; each request opens its own connection in the
+Every read goes through `saelab.analysis.store.FeatureStore`; each request opens its own connection in the
 thread that serves it (SQLite connections may not cross threads). Pages are Jinja shells whose
 plain JS (static/app.js) fetches the API, so nothing is loaded from the network.
 
@@ -18,7 +18,7 @@ The API (also listed, with schemas, at /docs):
 - `POST /api/vector` {positive: [str], negative: [str], n_features <= 50, chat, method} ->
   {vector_norm, cosine, features: [{idx, coefficient, cosine, share, link, density, max_act, ...}]}:
   the mean difference of the two lists' activations at the dictionary's hook on the last prompt
-  token, decomposed into at most n_features latents (`saelab.steering.decompose`), features sorted
+  token, decomposed into at most n_features latents (`saelab.interventions.decompose`), features sorted
   by coefficient (descending); `cosine` is the reconstruction's cosine with the vector.
 
 Errors are 4xx with a `detail` message, never a 500: 404 unknown latent (any integer, however large,
@@ -45,8 +45,10 @@ from fastapi.templating import Jinja2Templates
 from pydantic import AfterValidator, BaseModel, Field, field_validator
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 
+from saelab.analysis.features import hist_bins
+from saelab.analysis.store import FeatureStore
 from saelab.errors import SaelabError
-from saelab.features import hist_bins
+from saelab.interventions.generation import GenerationConfig
 from saelab.server.live import (
     MAX_NEW_TOKENS,
     MAX_STRENGTH,
@@ -57,8 +59,6 @@ from saelab.server.live import (
     LiveModel,
     TextTooLongError,
 )
-from saelab.steering.generation import GenerationConfig
-from saelab.store import FeatureStore
 
 HERE = Path(__file__).parent
 DENSE_THRESHOLD = 0.1  # the pages' "hide dense" filter: latents firing on more than 10% of tokens

@@ -2,7 +2,7 @@
 
 Encoding tokenizes and masks text the way the store's data config says (BOS prepended, BOS and special
 tokens excluded), so live activations are comparable with the stored examples and statistics.
-Steering and vectors use `saelab.steering` (generation with the chat template, left padding), so the
+Steering and vectors use `saelab.interventions` (generation with the chat template, left padding), so the
 web app shows what `saelab steer` would. One lock serialises every use of the model: interventions
 are hooks on the shared model, and a request must never run inside another request's hooks.
 """
@@ -14,12 +14,12 @@ from collections.abc import Sequence
 
 import torch
 
-from saelab.data import exclusion_mask
-from saelab.errors import DimensionMismatchError, SaelabError
-from saelab.steering.decompose import Decomposition, decompose
-from saelab.steering.directions import mean_difference
-from saelab.steering.generation import GenerationConfig, compare
-from saelab.steering.interventions import ClampFeature, InterventionError, add_feature
+from saelab.core.data import exclusion_mask
+from saelab.errors import DimensionMismatchError, TextTooLongError
+from saelab.interventions.decompose import Decomposition, decompose
+from saelab.interventions.directions import mean_difference
+from saelab.interventions.generation import GenerationConfig, compare
+from saelab.interventions.hooks import ClampFeature, InterventionError, add_feature
 
 MAX_TEXT_CHARS = 2000
 MAX_TOKENS = 256
@@ -27,10 +27,6 @@ MAX_NEW_TOKENS = 64  # generation runs twice per request (unsteered and steered)
 MAX_STRENGTH = 1000.0
 MAX_VECTOR_PROMPTS = 32  # per list
 MAX_VECTOR_FEATURES = 50
-
-
-class TextTooLongError(SaelabError):
-    """User text beyond the live limits: the server answers 413 with this message."""
 
 
 def check_text(text: str, what: str = "text") -> None:

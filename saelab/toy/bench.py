@@ -14,8 +14,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from saelab.core.fileio import atomic_write_json, atomic_write_text
 from saelab.dictionaries import DictionaryConfig
-from saelab.fileio import atomic_write_json, atomic_write_text
 from saelab.toy.recovery import RECOVERY_COSINE, recovery_scores
 from saelab.toy.synthetic import SYNTHETIC_HOOK, SyntheticActivations, SyntheticConfig
 

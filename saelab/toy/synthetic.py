@@ -185,7 +185,7 @@ def _read_features_file(cfg: SyntheticConfig) -> tuple[torch.Tensor, torch.Tenso
 
 def save_features_file(path: str | Path, features: torch.Tensor, probabilities: torch.Tensor) -> Path:
     """Write a ground truth that `SyntheticConfig(features_file=...)` can read."""
-    from saelab.fileio import atomic_save_tensors
+    from saelab.core.fileio import atomic_save_tensors
 
     path = Path(path)
     atomic_save_tensors(

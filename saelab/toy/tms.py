@@ -17,8 +17,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from saelab.errors import SaelabError
-from saelab.fileio import atomic_write_json, save_figure
+from saelab.core.fileio import atomic_write_json, save_figure
+from saelab.errors import ToyConfigError
 
 LR_SCHEDULES = ("constant", "cosine")
 # ||W_i|| above this: the feature is represented. Trained norms are bimodal (~1 kept, ~0 dropped).
@@ -38,10 +38,6 @@ STICKY_FRACTIONS = {
     "3/8": 3 / 8,
     "1/3": 1 / 3,
 }
-
-
-class ToyConfigError(SaelabError, ValueError):
-    """A toy-model config that cannot run: say which field is wrong and what it should be."""
 
 
 @dataclass

@@ -4,7 +4,7 @@ Arditi et al. (2024, "Refusal in language models is mediated by a single directi
 matrix that *writes* into the residual stream has its output projected off the unit direction r,
 ``W <- W - r r^T W``, then no residual-stream state at any layer or position has a component along
 r, which is exactly what runtime directional ablation at the embedding output and every attention
-and MLP output does (`saelab.steering.interventions.ablation(lm, r)` with ``layers=None``). The edit
+and MLP output does (`saelab.interventions.hooks.ablation(lm, r)` with ``layers=None``). The edit
 is exact (up to float rounding) because each writer's input is unchanged by induction over layers.
 
 Writers edited, per family:
@@ -33,18 +33,14 @@ import torch
 from torch import Tensor, nn
 
 import saelab
-from saelab.errors import DimensionMismatchError, SaelabError
-from saelab.fileio import atomic_folder
-from saelab.models import HookedLM
-from saelab.steering.interventions import unit
+from saelab.core.fileio import atomic_folder
+from saelab.core.models import HookedLM
+from saelab.errors import DimensionMismatchError, OrthogonalizationError
+from saelab.interventions.hooks import unit
 
 SIDECAR = "saelab_orthogonalization.json"
 _ATTN_OUT = ("o_proj", "out_proj", "dense", "c_proj")
 _MLP_OUT = ("down_proj", "dense_4h_to_h", "c_proj", "fc2", "w2")
-
-
-class OrthogonalizationError(SaelabError, ValueError):
-    """A model or direction that cannot be orthogonalized, or a folder that cannot be written."""
 
 
 @dataclass
@@ -241,7 +237,7 @@ def _sidecar(lm: HookedLM, direction, r: Tensor, tied: bool, writers: list[str],
         "edited_parameters": writers,
         "untied_embeddings": tied,
         "dtype": str(next(lm.model.parameters()).dtype).removeprefix("torch."),
-        "runtime_equivalent": "saelab.steering.interventions.ablation(lm, direction, layers=None)",
+        "runtime_equivalent": "saelab.interventions.hooks.ablation(lm, direction, layers=None)",
     }
 
 

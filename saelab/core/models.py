@@ -24,9 +24,9 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from saelab.devices import resolve_device, resolve_dtype
+from saelab.core.devices import resolve_device, resolve_dtype
+from saelab.core.paths import cache_dir
 from saelab.errors import ModelNotFoundError, UnknownHookError
-from saelab.paths import cache_dir
 
 log = logging.getLogger(__name__)
 
@@ -469,7 +469,7 @@ def load_model(
 
     The model is in eval mode with gradients off for its weights and the KV cache disabled
     (harvesting never generates). `device="auto"` (or None) picks cuda, then mps, then cpu;
-    `dtype="auto"` picks what this hardware runs fast (`saelab.devices`).
+    `dtype="auto"` picks what this hardware runs fast (`saelab.core.devices`).
     """
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, device)

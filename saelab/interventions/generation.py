@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from saelab.errors import DataError
-from saelab.steering.interventions import Intervention, steer
+from saelab.interventions.hooks import Intervention, steer
 
 
 @dataclass

@@ -24,15 +24,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from saelab.errors import ActivationError, DataError, SaelabError
-from saelab.steering.generation import encode_left_padded, format_prompts
-from saelab.steering.interventions import Intervention, ablation, steer, unit
+from saelab.errors import ActivationError, DataError, ProbeError
+from saelab.interventions.generation import encode_left_padded, format_prompts
+from saelab.interventions.hooks import Intervention, ablation, steer, unit
 
 DEFAULT_L2 = 1e-2  # on standardised features, per sample: enough to keep separable data finite
-
-
-class ProbeError(SaelabError, ValueError):
-    """Data a probe cannot be trained on: one class, too few samples, mismatched lengths, bad settings."""
 
 
 @dataclass

@@ -20,10 +20,10 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from saelab import distributed
-from saelab.data import DataConfig, exclusion_mask, token_batches
+from saelab.core import distributed
+from saelab.core.data import DataConfig, exclusion_mask, token_batches
+from saelab.core.fileio import atomic_write_json
 from saelab.errors import ActivationError, DataError
-from saelab.fileio import atomic_write_json
 
 CACHE_VERSION = 1
 MANIFEST = "manifest.json"

@@ -20,13 +20,9 @@ from typing import NamedTuple
 
 import torch
 
-from saelab.errors import ActivationError, DimensionMismatchError, SaelabError
+from saelab.errors import ActivationError, DecompositionError, DimensionMismatchError
 
 METHODS = ("pursuit", "encoder")
-
-
-class DecompositionError(SaelabError, ValueError):
-    """A vector or setting that cannot be decomposed (zero vector, n_features out of range, ...)."""
 
 
 # ---- checks ------------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ the ablation check), `orthogonalize` (weights orthogonal to a direction), `decom
 sparse sums of decoder rows).
 """
 
-from saelab.steering.decompose import (
+from saelab.interventions.decompose import (
     Decomposition,
     DecompositionError,
     Feature,
@@ -16,9 +16,9 @@ from saelab.steering.decompose import (
     encoder_then_refine,
     gradient_pursuit,
 )
-from saelab.steering.directions import DirectionSet, mean_difference, pca_direction
-from saelab.steering.generation import GenerationConfig, compare, completion_loss, generate, load_prompts
-from saelab.steering.interventions import (
+from saelab.interventions.directions import DirectionSet, mean_difference, pca_direction
+from saelab.interventions.generation import GenerationConfig, compare, completion_loss, generate, load_prompts
+from saelab.interventions.hooks import (
     Ablate,
     AddVector,
     CapProjection,

@@ -30,7 +30,7 @@ import sqlite3
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from saelab.errors import SaelabError
+from saelab.errors import FeatureStoreError
 
 FORMAT = "saelab-feature-store"
 SCHEMA_VERSION = 1
@@ -85,10 +85,6 @@ _JSON_FIELDS = {
 }
 
 
-class FeatureStoreError(SaelabError):
-    """A feature store file that is foreign, corrupt, of another schema version, or incomplete."""
-
-
 def _decode_row(row: sqlite3.Row) -> dict:
     """A row as a dict with its JSON columns parsed (and renamed without the _json suffix)."""
     out = {}
@@ -120,7 +116,7 @@ class FeatureStore:
         if not self.path.exists() and not create:
             raise FeatureStoreError(
                 f"No feature store at {self.path}. Run the feature analysis for the dictionary first "
-                "(saelab.features.analyze), or check the path."
+                "(saelab.analysis.features.analyze), or check the path."
             )
         self.path.parent.mkdir(parents=True, exist_ok=True)
         # Autocommit mode: transactions are explicit (see `transaction`), never implicit.

@@ -21,10 +21,10 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from saelab.data import DataConfig, exclusion_mask, token_batches
+from saelab.core.data import DataConfig, exclusion_mask, token_batches
+from saelab.core.fileio import atomic_write_json
 from saelab.dictionaries import Dictionary
 from saelab.errors import DataError, DimensionMismatchError
-from saelab.fileio import atomic_write_json
 
 DENSE_THRESHOLD = 0.1
 

@@ -32,8 +32,8 @@ from pathlib import Path
 
 import torch
 
+from saelab.core.paths import cache_dir
 from saelab.errors import DataError
-from saelab.paths import cache_dir
 
 EVAL_MODULUS = 50  # a document is eval when stable_hash(text) % 50 == 0 (2% held out)
 TEXT_SUFFIXES = {".txt", ".md", ".text"}

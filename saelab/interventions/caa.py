@@ -14,7 +14,7 @@ unsteered model. If the vector carries the behaviour, the probability rises with
 
 Item files are JSON: {"behaviour", "description", "items": [{"question", "a", "b", "matching": "A"|"B",
 "split": "train"|"test"}]}; `load_items("optimism")` reads the one shipped in
-saelab/steering/prompts/caa_optimism.json.
+saelab/interventions/prompts/caa_optimism.json.
 """
 
 from __future__ import annotations
@@ -27,22 +27,18 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from saelab.errors import DataError, SaelabError
-from saelab.fileio import save_figure
-from saelab.steering.directions import (
+from saelab.core.fileio import save_figure
+from saelab.errors import CAAError, DataError
+from saelab.interventions.directions import (
     DirectionSet,
     encode,
     last_logits,
     mean_difference,
     post_instruction_positions,
 )
-from saelab.steering.interventions import AddVector, steer
+from saelab.interventions.hooks import AddVector, steer
 
 PROMPTS_DIR = Path(__file__).parent / "prompts"
-
-
-class CAAError(SaelabError):
-    """A/B items or settings that cannot be evaluated (unknown letter, letters that are not one token)."""
 
 
 @dataclass

@@ -35,9 +35,15 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from saelab.errors import ActivationError, DataError, DimensionMismatchError, SaelabError
-from saelab.fileio import atomic_folder
-from saelab.steering.generation import encode_left_padded, format_prompts, pad_rows
+from saelab.core.fileio import atomic_folder
+from saelab.errors import (
+    ActivationError,
+    DataError,
+    DimensionMismatchError,
+    DirectionFileError,
+    DirectionLookupError,
+)
+from saelab.interventions.generation import encode_left_padded, format_prompts, pad_rows
 
 FORMAT = "saelab.directions"
 FORMAT_VERSION = 1
@@ -46,17 +52,6 @@ META_FILE = "directions.json"
 _MARKER = "saelab instruction marker"
 
 Position = int | str
-
-
-class DirectionFileError(SaelabError):
-    """A direction-set folder that is missing, corrupt, truncated, foreign or unsafe to load."""
-
-
-class DirectionLookupError(SaelabError, KeyError):
-    """A hook or position that a direction set does not hold."""
-
-    def __str__(self) -> str:  # KeyError would print the message in quotes
-        return str(self.args[0])
 
 
 # ---- the stored result ---------------------------------------------------------------------------

@@ -26,8 +26,8 @@ examples/direction_selection.py relaxes kl_threshold and min_addition_score and 
 Running the same pipeline on a refusing chat model (harmful vs harmless instructions)::
 
     import datasets
-    from saelab.models import load_model
-    from saelab.steering.selection import SelectionConfig, refusal_metric, select_direction
+    from saelab.core.models import load_model
+    from saelab.interventions.selection import SelectionConfig, refusal_metric, select_direction
 
     lm = load_model("Qwen/Qwen2.5-1.5B-Instruct")  # any chat model with a chat template
     harmful = datasets.load_dataset("walledai/AdvBench", split="train")["prompt"]  # or a local file
@@ -41,7 +41,7 @@ Running the same pipeline on a refusing chat model (harmful vs harmless instruct
     print(result.table()); result.plot("runs/steering/refusal.png"); result.save("runs/steering/refusal")
 
 or from the command line, with a JSON file of the four sets in the format of
-saelab/steering/prompts/selection_code.json: ``python examples/direction_selection.py --model
+saelab/interventions/prompts/selection_code.json: ``python examples/direction_selection.py --model
 Qwen/Qwen2.5-1.5B-Instruct --sets refusal.json``. Arditi et al. used 128 prompts per training set
 and 32 per validation set; on a GPU this takes minutes for a 1-2B model.
 """
@@ -56,9 +56,9 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from saelab.errors import DataError, SaelabError
-from saelab.fileio import atomic_write_json, save_figure
-from saelab.steering.directions import (
+from saelab.core.fileio import atomic_write_json, save_figure
+from saelab.errors import DataError, SelectionError
+from saelab.interventions.directions import (
     DirectionSet,
     EncodedBatch,
     encode,
@@ -67,13 +67,9 @@ from saelab.steering.directions import (
     mean_difference,
     post_instruction_positions,
 )
-from saelab.steering.interventions import AddVector, Intervention, ablation, steer
+from saelab.interventions.hooks import AddVector, Intervention, ablation, steer
 
 PROMPTS_DIR = Path(__file__).parent / "prompts"
-
-
-class SelectionError(SaelabError):
-    """Settings or prompt sets that direction selection cannot work with."""
 
 
 @dataclass

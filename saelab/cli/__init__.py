@@ -47,7 +47,7 @@ def main() -> None:
 
 
 def _data_config(data, split, text_field, context_size, exclude_bos, exclude_special, dataset_config=None):
-    from saelab.data import DataConfig
+    from saelab.core.data import DataConfig
 
     return DataConfig(
         source=data,
@@ -91,7 +91,7 @@ def _model_file_error(name: str | None, err: Exception) -> SaelabError:
 def _load_model(name: str | None, device: str, dtype):
     from safetensors import SafetensorError
 
-    from saelab.models import load_model
+    from saelab.core.models import load_model
 
     try:
         return load_model(name, device=device, dtype=dtype)
@@ -138,7 +138,7 @@ def harvest(
     seed: int = typer.Option(0, help="Shuffling seed."),
 ):
     """Harvest activations into a memory-mapped, resumable disk cache that training can read many times."""
-    from saelab.activations import harvest_to_cache
+    from saelab.core.activations import harvest_to_cache
 
     lm = _load_model(resolve_model(model), device=device, dtype=_dtype(dtype))
     cfg = _data_config(data, split, text_field, context_size, exclude_bos, exclude_special)
@@ -255,7 +255,7 @@ def train(
     """Train one or many dictionaries (a sweep) on one activation stream. Runs under torchrun too."""
     from safetensors import SafetensorError
 
-    from saelab import distributed
+    from saelab.core import distributed
     from saelab.training import CHECKPOINT, TrainConfig
     from saelab.training import train as run_training
 
@@ -335,7 +335,7 @@ def _sae_folders(path: Path) -> list[Path]:
 
 def _dtype(name: str, as_name: bool = False):
     """Check a --dtype option: a torch dtype or "auto" (as_name=True: its canonical name)."""
-    from saelab.devices import dtype_name, parse_dtype
+    from saelab.core.devices import dtype_name, parse_dtype
 
     parsed = parse_dtype(name)
     if as_name:
@@ -345,13 +345,13 @@ def _dtype(name: str, as_name: bool = False):
 
 def _device(name: str) -> str:
     """Check a --device option and resolve "auto" to the device it picks here."""
-    from saelab.devices import resolve_device
+    from saelab.core.devices import resolve_device
 
     return str(resolve_device(name))
 
 
 def _evaluate_folders(folders, model, data, tokens, ce_contexts, device, out=None, dtype="auto"):
-    from saelab.evaluation import EvalConfig, evaluate
+    from saelab.analysis.evaluation import EvalConfig, evaluate
 
     results = {}
     for folder, dictionary, lm, cfg in _with_models(folders, model, data, "eval", device, dtype):
@@ -455,9 +455,9 @@ def analyze(
 ):
     """One streaming pass: top and quantile examples, histograms, density, co-activation, logit effects,
     neighbours for every latent, into a SQLite feature store."""
+    from saelab.analysis.features import AnalysisConfig
+    from saelab.analysis.features import analyze as run_analysis
     from saelab.dictionaries.io import dictionary_metadata
-    from saelab.features import AnalysisConfig
-    from saelab.features import analyze as run_analysis
 
     folders = _sae_folders(path)
     for folder, dictionary, lm, data_cfg in _with_models(folders, model, data, "train", device, dtype):
@@ -500,8 +500,8 @@ def serve(
     dtype: str = typer.Option("auto", help=DTYPE_HELP),
 ):
     """Browse, search and test every feature of an analysed dictionary in a local web app."""
+    from saelab.analysis.store import FeatureStore
     from saelab.server.app import serve as run_server
-    from saelab.store import FeatureStore
 
     store_path = _store_path(path)
     lm = dictionary = None
@@ -532,8 +532,8 @@ def export_command(
     ),
 ):
     """Export features as a static HTML dashboard and/or Neuronpedia-style JSON."""
+    from saelab.analysis.store import FeatureStore
     from saelab.export import export_html, export_neuronpedia
-    from saelab.store import FeatureStore
 
     store_path = _store_path(path)
     if html is None and neuronpedia is None:
@@ -578,8 +578,8 @@ def demo(
 ):
     """Harvest from the embedded corpus, train a TopK SAE on blocks.15.hook_resid_post, evaluate, summarise,
     analyse its features and serve them in the local web app, sized to fit --minutes on this machine."""
-    from saelab.budget import DemoPlan
-    from saelab.fileio import atomic_write_json
+    from saelab.cli.budget import DemoPlan
+    from saelab.core.fileio import atomic_write_json
     from saelab.training import DONE, TrainConfig
     from saelab.training import train as run_training
 
@@ -633,10 +633,10 @@ def demo(
 
 def _plan_demo(run_dir, tokens, minutes, start, device, dtype, timings):
     """Measure this machine, size the demo to the time left, harvest its cache; return (plan, config)."""
-    from saelab.activations import harvest_to_cache
-    from saelab.budget import measure_full_forward, measure_harvest, measure_train_step, plan_demo
-    from saelab.data import DataConfig
-    from saelab.devices import dtype_name, encoder_dtype
+    from saelab.cli.budget import measure_full_forward, measure_harvest, measure_train_step, plan_demo
+    from saelab.core.activations import harvest_to_cache
+    from saelab.core.data import DataConfig
+    from saelab.core.devices import dtype_name, encoder_dtype
     from saelab.dictionaries import DictionaryConfig
     from saelab.training import TrainConfig
 
@@ -677,7 +677,7 @@ def _plan_demo(run_dir, tokens, minutes, start, device, dtype, timings):
 
 
 def _analysis_complete(store_path: Path) -> bool:
-    from saelab.store import FeatureStore
+    from saelab.analysis.store import FeatureStore
 
     if not store_path.is_file():
         return False
@@ -791,7 +791,7 @@ def toy_all(out: Path = _TOY_OUT, quick: bool = _QUICK, seed: int = _SEED):
 
 
 # ---- interventions (steering, directions) ---------------------------------------------------------
-from saelab.cli_steering import direction_app, steer_app  # noqa: E402
+from saelab.cli.steering import direction_app, steer_app  # noqa: E402
 
 app.add_typer(steer_app, name="steer")
 app.add_typer(direction_app, name="direction")

@@ -25,13 +25,9 @@ import torch
 from torch import Tensor
 
 from saelab.dictionaries import Dictionary
-from saelab.errors import DimensionMismatchError, SaelabError
+from saelab.errors import DimensionMismatchError, InterventionError
 
 SCOPES = ("all", "prompt", "generated")
-
-
-class InterventionError(SaelabError):
-    """An intervention that cannot be applied: bad scope, wrong width, zero or non-finite direction."""
 
 
 def _finite_vector(vector, d: int | None, what: str) -> Tensor:
@@ -292,7 +288,7 @@ class _Positions:
             self._problem = (
                 f"this forward pass got a KV cache ({type(cache).__name__}) but no 2-D attention_mask, so a "
                 "scoped intervention cannot tell prompt tokens from generated ones. Pass attention_mask "
-                "covering the cached and the new tokens, or generate with saelab.steering.generate."
+                "covering the cached and the new tokens, or generate with saelab.interventions.generate."
             )
 
     def first(self, n: int) -> int:
@@ -336,7 +332,7 @@ def steer(lm, interventions: Iterable[Intervention], prompt_len: int | None = No
     `prompt_len` is the (left-padded) prompt width: positions below it are "prompt", the rest
     "generated". Without it every position counts as prompt and "generated" interventions do nothing.
     Scopes work for `lm.forward` / `lm.capture` (no cache: positions start at 0), for
-    `saelab.steering.generate` and for a caller's own `lm.model.generate(..., attention_mask=...)`.
+    `saelab.interventions.generate` and for a caller's own `lm.model.generate(..., attention_mask=...)`.
     """
     interventions = list(interventions)
     by_hook: dict[str, list[Intervention]] = {}

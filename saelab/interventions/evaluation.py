@@ -21,10 +21,10 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from saelab.core.fileio import save_figure
 from saelab.errors import DataError
-from saelab.fileio import save_figure
-from saelab.steering.generation import GenerationConfig, completion_loss, generate
-from saelab.steering.interventions import Intervention
+from saelab.interventions.generation import GenerationConfig, completion_loss, generate
+from saelab.interventions.hooks import Intervention
 
 Keyword = str | re.Pattern
 

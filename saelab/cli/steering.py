@@ -1,4 +1,4 @@
-"""The `saelab steer` and `saelab direction` commands: thin wrappers over saelab.steering (imported lazily)."""
+"""The `saelab steer` and `saelab direction` commands: thin wrappers over saelab.interventions (imported lazily)."""
 
 from __future__ import annotations
 
@@ -42,7 +42,7 @@ def _lm(model: str | None, device: str, dtype: str):
 
 def _prompt_list(prompts: list[str] | None, prompts_file: str | None) -> list[str]:
     """Prompts given on the command line and/or in a file (FILE or FILE:KEY for a JSON object)."""
-    from saelab.steering.generation import load_prompts
+    from saelab.interventions.generation import load_prompts
 
     out = list(prompts or [])
     if prompts_file:
@@ -57,7 +57,7 @@ def _prompt_list(prompts: list[str] | None, prompts_file: str | None) -> list[st
 
 def _vector(path: Path, hook: str | None, position: int):
     """(hook, vector) from a saved DirectionSet folder, or a .safetensors file holding one vector."""
-    from saelab.steering.directions import DirectionSet
+    from saelab.interventions.directions import DirectionSet
 
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
@@ -78,7 +78,7 @@ def _vector(path: Path, hook: str | None, position: int):
 
 def _interventions(lm, sae, feature, strength, mode, vector, hook, position, alpha, ablate, scope):
     from saelab.dictionaries.io import load_dictionary
-    from saelab.steering.interventions import AddVector, ClampFeature, ablation, add_feature
+    from saelab.interventions.hooks import AddVector, ClampFeature, ablation, add_feature
 
     out = []
     if feature is not None:
@@ -140,7 +140,7 @@ def steer_generate(
     out: Path = typer.Option(None, help="Also write the generations as JSON here."),
 ):
     """Generate steered and unsteered completions side by side, with the same seed."""
-    from saelab.steering.generation import GenerationConfig, compare
+    from saelab.interventions.generation import GenerationConfig, compare
 
     texts = _prompt_list(prompts, prompts_file)
     if model is None and sae is not None:
@@ -158,7 +158,7 @@ def steer_generate(
         table.add_row(row["prompt"], row["unsteered"], row["steered"])
     _console().print(table)
     if out:
-        from saelab.fileio import atomic_write_text
+        from saelab.core.fileio import atomic_write_text
 
         atomic_write_text(out, json.dumps({"generation": cfg.to_dict(), "rows": rows}, indent=1))
 
@@ -179,7 +179,7 @@ def steer_decompose(
 ):
     """Express a vector as a sparse non-negative combination of SAE decoder rows."""
     from saelab.dictionaries.io import load_dictionary
-    from saelab.steering.decompose import decompose
+    from saelab.interventions.decompose import decompose
 
     dictionary = load_dictionary(sae)
     where, v = _vector(vector, hook or dictionary.cfg.hook_name, position)
@@ -237,7 +237,7 @@ def direction_build(
     dtype: str = _DTYPE,
 ):
     """Difference-in-means (or PCA) directions at every layer from two prompt sets, saved with provenance."""
-    from saelab.steering.directions import mean_difference, pca_direction
+    from saelab.interventions.directions import mean_difference, pca_direction
 
     if method not in ("mean", "pca"):
         raise SaelabError(f"unknown --method {method!r}: use mean or pca.")
@@ -286,7 +286,12 @@ def direction_select(
     dtype: str = _DTYPE,
 ):
     """Arditi et al. direction selection: score (layer, post-instruction position) candidates and pick one."""
-    from saelab.steering.selection import BehaviourMetric, SelectionConfig, load_prompt_sets, select_direction
+    from saelab.interventions.selection import (
+        BehaviourMetric,
+        SelectionConfig,
+        load_prompt_sets,
+        select_direction,
+    )
 
     prompt_sets = load_prompt_sets(sets)
     lm = _lm(model, device, dtype)
@@ -337,8 +342,8 @@ def direction_caa(
     dtype: str = _DTYPE,
 ):
     """Contrastive activation addition: vectors from A/B items, p(matching letter) on held-out items."""
-    from saelab.fileio import atomic_write_json
-    from saelab.steering.caa import CAAConfig, load_items, run_caa
+    from saelab.core.fileio import atomic_write_json
+    from saelab.interventions.caa import CAAConfig, load_items, run_caa
 
     behaviour, ab_items = load_items(items)
     lm = _lm(model, device, dtype)
@@ -372,7 +377,7 @@ def direction_probe(
     dtype: str = _DTYPE,
 ):
     """Train a logistic-regression probe, then check what ablating directions does to it."""
-    from saelab.steering.probes import ablation_check
+    from saelab.interventions.probes import ablation_check
 
     pos, neg = _prompt_list(None, positive), _prompt_list(None, negative)
     lm = _lm(model, device, dtype)
@@ -383,7 +388,7 @@ def direction_probe(
     check = ablation_check(lm, pos, neg, hook, extra or None, chat=chat, seed=seed)
     _console().print(check.table(), highlight=False)
     if out:
-        from saelab.fileio import atomic_write_json
+        from saelab.core.fileio import atomic_write_json
 
         atomic_write_json(out, check.to_dict())
 
@@ -399,7 +404,7 @@ def direction_orthogonalize(
     device: str = _DEVICE,
 ):
     """Write a model whose residual-stream writers are orthogonal to a direction (= ablating it everywhere)."""
-    from saelab.steering.orthogonalize import write_orthogonalized
+    from saelab.interventions.orthogonalize import write_orthogonalized
 
     where, vector = _vector(direction, hook, position)
     lm = _lm(model, device, "float32")

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from saelab.errors import SaelabError
+from saelab.errors import DeviceError
 
 log = logging.getLogger(__name__)
 
@@ -47,10 +47,6 @@ BF16_MIN_SPEEDUP = 1.2
 _CACHE_FILE = "dtype_choice.json"
 _CACHE_VERSION = 2
 _ISA_VARIABLES = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA")
-
-
-class DeviceError(SaelabError):
-    """A device or dtype that cannot be used here (unknown name, CUDA asked for but absent, ...)."""
 
 
 @dataclass(frozen=True)
@@ -219,7 +215,7 @@ def _cpu_choice() -> DtypeChoice:
 
 
 def _choice_cache_path() -> Path:
-    from saelab.paths import cache_dir
+    from saelab.core.paths import cache_dir
 
     return cache_dir() / _CACHE_FILE
 
@@ -236,7 +232,7 @@ def _read_choices(path: Path) -> dict:
 
 
 def _save_choice(path: Path, choices: dict) -> None:
-    from saelab.fileio import atomic_write_json
+    from saelab.core.fileio import atomic_write_json
 
     try:
         atomic_write_json(path, {"version": _CACHE_VERSION, "choices": choices})

@@ -38,7 +38,7 @@ number of active entries, not with tokens x d_sae. What is computed, and how:
   ``resume=True`` skips the contexts already seen, so the final database is identical to an
   uninterrupted run's. A state file of another accumulator layout (`_STATE_VERSION`) is refused.
 
-Excluded positions (BOS / special tokens, see `saelab.data.exclusion_mask`) count as zero: they
+Excluded positions (BOS / special tokens, see `saelab.core.data.exclusion_mask`) count as zero: they
 are never active, never examples and not in the density denominator; windows still show them.
 Memory: about d_sae * (top_k + reservoir_size) * W * 12 bytes for the windows (W = window_left +
 1 + window_right; 16k latents, defaults: ~500 MB), plus the co-activation matrix.
@@ -57,11 +57,11 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from saelab.data import DataConfig
+from saelab.analysis.store import FeatureStore
+from saelab.core.data import DataConfig
+from saelab.core.fileio import atomic_torch_save
 from saelab.dictionaries import Dictionary
 from saelab.errors import DimensionMismatchError, RunFolderError
-from saelab.fileio import atomic_torch_save
-from saelab.store import FeatureStore
 
 HIST_EDGES = torch.logspace(-6, 6, 241, dtype=torch.float64)
 N_HIST = len(HIST_EDGES) + 1  # underflow + 240 bins + overflow

@@ -1,0 +1,6 @@
+"""`python -m saelab ...`: the same command as `saelab ...`, every subcommand included."""
+
+from saelab.cli import main
+
+if __name__ == "__main__":
+    main()
