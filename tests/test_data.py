@@ -1,4 +1,4 @@
-"""Tests for saelab.core.data: sources, splits, packing, resumption, masks and errors (no downloads)."""
+"""Tests for saelab.core.data, .splits and .corpus: sources, splits, packing, resumption, masks, errors."""
 
 import json
 import random
@@ -11,16 +11,16 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from saelab.core import data
+from saelab.core import corpus, data
 from saelab.core.data import (
     DataConfig,
     check_enough_tokens,
     exclusion_mask,
-    is_eval_text,
     iter_contexts,
     iter_texts,
     token_batches,
 )
+from saelab.core.splits import is_eval_text
 from saelab.errors import DataError
 
 WORDS = [f"w{i}" for i in range(200)]
@@ -182,11 +182,11 @@ def test_file_docstrings_use_ast_and_skip_bad_files(tmp_path):
         f'class A:\n    """{long}A"""\n    async def f(self):\n        """{long}f"""\n'
         f'def g():\n    """short"""\n'
     )
-    assert data._file_docstrings(str(good)) == [long, long + "A", long + "f"]
+    assert corpus._file_docstrings(str(good)) == [long, long + "A", long + "f"]
     (tmp_path / "broken.py").write_text(f'"""{long}"""\ndef (:\n')
     (tmp_path / "latin1.py").write_bytes(f'"""{long}\xe9"""\n'.encode("latin-1"))
-    assert data._file_docstrings(str(tmp_path / "broken.py")) == []
-    assert data._file_docstrings(str(tmp_path / "latin1.py")) == []
+    assert corpus._file_docstrings(str(tmp_path / "broken.py")) == []
+    assert corpus._file_docstrings(str(tmp_path / "latin1.py")) == []
 
 
 # --- errors --------------------------------------------------------------------------------------
@@ -264,7 +264,7 @@ def test_exclusion_mask_marks_position_zero_and_special_tokens(tok):
 
 @pytest.mark.integration
 def test_embedded_corpus_is_large_deterministic_and_split():
-    stats = data.embedded_corpus_stats()
+    stats = corpus.embedded_corpus_stats()
     assert stats["documents"] > 10_000 and stats["characters"] > 15_000_000
     assert 0 < stats["eval_documents"] < stats["documents"] / 20
     head = list(islice(iter_texts(None, split="all"), 100))

@@ -1,4 +1,4 @@
-"""saelab.toy.tms: the analysis on hand-built geometries, the trainer, and the paper's physics on quick runs."""
+"""saelab.toy.tms: geometry on hand-built W, the model and trainer, and the paper's physics on quick runs."""
 
 from __future__ import annotations
 
@@ -8,13 +8,11 @@ import math
 import pytest
 import torch
 
-from saelab.errors import SaelabError
+from saelab.errors import SaelabError, ToyConfigError
 from saelab.toy.tms import (
     PHASES,
     TMSConfig,
-    ToyConfigError,
     ToyModel,
-    _set_loss_gradients,
     feature_dimensionality,
     feature_norms,
     polygon_angles,
@@ -25,6 +23,7 @@ from saelab.toy.tms import (
     superposition_interference,
     train_toy_model,
 )
+from saelab.toy.tms.train import _set_loss_gradients
 from tests.helpers import one_thread  # noqa: F401 (autouse fixture)
 
 
