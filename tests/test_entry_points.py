@@ -48,7 +48,8 @@ def env(tmp_path_factory):
 
 def test_a_resumed_no_eval_run_does_not_evaluate(env, tmp_path, monkeypatch):
     """--resume takes the run's own options from config.json: no evaluation, the same dtype."""
-    from saelab import cli, training
+    from saelab import training
+    from saelab.cli import train as train_command
 
     common = ["--model", env["model"], "--data", env["corpus"], "--context-size", "32", "--hook",
               "blocks.1.hook_resid_post", "--width", "32", "--k", "4", "--batch-size", "64"]  # fmt: skip
@@ -67,7 +68,7 @@ def test_a_resumed_no_eval_run_does_not_evaluate(env, tmp_path, monkeypatch):
     monkeypatch.setattr(training, "train", real_train)
 
     evaluated = []
-    monkeypatch.setattr(cli, "_evaluate_folders", lambda *a, **kw: evaluated.append(kw) or {})
+    monkeypatch.setattr(train_command, "evaluate_folders", lambda *a, **kw: evaluated.append(kw) or {})
     code, out, err = run("train", "--run-dir", tmp_path / "r", "--resume")  # the defaults say --eval
     assert code == 0, err
     assert "trained 1 dictionary" in out
@@ -75,7 +76,8 @@ def test_a_resumed_no_eval_run_does_not_evaluate(env, tmp_path, monkeypatch):
 
 
 def test_a_resumed_run_evaluates_in_its_own_dtype(env, tmp_path, monkeypatch):
-    from saelab import cli, training
+    from saelab import training
+    from saelab.cli import train as train_command
 
     common = ["--model", env["model"], "--data", env["corpus"], "--context-size", "32", "--hook",
               "blocks.1.hook_resid_post", "--width", "32", "--k", "4", "--batch-size", "64"]  # fmt: skip
@@ -88,7 +90,7 @@ def test_a_resumed_run_evaluates_in_its_own_dtype(env, tmp_path, monkeypatch):
     assert code == 0, err
     monkeypatch.setattr(training, "train", real_train)
     evaluated = []
-    monkeypatch.setattr(cli, "_evaluate_folders", lambda *a, **kw: evaluated.append(kw) or {})
+    monkeypatch.setattr(train_command, "evaluate_folders", lambda *a, **kw: evaluated.append(kw) or {})
     code, _, err = run("train", "--run-dir", tmp_path / "r", "--resume", "--dtype", "bfloat16")
     assert code == 0, err
     assert [kw["dtype"] for kw in evaluated] == ["float32"]

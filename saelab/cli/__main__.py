@@ -1,4 +1,4 @@
-"""`python -m saelab ...`: the same command as `saelab ...`, every subcommand included."""
+"""`python -m saelab.cli ...`: the same command as `saelab ...`, every subcommand included."""
 
 from saelab.cli import main
 

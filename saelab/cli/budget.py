@@ -11,8 +11,14 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from saelab.core.data import DataConfig
+    from saelab.core.models import HookedLM
+    from saelab.dictionaries import DictionaryConfig
 
 # Costs relative to the measured speeds, from stage times of whole demo runs (SmolLM2-135M,
 # blocks.15): the harvest loop (cache writes, shuffling) runs at ~1/1.15 of one timed capture; the
@@ -151,7 +157,9 @@ def _scaled(stages: dict, divisor: int) -> dict:
 
 
 # -- measurements ---------------------------------------------------------------------------------
-def measure_harvest(lm, data, hook: str, batch_contexts: int = 32, timed: int = 2) -> float:
+def measure_harvest(
+    lm: HookedLM, data: DataConfig, hook: str, batch_contexts: int = 32, timed: int = 2
+) -> float:
     """Tokens per second of the early-exit capture, timed on `timed` batches after a warm-up batch."""
     batches = iter(data.batches(lm.tokenizer, batch_contexts))
     lm.capture(next(batches), [hook])  # warm-up: kernel selection, allocator, thread pool
@@ -163,7 +171,7 @@ def measure_harvest(lm, data, hook: str, batch_contexts: int = 32, timed: int = 
     return tokens / (time.perf_counter() - start)
 
 
-def measure_full_forward(lm, data, contexts: int = 8) -> float:
+def measure_full_forward(lm: HookedLM, data: DataConfig, contexts: int = 8) -> float:
     """Tokens per second of a full forward with its log-softmax, as the CE/KL evaluation runs it."""
     batch = next(iter(data.batches(lm.tokenizer, contexts)))
     with torch.no_grad():
@@ -173,7 +181,9 @@ def measure_full_forward(lm, data, contexts: int = 8) -> float:
     return batch.numel() / (time.perf_counter() - start)
 
 
-def measure_train_step(dictionary_cfg, batch_size: int = 1024, steps: int = 8, warmup: int = 3) -> float:
+def measure_train_step(
+    dictionary_cfg: DictionaryConfig, batch_size: int = 1024, steps: int = 8, warmup: int = 3
+) -> float:
     """Tokens per second of training steps of this dictionary (forward, backward, Adam) on random rows."""
     from saelab.dictionaries import StepContext, build_dictionary
 
