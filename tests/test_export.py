@@ -6,12 +6,15 @@ import json
 import re
 
 import pytest
+from markupsafe import escape
 
 from saelab.analysis.store import FeatureStore
+from saelab.analysis.views import hist_bins
 from saelab.errors import SaelabError
-from saelab.export import export_html, export_neuronpedia
+from saelab.export import export_html, export_neuronpedia, neuronpedia_feature
 from tests.test_cli import run
 from tests.test_server import setup  # noqa: F401 (the tiny analysed store, as a fixture)
+from tests.test_views import write_tiny_store
 
 NEURONPEDIA_FIELDS = {
     "modelId", "layer", "index", "maxActApprox", "frac_nonzero", "pos_str", "pos_values", "neg_str", "neg_values",
@@ -57,6 +60,32 @@ def test_html_is_self_contained_and_works_from_a_file_url(setup, alive, tmp_path
     for idx in alive:
         assert f'id="feature-{idx}"' in text
     assert 'class="tok center"' in text and "<svg" in text
+    ids = re.findall(r'id="([^"]+)"', text)
+    assert len(ids) == len(set(ids))  # one page, several latents: every element id stays unique
+    with FeatureStore(setup[2], create=False) as store:
+        vocab = store.vocab()
+        for idx in alive:
+            section = _section(text, idx)
+            f = store.feature(idx)
+            assert f"<dd>{f['density']:.4g}</dd>" in section and f"<dd>{f['max_act']:.4g}</dd>" in section
+            assert section.count('class="bar"') == len(
+                hist_bins(f["hist"], store.meta()["hist_edges"])
+            ) + len(f["logit_hist"]["counts"])
+            for t, v in f["logits_pos"] + f["logits_neg"]:
+                assert f"<code>{escape(repr(vocab[t]))}</code></td><td>{v:+.3f}</td>" in section
+            for o, c in f["neighbours"]:
+                shown = (
+                    f'<a href="#feature-{o}" class="feature-link" data-idx="{o}">#{o}</a>'
+                    if o in alive
+                    else f"#{o}"
+                )
+                assert f'<li>{shown}<span class="muted"> cos {c:.3f}</span></li>' in section
+            windows = store.examples(idx, "top") + store.examples(idx, "quantile")
+            assert section.count('<div class="example"') == len(windows)
+            for w in windows:
+                for t, v in zip(w["tokens"], w["values"], strict=True):
+                    if t >= 0:
+                        assert f'title="{v:.4g}" data-value="{v}">{escape(vocab[t])}</span>' in section
     from tests.test_browser import CHROMIUM, sync_api
 
     with sync_api.sync_playwright() as p:
@@ -66,6 +95,47 @@ def test_html_is_self_contained_and_works_from_a_file_url(setup, alive, tmp_path
         assert page.locator("section.feature").count() == len(alive)
         assert page.locator("span.tok[style*='background']").count() > 0
         browser.close()
+
+
+def _section(text: str, idx: int) -> str:
+    start = text.index(f'<section class="feature" id="feature-{idx}">')
+    end = text.find('<section class="feature"', start + 1)
+    return text[start : end if end > 0 else None]
+
+
+def test_html_escapes_text_and_shows_dead_latents(tmp_path):
+    """Token texts with markup or newlines, unknown token ids, an explanation with markup, a dead latent."""
+    path = tmp_path / "tiny.db"
+    with write_tiny_store(path) as store:
+        store.set_explanation(0, '<b>"cats"</b> & dogs')
+    text = export_html(path, tmp_path / "tiny.html", [0, 2]).read_text()
+    assert "<title>saelab features: tiny-lm blocks.0.hook_resid_post</title>" in text
+    live = _section(text, 0)
+    assert "&lt;b&gt;&#34;cats&#34;&lt;/b&gt; &amp; dogs" in live and "<b>" not in live
+    assert ">a\u21b5b</span>" in live and ">&lt;i&gt;</span>" in live and "&#39;&lt;99&gt;&#39;" in live
+    assert '<a href="#feature-2" class="feature-link" data-idx="2">#2</a>' in live  # exported: an anchor
+    assert "<li>#1<span" in live  # not exported: no link to follow
+    dead = _section(text, 2)
+    assert dead.count('<p class="muted">no data</p>') == 2 and dead.count("no examples") == 2
+    assert '<span id="explanation-2" class="muted">none</span>' in dead
+
+
+def test_neuronpedia_record_of_a_hand_written_latent(tmp_path):
+    with write_tiny_store(tmp_path / "tiny.db") as store:
+        data = neuronpedia_feature(store, 0, "tiny-lm", "blocks.0.hook_resid_post")
+        with pytest.raises(KeyError):
+            neuronpedia_feature(store, 3, "tiny-lm", "blocks.0.hook_resid_post")
+    assert data["pos_str"] == ["the", "<99>"] and data["neg_values"] == [-0.5]
+    assert data["freq_hist_data_bar_heights"] == [2, 1]
+    assert data["freq_hist_data_bar_values"] == [0.1**0.5, 10.0**0.5]
+    assert data["logits_hist_data_bar_values"] == [-0.75, -0.25, 0.25, 0.75]
+    assert data["topkCosSimIndices"] == [1, 2] and data["explanations"] == []
+    first, second, quantile = data["activations"]
+    assert first == {"tokens": ["cat", "a\nb", "<i>"], "values": [2.0, 0.0, 1.0], "maxValue": 2.0,
+                     "maxValueTokenIndex": 0}  # fmt: skip
+    assert all(isinstance(v, float) for v in first["values"])  # stored zeros are ints; Neuronpedia's are not
+    assert second["maxValueTokenIndex"] == 1 and second["maxValue"] == 1.75
+    assert quantile["values"] == [0.0, 0.0, 0.3, 0.0, 0.0] and quantile["maxValueTokenIndex"] == 2
 
 
 def test_unknown_features_are_refused(setup, tmp_path):  # noqa: F811

@@ -15,6 +15,8 @@ from collections.abc import Sequence
 import torch
 
 from saelab.core.data import exclusion_mask
+from saelab.core.models import HookedLM
+from saelab.dictionaries.base import Dictionary
 from saelab.errors import DimensionMismatchError, TextTooLongError
 from saelab.interventions.decompose import Decomposition, decompose
 from saelab.interventions.directions import mean_difference
@@ -41,7 +43,9 @@ def check_text(text: str, what: str = "text") -> None:
 class LiveModel:
     """A model plus dictionary behind a lock: hooks are registered per call, so calls must not overlap."""
 
-    def __init__(self, lm, dictionary, data: dict | None = None, n_features: int | None = None):
+    def __init__(
+        self, lm: HookedLM, dictionary: Dictionary, data: dict | None = None, n_features: int | None = None
+    ):
         data = data or {}
         hook = dictionary.cfg.hook_name
         width = lm.hook_dim(hook)

@@ -1,0 +1,303 @@
+"""The view model: feature-store rows as display objects, shared by the JSON API, the exports and the HTML.
+
+The store keeps token ids, padded windows and raw histogram counts. What a reader sees (token text,
+windows without their padding, the nonzero histogram range, logit tables with token text) is derived
+here once, so the web app, the Neuronpedia JSON and the static dashboard cannot drift apart.
+Values are passed through as stored (the store rounds window values; a zero may come back as an int).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from saelab.analysis.store import FeatureStore
+
+
+def token_text(vocab: Sequence[str], token_id: int) -> str:
+    """A token id as text; an id outside the vocabulary shows as `<id>` rather than failing."""
+    return vocab[token_id] if 0 <= token_id < len(vocab) else f"<{token_id}>"
+
+
+def hist_bins(counts: list[int], edges: list[float]) -> list[dict]:
+    """The nonzero range of a latent's histogram as {lo, hi, count}; bin i counts edges[i-1] <= v < edges[i].
+
+    Bin 0 is the underflow bin (lo 0); the last is the overflow bin (hi None: JSON has no inf).
+    """
+    nonzero = [i for i, c in enumerate(counts) if c]
+    if not nonzero:
+        return []
+    bins = []
+    for i in range(nonzero[0], nonzero[-1] + 1):
+        lo = 0.0 if i == 0 else edges[i - 1]
+        hi = edges[i] if i < len(edges) else None
+        bins.append({"lo": lo, "hi": hi, "count": counts[i]})
+    return bins
+
+
+@dataclass(frozen=True)
+class Bar:
+    """One bar of a drawn histogram: [lo, hi) holds `count` values; hi None is the open overflow bin."""
+
+    lo: float
+    hi: float | None
+    count: int
+
+
+@dataclass(frozen=True)
+class Histogram:
+    """A latent's activation histogram over the bins shared by all latents, and its nonzero range."""
+
+    edges: list[float]
+    counts: list[int]
+    bins: list[dict]
+
+    @classmethod
+    def of(cls, counts: list[int], edges: list[float]) -> Histogram:
+        return cls(edges, counts, hist_bins(counts, edges))
+
+    @property
+    def bars(self) -> list[Bar]:
+        return [Bar(b["lo"], b["hi"], b["count"]) for b in self.bins]
+
+    @property
+    def bar_heights(self) -> list[int]:
+        return [int(b["count"]) for b in self.bins]
+
+    @property
+    def bar_centres(self) -> list[float]:
+        """Each bin's geometric centre (the bins are log-spaced); the overflow bin counts as [lo, 2 lo)."""
+        centres = []
+        for b in self.bins:
+            hi = b["hi"] if b["hi"] is not None else b["lo"] * 2
+            centres.append(math.sqrt(b["lo"] * hi) if b["lo"] > 0 else hi / 2)
+        return centres
+
+    def api(self) -> dict:
+        return {"edges": self.edges, "counts": self.counts, "bins": self.bins}
+
+
+@dataclass(frozen=True)
+class LogitHistogram:
+    """How a latent's decoder row moves every vocabulary logit: equal-width bins from min to max."""
+
+    min: float
+    max: float
+    counts: list[int]
+
+    @classmethod
+    def of(cls, raw: dict | None) -> LogitHistogram:
+        raw = raw or {"min": 0.0, "max": 0.0, "counts": []}
+        return cls(raw["min"], raw["max"], raw["counts"])
+
+    @property
+    def width(self) -> float:
+        return (self.max - self.min) / max(len(self.counts), 1)
+
+    @property
+    def bar_centres(self) -> list[float]:
+        return [self.min + (i + 0.5) * self.width for i in range(len(self.counts))]
+
+    @property
+    def bars(self) -> list[Bar]:
+        step = self.width
+        return [Bar(self.min + i * step, self.min + (i + 1) * step, c) for i, c in enumerate(self.counts)]
+
+
+@dataclass(frozen=True)
+class LogitEntry:
+    """One row of a promoted/suppressed token table."""
+
+    token_id: int
+    token: str
+    value: float
+
+    def api(self) -> dict:
+        return {"token_id": self.token_id, "token": self.token, "value": self.value}
+
+
+@dataclass(frozen=True)
+class Neighbour:
+    """A latent whose decoder row is close to this one's."""
+
+    idx: int
+    cosine: float
+
+
+@dataclass(frozen=True)
+class CoFiring:
+    """A latent firing on the same tokens as this one, `count` times."""
+
+    idx: int
+    count: int
+
+
+@dataclass(frozen=True)
+class WindowToken:
+    id: int
+    text: str
+    value: float
+
+    def api(self) -> dict:
+        return {"id": self.id, "text": self.text, "value": self.value}
+
+
+@dataclass(frozen=True)
+class ExampleWindow:
+    """One stored example without its padding; `center` indexes the activating token in `tokens`."""
+
+    rank: int
+    quantile: int | None
+    value: float
+    context_id: int
+    position: int
+    center: int | None
+    tokens: list[WindowToken]
+
+    @property
+    def peak(self) -> int:
+        """Index of the window's largest activation (the first of equals; 0 for an empty window)."""
+        values = [t.value for t in self.tokens]
+        return max(range(len(values)), key=values.__getitem__) if values else 0
+
+    @property
+    def scale(self) -> float:
+        """The activation that gets full colour: the largest in the window (never 0)."""
+        return max([t.value for t in self.tokens] + [self.value, 1e-9])
+
+    def alpha(self, value: float) -> float:
+        """How strongly to shade a token of this window, 0 to 1."""
+        return min(1.0, max(0.0, value / self.scale))
+
+    def api(self) -> dict:
+        return {
+            "rank": self.rank, "quantile": self.quantile, "value": self.value, "context_id": self.context_id,
+            "position": self.position, "center": self.center, "tokens": [t.api() for t in self.tokens],
+        }  # fmt: skip
+
+
+@dataclass(frozen=True)
+class FeatureView:
+    """One latent as every reader shows it: statistics, histograms, logit tables, neighbours, explanation."""
+
+    idx: int
+    density: float
+    mean_act: float
+    max_act: float
+    n_active: int
+    explanation: str | None
+    quantile_edges: list[float] | None
+    hist: Histogram
+    logits_pos: list[LogitEntry]
+    logits_neg: list[LogitEntry]
+    logit_hist: dict | None  # as stored: {min, max, counts}, or None
+    neighbours: list[Neighbour]
+    coactivation: list[CoFiring]
+
+    @property
+    def dead(self) -> bool:
+        return self.n_active == 0
+
+    @property
+    def logit_histogram(self) -> LogitHistogram:
+        return LogitHistogram.of(self.logit_hist)
+
+    def api(self) -> dict:
+        return {
+            "idx": self.idx,
+            "density": self.density,
+            "mean_act": self.mean_act,
+            "max_act": self.max_act,
+            "n_active": self.n_active,
+            "dead": self.dead,
+            "explanation": self.explanation,
+            "quantile_edges": self.quantile_edges,
+            "hist": self.hist.api(),
+            "logits_pos": [e.api() for e in self.logits_pos],
+            "logits_neg": [e.api() for e in self.logits_neg],
+            "logit_hist": self.logit_hist,
+            "neighbours": [{"idx": n.idx, "cosine": n.cosine} for n in self.neighbours],
+            "coactivation": [{"idx": c.idx, "count": c.count} for c in self.coactivation],
+        }
+
+
+@dataclass(frozen=True)
+class FeaturePage:
+    """Everything one latent's page shows: its summary and its top and quantile example windows."""
+
+    feature: FeatureView
+    top: list[ExampleWindow]
+    quantile: list[ExampleWindow]
+
+    @property
+    def examples(self) -> list[ExampleWindow]:
+        return self.top + self.quantile
+
+
+@dataclass(frozen=True)
+class DisplayContext:
+    """What turns any row of one store into a view: token texts, the shared histogram edges, and where
+    the activating token sits in a stored window. Read once per store (the vocabulary is its largest table)."""
+
+    vocab: list[str]
+    hist_edges: list[float]
+    window_left: int
+
+    @classmethod
+    def of(cls, store: FeatureStore, vocab: list[str] | None = None) -> DisplayContext:
+        meta = store.meta()
+        return cls(
+            vocab if vocab is not None else store.vocab(),
+            meta.get("hist_edges") or [],
+            int((meta.get("config") or {}).get("window_left", 0)),
+        )
+
+    def token_text(self, token_id: int) -> str:
+        return token_text(self.vocab, token_id)
+
+    def logit_table(self, pairs: list | None) -> list[LogitEntry]:
+        return [LogitEntry(t, self.token_text(t), v) for t, v in pairs or []]
+
+    def feature(self, row: dict) -> FeatureView:
+        """A `FeatureStore.feature` row as a view."""
+        return FeatureView(
+            idx=row["idx"],
+            density=row["density"],
+            mean_act=row["mean_act"],
+            max_act=row["max_act"],
+            n_active=row["n_active"],
+            explanation=row.get("explanation"),
+            quantile_edges=row.get("quantile_edges"),
+            hist=Histogram.of(row.get("hist") or [], self.hist_edges),
+            logits_pos=self.logit_table(row.get("logits_pos")),
+            logits_neg=self.logit_table(row.get("logits_neg")),
+            logit_hist=row.get("logit_hist"),
+            neighbours=[Neighbour(o, c) for o, c in row.get("neighbours") or []],
+            coactivation=[CoFiring(c["other"], c["count"]) for c in row.get("coactivation") or []],
+        )
+
+    def window(self, row: dict) -> ExampleWindow:
+        """A `FeatureStore.examples` row as a window: padding (token id < 0) dropped."""
+        tokens, center = [], None
+        for j, (t, v) in enumerate(zip(row["tokens"], row["values"], strict=True)):
+            if t < 0:
+                continue
+            if j == self.window_left:
+                center = len(tokens)
+            tokens.append(WindowToken(t, self.token_text(t), v))
+        return ExampleWindow(
+            row["rank"], row["quantile"], row["value"], row["context_id"], row["position"], center, tokens
+        )
+
+    def windows(self, store: FeatureStore, idx: int, kind: str) -> list[ExampleWindow]:
+        return [self.window(r) for r in store.examples(idx, kind)]
+
+    def page(self, store: FeatureStore, idx: int) -> FeaturePage | None:
+        """Latent `idx` with its examples, or None if the store has no such latent."""
+        row = store.feature(idx)
+        if row is None:
+            return None
+        return FeaturePage(
+            self.feature(row), self.windows(store, idx, "top"), self.windows(store, idx, "quantile")
+        )

@@ -1,0 +1,65 @@
+"""The stored latents: a sorted, filtered page of them, one latent's summary, and its example windows."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from fastapi import APIRouter, Query
+from fastapi.exceptions import RequestValidationError
+
+from saelab.server.deps import Display, FeatureIdx, OpenStore, State
+from saelab.server.limits import MAX_PAGE
+
+router = APIRouter()
+
+
+def check_offset(offset: int, n: int) -> None:
+    """422 for an offset past the last latent, worded as pydantic words a bound (this one depends on the
+    store, so no static `Query(le=...)` can hold it)."""
+    if offset > n:
+        raise RequestValidationError([{
+            "type": "less_than_equal", "loc": ("query", "offset"),
+            "msg": f"Input should be less than or equal to {n}", "input": offset, "ctx": {"le": n},
+        }])  # fmt: skip
+
+
+@router.get("/api/features")
+def api_features(
+    state: State,
+    sort: Literal["density", "max_act", "mean_act", "n_active", "idx"] = "density",
+    order: Literal["desc", "asc"] = "desc",
+    offset: int = Query(0, ge=0, description="at most the number of latents"),
+    limit: int = Query(100, ge=1, le=MAX_PAGE),
+    min_density: float | None = Query(None, ge=0.0, le=1.0),
+    max_density: float | None = Query(None, ge=0.0, le=1.0),
+    include_dead: bool = True,
+) -> dict:
+    """One page of latents sorted server-side: {total (matching the filters), offset, limit, items}."""
+    check_offset(offset, state.n_features)
+    with state.open_store() as s:
+        filters = dict(min_density=min_density, max_density=max_density, include_dead=include_dead)
+        total = s.count_features(**filters)
+        items = s.list_features(sort, order == "desc", offset, limit, **filters)
+    return {"total": total, "offset": offset, "limit": limit, "items": items}
+
+
+@router.get("/api/features/{idx}")
+def api_feature(idx: FeatureIdx, state: State) -> dict:
+    """Stats, activation histogram (shared log bins), logit tables and histogram with token text,
+    decoder neighbours, co-firing latents and the explanation of one latent."""
+    with state.open_store() as s:
+        row = s.feature(idx)
+    if row is None:
+        raise state.missing(idx)
+    return state.display.feature(row).api()
+
+
+@router.get("/api/features/{idx}/examples")
+def api_examples(
+    idx: FeatureIdx, open_store: OpenStore, display: Display, kind: Literal["top", "quantile"] = "top"
+) -> dict:
+    """Stored examples: windows of {id, text, value} tokens (padding dropped); `center` is the
+    activating token's index in `tokens`."""
+    with open_store() as s:
+        rows = s.examples(idx, kind)
+    return {"idx": idx, "kind": kind, "items": [display.window(r).api() for r in rows]}

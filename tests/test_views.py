@@ -1,0 +1,137 @@
+"""saelab.analysis.views: store rows as the display objects that the API, the exports and the pages share."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from saelab.analysis.store import FeatureStore
+from saelab.analysis.views import DisplayContext, Histogram, LogitHistogram, hist_bins, token_text
+
+VOCAB = ["<bos>", "the", "cat", "a\nb", "<i>"]
+EDGES = [0.1, 1.0, 10.0]  # bins: underflow [0, 0.1), [0.1, 1), [1, 10), overflow [10, inf)
+META = {
+    "hist_edges": EDGES, "config": {"window_left": 2}, "dictionary": {"d_sae": 3},
+    "hook_name": "blocks.0.hook_resid_post", "model": {"name": "org/Tiny-LM"},
+}  # fmt: skip
+FEATURES = [
+    {"idx": 0, "density": 0.25, "mean_act": 1.25, "max_act": 2.0, "n_active": 3, "hist": [0, 2, 1, 0],
+     "quantile_edges": [0.0, 0.5, 2.0], "logits_pos": [[1, 0.5], [99, 0.25]], "logits_neg": [[2, -0.5]],
+     "logit_hist": {"min": -1.0, "max": 1.0, "counts": [1, 0, 3, 1]}, "neighbours": [[1, 0.5], [2, 0.25]]},
+    {"idx": 1, "density": 0.5, "mean_act": 20.0, "max_act": 30.0, "n_active": 2, "hist": [1, 0, 0, 1],
+     "logits_pos": [], "logits_neg": [], "neighbours": [[0, 0.5]]},
+    {"idx": 2, "density": 0.0, "mean_act": 0.0, "max_act": 0.0, "n_active": 0, "hist": [0, 0, 0, 0]},
+]  # fmt: skip
+EXAMPLES = [  # window_left 2: the activating token is the window's third entry; -1 is padding
+    {"feature": 0, "kind": "top", "quantile": None, "rank": 0, "value": 2.0, "context_id": 4, "position": 0,
+     "token": 2, "tokens": [-1, -1, 2, 3, 4], "values": [0, 0, 2.0, 0, 1.0]},
+    {"feature": 0, "kind": "top", "quantile": None, "rank": 1, "value": 1.5, "context_id": 1, "position": 5,
+     "token": 3, "tokens": [1, 4, 3, -1, -1], "values": [0.25, 1.75, 1.5, 0, 0]},
+    {"feature": 0, "kind": "quantile", "quantile": 0, "rank": 0, "value": 0.3, "context_id": 2, "position": 3,
+     "token": 3, "tokens": [1, 2, 3, 4, 1], "values": [0, 0, 0.3, 0, 0]},
+    {"feature": 1, "kind": "top", "quantile": None, "rank": 0, "value": 30.0, "context_id": 0, "position": 2,
+     "token": 4, "tokens": [1, 1, 4, 2, 2], "values": [0, 0, 30.0, 0, 0]},
+]  # fmt: skip
+
+
+def write_tiny_store(path) -> FeatureStore:
+    """A hand-written three-latent store (one dead) with padding, an unknown token id and odd token texts."""
+    store = FeatureStore(path)
+    store.begin_analysis(META, vocab=VOCAB)
+    store.write_results(FEATURES, EXAMPLES, [(0, 1, 4)], {"batches": 1, "contexts": 8, "tokens": 40})
+    return store
+
+
+@pytest.fixture
+def tiny(tmp_path):
+    with write_tiny_store(tmp_path / "tiny.db") as store:
+        yield store
+
+
+def test_token_text_shows_unknown_ids_as_their_number():
+    assert token_text(VOCAB, 1) == "the" and token_text(VOCAB, 3) == "a\nb"
+    assert token_text(VOCAB, 99) == "<99>" and token_text(VOCAB, -1) == "<-1>"
+
+
+def test_hist_bins_cover_the_nonzero_range():
+    assert hist_bins([0, 2, 0, 1], EDGES) == [
+        {"lo": 0.1, "hi": 1.0, "count": 2}, {"lo": 1.0, "hi": 10.0, "count": 0},
+        {"lo": 10.0, "hi": None, "count": 1},
+    ]  # fmt: skip
+    assert hist_bins([3, 0, 0, 0], EDGES) == [{"lo": 0.0, "hi": 0.1, "count": 3}]
+    assert hist_bins([0, 0, 0, 0], EDGES) == [] and hist_bins([], EDGES) == []
+
+
+def test_histogram_bar_centres_are_geometric():
+    h = Histogram.of([1, 2, 0, 4], EDGES)
+    assert h.bar_heights == [1, 2, 0, 4]
+    assert h.bar_centres == [0.05, math.sqrt(0.1), math.sqrt(10.0), math.sqrt(200.0)]
+    assert [(b.lo, b.hi, b.count) for b in h.bars] == [
+        (0.0, 0.1, 1),
+        (0.1, 1.0, 2),
+        (1.0, 10.0, 0),
+        (10.0, None, 4),
+    ]
+    assert h.api() == {"edges": EDGES, "counts": [1, 2, 0, 4], "bins": hist_bins([1, 2, 0, 4], EDGES)}
+
+
+def test_logit_histogram_bars_span_min_to_max():
+    h = LogitHistogram.of({"min": -1.0, "max": 1.0, "counts": [1, 0, 3, 1]})
+    assert h.bar_centres == [-0.75, -0.25, 0.25, 0.75]
+    assert [(b.lo, b.hi, b.count) for b in h.bars] == [
+        (-1.0, -0.5, 1),
+        (-0.5, 0.0, 0),
+        (0.0, 0.5, 3),
+        (0.5, 1.0, 1),
+    ]
+    empty = LogitHistogram.of(None)
+    assert empty.counts == [] and empty.bar_centres == [] and empty.bars == []
+
+
+def test_windows_drop_padding_and_index_the_activating_token(tiny):
+    context = DisplayContext.of(tiny)
+    assert context.window_left == 2 and context.vocab == VOCAB and context.hist_edges == EDGES
+    first, second = context.windows(tiny, 0, "top")
+    assert [t.text for t in first.tokens] == ["cat", "a\nb", "<i>"] and first.center == 0 == first.peak
+    assert [t.value for t in first.tokens] == [2.0, 0, 1.0]  # as stored: a zero may be an int
+    assert [t.id for t in second.tokens] == [1, 4, 3] and second.center == 2 and second.peak == 1
+    assert second.scale == 1.75 and second.alpha(1.75) == 1.0 and second.alpha(-1.0) == 0.0
+    assert first.api() == {
+        "rank": 0, "quantile": None, "value": 2.0, "context_id": 4, "position": 0, "center": 0,
+        "tokens": [{"id": 2, "text": "cat", "value": 2.0}, {"id": 3, "text": "a\nb", "value": 0},
+                   {"id": 4, "text": "<i>", "value": 1.0}],
+    }  # fmt: skip
+    (q,) = context.windows(tiny, 0, "quantile")
+    assert q.quantile == 0 and q.center == 2
+
+
+def test_feature_view_carries_token_text_and_the_api_shape(tiny):
+    context = DisplayContext.of(tiny)
+    page = context.page(tiny, 0)
+    f = page.feature
+    assert [(e.token_id, e.token, e.value) for e in f.logits_pos] == [(1, "the", 0.5), (99, "<99>", 0.25)]
+    assert [(n.idx, n.cosine) for n in f.neighbours] == [(1, 0.5), (2, 0.25)]
+    assert [(c.idx, c.count) for c in f.coactivation] == [(1, 4)] and not f.dead
+    assert len(page.top) == 2 and len(page.quantile) == 1 and page.examples == page.top + page.quantile
+    api = f.api()
+    assert list(api) == ["idx", "density", "mean_act", "max_act", "n_active", "dead", "explanation",
+                         "quantile_edges", "hist", "logits_pos", "logits_neg", "logit_hist", "neighbours",
+                         "coactivation"]  # fmt: skip
+    assert api["logits_neg"] == [{"token_id": 2, "token": "cat", "value": -0.5}]
+    assert (
+        api["hist"]["bins"] == hist_bins([0, 2, 1, 0], EDGES)
+        and api["logit_hist"] == FEATURES[0]["logit_hist"]
+    )
+    dead = context.page(tiny, 2).feature
+    assert (
+        dead.dead
+        and dead.hist.bins == []
+        and dead.logit_histogram.bars == []
+        and dead.api()["logit_hist"] is None
+    )
+    assert context.page(tiny, 3) is None
+
+
+def test_context_takes_a_vocabulary_already_read(tiny):
+    assert DisplayContext.of(tiny, vocab=["x"]).token_text(0) == "x"
