@@ -30,8 +30,8 @@ from pathlib import Path
 import torch
 
 from saelab.core.models import load_model
+from saelab.core.prompts import encode_left_padded, format_prompts, load_prompts
 from saelab.interventions.directions import mean_difference
-from saelab.interventions.generation import encode_left_padded, format_prompts, load_prompts
 from saelab.interventions.hooks import AddVector, ablation, steer
 from saelab.interventions.orthogonalize import write_orthogonalized
 from saelab.interventions.probes import (

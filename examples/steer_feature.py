@@ -27,9 +27,10 @@ from pathlib import Path
 import torch
 
 from saelab.core.models import load_model
+from saelab.core.prompts import encode_left_padded
 from saelab.dictionaries.io import load_dictionary
 from saelab.interventions.evaluation import best_strength, keyword_pattern, plot_sweep, steering_sweep
-from saelab.interventions.generation import GenerationConfig, encode_left_padded
+from saelab.interventions.generation import GenerationConfig
 from saelab.interventions.hooks import ClampFeature, add_feature
 
 PROMPTS = Path(__file__).resolve().parents[1] / "saelab" / "steering" / "prompts"

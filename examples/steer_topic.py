@@ -29,9 +29,10 @@ from pathlib import Path
 import torch
 
 from saelab.core.models import load_model
+from saelab.core.prompts import encode_left_padded, format_prompts
 from saelab.interventions.directions import mean_difference
 from saelab.interventions.evaluation import best_strength, plot_sweep, steering_sweep
-from saelab.interventions.generation import GenerationConfig, encode_left_padded, format_prompts
+from saelab.interventions.generation import GenerationConfig
 from saelab.interventions.hooks import AddVector, unit
 
 PROMPTS = Path(__file__).resolve().parents[1] / "saelab" / "steering" / "prompts"

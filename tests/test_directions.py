@@ -266,7 +266,8 @@ def test_selection_never_picks_the_last_20_percent_of_layers():
     assert kept == sorted(kept) and best.ablation_score == kept[0]
     # The ablation score is the metric on the positive validation prompts with r ablated everywhere.
     r = result.direction()
-    from saelab.interventions.directions import encode, last_logits
+    from saelab.core.prompts import encode
+    from saelab.interventions.directions import last_logits
 
     batch = encode(lm, POSITIVE[:3])
     with steer(lm, ablation(lm, r)):

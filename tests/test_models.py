@@ -6,8 +6,9 @@ import time
 import pytest
 import torch
 
+from saelab.core.adapters import ADAPTERS
 from saelab.core.models import SUFFIXES, HookedLM, _write_cache, load_model, special_token_ids
-from saelab.errors import ModelNotFoundError, UnknownHookError
+from saelab.errors import ModelNotFoundError, OrthogonalizationError, UnknownHookError
 
 VOCAB = 120
 
@@ -35,6 +36,16 @@ def _tiny(kind: str) -> torch.nn.Module:
             num_hidden_layers=3,
             num_attention_heads=4,
             use_parallel_residual=kind == "neox_parallel",
+        )
+    elif kind == "gemma":  # Llama-like blocks; RMSNorm gains stored as an offset from 1
+        cfg = tr.GemmaConfig(
+            vocab_size=VOCAB,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=8,
         )
     elif kind == "gemma2":  # sandwich norms: attn_out/mlp_out are the post-norm outputs
         cfg = tr.Gemma2Config(
@@ -65,7 +76,7 @@ def _tiny(kind: str) -> torch.nn.Module:
     return model.eval()
 
 
-KINDS = ["llama", "gpt2", "neox", "neox_parallel", "gemma2", "olmo2"]
+KINDS = ["llama", "gpt2", "neox", "neox_parallel", "gemma", "gemma2", "olmo2"]
 
 
 @pytest.fixture(params=KINDS)
@@ -83,7 +94,7 @@ def _ids(batch=2, seq=7):
 
 
 def _ln2(lm: HookedLM, i: int):
-    layer = lm._blocks[i].block
+    layer = lm.blocks[i].block
     if lm.family == "gpt2":
         return layer.ln_2
     if hasattr(layer, "post_feedforward_layernorm"):  # sandwich (Gemma 2) or post-norm (OLMo 2) blocks
@@ -104,10 +115,10 @@ def test_capture_matches_hidden_states(lm):
     with torch.no_grad():
         ref = lm.model(ids, output_hidden_states=True, use_cache=False).hidden_states
     got = lm.capture(ids, lm.hook_names(), stop_early=False)
-    parallel = lm._blocks[0].parallel
+    parallel = lm.blocks[0].parallel
     assert lm.family in ("llama", "gpt2", "gpt_neox") and lm.n_layers == 3 and lm.d_model == 32
     for i in range(lm.n_layers):
-        g = {s: got[f"blocks.{i}.{s}"] for s in lm._suffixes(i)}
+        g = {s: got[f"blocks.{i}.{s}"] for s in lm.hook_suffixes(i)}
         assert all(v.shape == (2, 7, 32) and not v.requires_grad for v in g.values())
         _close(g["hook_resid_pre"], ref[i])
         if i < lm.n_layers - 1:
@@ -130,7 +141,7 @@ def test_capture_matches_hidden_states(lm):
 
 def test_hook_names_and_dims(lm):
     names = lm.hook_names()
-    per_block = 6 if lm._blocks[0].parallel else 7
+    per_block = 6 if lm.blocks[0].parallel else 7
     assert len(names) == 3 * per_block and len(set(names)) == len(names)
     assert lm.layer_of("blocks.2.hook_resid_post") == 2
     assert lm.hook_dim("blocks.1.ln2.hook_normalized") == 32
@@ -210,12 +221,12 @@ def test_zero_attn_out_changes_logits(lm):
             patched = lm.forward(ids)
     assert not torch.allclose(clean, patched)
     assert torch.count_nonzero(got["blocks.1.hook_attn_out"]) == 0
-    if not lm._blocks[1].parallel:  # the MLP now reads resid_pre + 0
+    if not lm.blocks[1].parallel:  # the MLP now reads resid_pre + 0
         _close(got["blocks.1.hook_mlp_in"], got["blocks.1.hook_resid_pre"])
 
 
 def test_resid_mid_patch_adds_to_residual_and_mlp_input(lm):
-    if lm._blocks[0].parallel:
+    if lm.blocks[0].parallel:
         with pytest.raises(UnknownHookError, match="no resid_mid"):
             lm.layer_of("blocks.1.hook_resid_mid")
         return
@@ -310,6 +321,56 @@ def test_hook_names_order():
     lm = HookedLM(_tiny("gpt2"))
     assert lm.hook_names()[: len(SUFFIXES)] == [f"blocks.0.{s}" for s in SUFFIXES]
     assert lm.family == "gpt2" and "gpt2" in repr(lm)
+
+
+# -- adapters: one per model family ------------------------------------------------------------
+# The adapter each tiny model must get. A new adapter needs a tiny model in `_tiny` and a row here.
+ADAPTER_OF = {
+    "llama": "llama",
+    "olmo2": "llama",
+    "gemma": "gemma",
+    "gemma2": "gemma",
+    "gpt2": "gpt2",
+    "neox": "gpt_neox",
+    "neox_parallel": "gpt_neox",
+}
+
+
+def test_every_adapter_is_checked_on_a_tiny_model():
+    assert set(ADAPTER_OF) == set(KINDS)
+    assert {adapter.name for adapter in ADAPTERS} == set(ADAPTER_OF.values())
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_adapter_declares_final_norm_gain_and_residual_writers(kind):
+    """Hook points are checked by test_capture_matches_hidden_states; here the gain and the writers."""
+    lm = HookedLM(_tiny(kind), None, name=kind)
+    assert lm.adapter.name == ADAPTER_OF[kind] and lm.family == lm.adapter.family
+    # The gain is what the final norm multiplies a zero-mean, unit-rms vector by (Gemma: 1 + weight).
+    x = torch.tensor([1.0, -1.0] * 16)
+    with torch.no_grad():
+        applied = (lm.final_norm(x) - lm.final_norm(-x)) / (2 * x)
+    _close(lm.final_norm_gain(), applied)
+    if any(block.normed_outputs for block in lm.blocks):
+        with pytest.raises(OrthogonalizationError, match="sandwich norms"):
+            lm.residual_writers()
+        return
+    # The residual stream is the sum of the writers' outputs: with them zeroed, it is zero everywhere.
+    writers = lm.residual_writers()
+    assert len(writers) == 1 + len(lm.adapter.position_embeddings(lm.model)) + 2 * lm.n_layers
+    with torch.no_grad():
+        for module in writers:
+            module.weight.zero_()
+            if getattr(module, "bias", None) is not None:
+                module.bias.zero_()
+    hooks = ["blocks.0.hook_resid_pre"] + [f"blocks.{i}.hook_resid_post" for i in range(lm.n_layers)]
+    acts = lm.capture(_ids(), hooks, stop_early=False)
+    assert all(torch.count_nonzero(acts[h]) == 0 for h in hooks)
+
+
+def test_unsupported_model_class_is_a_clear_error():
+    with pytest.raises(ModelNotFoundError, match="unsupported model class Linear.*Llama-like"):
+        HookedLM(torch.nn.Linear(2, 2), None, name="linear")
 
 
 # -- loading -------------------------------------------------------------------------------------

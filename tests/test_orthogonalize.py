@@ -12,8 +12,8 @@ import transformers as tr
 from helpers import VOCAB, make_model, make_tokenizer, one_thread  # noqa: F401
 
 from saelab.core.models import HookedLM, load_model
+from saelab.core.prompts import encode_left_padded
 from saelab.errors import DimensionMismatchError, SaelabError
-from saelab.interventions.generation import encode_left_padded
 from saelab.interventions.hooks import AddVector, ablation, steer
 from saelab.interventions.orthogonalize import (
     SIDECAR,

@@ -9,8 +9,8 @@ import torch
 from helpers import make_model, make_tokenizer, one_thread  # noqa: F401
 
 from saelab.core.models import HookedLM
+from saelab.core.prompts import encode_left_padded
 from saelab.errors import ActivationError, DataError
-from saelab.interventions.generation import encode_left_padded
 from saelab.interventions.hooks import AddVector, ablation
 from saelab.interventions.probes import (
     ProbeError,

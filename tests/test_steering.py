@@ -12,12 +12,12 @@ import torch
 import torch.nn.functional as F
 
 from saelab.core.models import HookedLM
+from saelab.core.prompts import encode_left_padded
 from saelab.errors import DataError, DimensionMismatchError, UnknownHookError
 from saelab.interventions.generation import (
     GenerationConfig,
     compare,
     completion_loss,
-    encode_left_padded,
     generate,
     generate_tokens,
 )

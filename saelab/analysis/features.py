@@ -327,22 +327,6 @@ def update_state(state: dict, acts: Tensor, input_ids: Tensor, gen: torch.Genera
 # --- results -------------------------------------------------------------------------------------
 
 
-def hist_bins(counts: list[int], edges: list[float]) -> list[dict]:
-    """The nonzero range of a latent's histogram as {lo, hi, count}; bin i counts edges[i-1] <= v < edges[i].
-
-    Bin 0 is the underflow bin (lo 0); the last is the overflow bin (hi None: JSON has no inf).
-    """
-    nonzero = [i for i, c in enumerate(counts) if c]
-    if not nonzero:
-        return []
-    bins = []
-    for i in range(nonzero[0], nonzero[-1] + 1):
-        lo = 0.0 if i == 0 else edges[i - 1]
-        hi = edges[i] if i < len(edges) else None
-        bins.append({"lo": lo, "hi": hi, "count": counts[i]})
-    return bins
-
-
 def quantile_edges(hist: Tensor, max_act: Tensor, n_quantiles: int) -> Tensor:
     """[d, Q+1] value edges of equal-count rank quantiles, from exact histogram counts.
 
@@ -480,15 +464,6 @@ def _top_partners(state: dict, m: int, chunk: int) -> list[tuple[int, int, int]]
     return rows
 
 
-def _norm_weight(lm) -> Tensor:
-    """The final norm's elementwise gain (Gemma stores it as an offset from 1); ones if it has none."""
-    weight = getattr(lm.final_norm, "weight", None)
-    if weight is None:
-        return torch.ones(lm.d_model)
-    weight = weight.detach().float().cpu()
-    return 1 + weight if "Gemma" in type(lm.final_norm).__name__ else weight
-
-
 def _row_histograms(values: Tensor, low: Tensor, high: Tensor, n_bins: int, rows: int = 16) -> Tensor:
     """[n, n_bins] counts of each row of `values` in n_bins equal bins from its low to its high.
 
@@ -510,7 +485,7 @@ def _row_histograms(values: Tensor, low: Tensor, high: Tensor, n_bins: int, rows
 @torch.no_grad()
 def logit_effects(lm, W_dec: Tensor, cfg: AnalysisConfig):
     """Per latent: top and bottom (token, effect) pairs and a histogram over the whole vocabulary."""
-    gain = _norm_weight(lm)
+    gain = lm.final_norm_gain()  # the adapter knows its family's norm (Gemma: 1 + weight)
     W_U = lm.unembed.detach().float().cpu()
     nb = cfg.logit_bins
     for lo in range(0, W_dec.shape[0], cfg.geometry_chunk):

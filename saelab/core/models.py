@@ -1,8 +1,9 @@
 """Load a causal LM and read or rewrite its activations at TransformerLens-named hook points.
 
 We do not re-implement models: every hook point is resolved onto the plain Hugging Face
-modules with forward hooks, so any `AutoModelForCausalLM` of a supported layout works
-(Llama-like, GPT-2, GPT-NeoX) and names match SAELens / Neuronpedia files.
+modules with forward hooks, so any `AutoModelForCausalLM` of a supported family works and names
+match SAELens / Neuronpedia files. What saelab knows about each family (block layout, residual
+writers, final norm) is declared by its adapter in `saelab.core.adapters`.
 """
 
 from __future__ import annotations
@@ -18,12 +19,12 @@ import re
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
+from saelab.core.adapters import BlockModules, ModelAdapter, adapter_for
 from saelab.core.devices import resolve_device, resolve_dtype
 from saelab.core.paths import cache_dir
 from saelab.errors import ModelNotFoundError, UnknownHookError
@@ -57,37 +58,6 @@ _ACCEPTED = (
 
 class _StopForward(Exception):
     """Raised from a hook to end the forward pass once the last needed activation is stored."""
-
-
-@dataclass
-class _Block:
-    """The modules of one block that carry its hook points (see `_block_spec`)."""
-
-    block: nn.Module  # input: resid_pre, output: resid_post
-    attn: nn.Module  # first output: attn_out (what is added to the residual)
-    ln2: nn.Module | None  # input: mlp_in (None where the MLP reads the residual directly)
-    mlp: nn.Module  # input: ln2.hook_normalized
-    mlp_out: nn.Module  # first output: mlp_out
-    parallel: bool
-
-
-def _block_spec(family: str, layer: nn.Module) -> _Block:
-    if family == "gpt2":
-        return _Block(layer, layer.attn, layer.ln_2, layer.mlp, layer.mlp, False)
-    if family == "gpt_neox":
-        parallel = bool(layer.use_parallel_residual)
-        return _Block(layer, layer.attention, layer.post_attention_layernorm, layer.mlp, layer.mlp, parallel)
-    if hasattr(layer, "post_feedforward_layernorm"):
-        # Sandwich norms (Gemma 2/3, OLMo 2): the post-norms' outputs are what enters the residual stream.
-        ln2 = getattr(layer, "pre_feedforward_layernorm", None)
-        post_mlp = layer.post_feedforward_layernorm
-        return _Block(layer, layer.post_attention_layernorm, ln2, layer.mlp, post_mlp, False)
-    if hasattr(layer, "post_attention_layernorm"):
-        return _Block(layer, layer.self_attn, layer.post_attention_layernorm, layer.mlp, layer.mlp, False)
-    raise ModelNotFoundError(
-        f"unsupported block layout {type(layer).__name__}: saelab hooks Llama-like blocks with self_attn, "
-        "mlp and post_attention_layernorm, GPT-2 and GPT-NeoX. Use a model of one of these families."
-    )
 
 
 def _first_input(args: tuple, kwargs: dict) -> Tensor:
@@ -165,22 +135,13 @@ class HookedLM:
         self.tokenizer = tokenizer
         self.name = name or getattr(model.config, "_name_or_path", "") or type(model).__name__
         self.hf_id = hf_id
-        if hasattr(model, "gpt_neox"):
-            self.family, base = "gpt_neox", model.gpt_neox
-            layers, self.final_norm = base.layers, base.final_layer_norm
-        elif hasattr(model, "transformer") and hasattr(model.transformer, "h"):
-            self.family, base = "gpt2", model.transformer
-            layers, self.final_norm = base.h, base.ln_f
-        elif hasattr(getattr(model, "model", None), "layers"):
-            self.family, base = "llama", model.model
-            layers, self.final_norm = base.layers, base.norm
-        else:
-            raise ModelNotFoundError(
-                f"unsupported model class {type(model).__name__}: saelab finds blocks at model.model.layers "
-                "(Llama-like), model.transformer.h (GPT-2) or model.gpt_neox.layers. Use one of those."
-            )
-        self._blocks = [_block_spec(self.family, layer) for layer in layers]
-        self.n_layers = len(self._blocks)
+        self.adapter: ModelAdapter = adapter_for(model)
+        self.family = self.adapter.family
+        self.final_norm: nn.Module = self.adapter.final_norm(model)
+        self.blocks: tuple[BlockModules, ...] = tuple(
+            self.adapter.block(b) for b in self.adapter.layers(model)
+        )
+        self.n_layers = len(self.blocks)
         self.d_model = int(model.config.hidden_size)
 
     # -- metadata -------------------------------------------------------------------------------
@@ -193,27 +154,39 @@ class HookedLM:
         """The unembedding matrix W_U in Hugging Face layout [d_vocab, d_model]."""
         return self.model.get_output_embeddings().weight
 
+    def final_norm_gain(self) -> Tensor:
+        """The final norm's elementwise gain [d_model] (float32, CPU): what scales a direction before W_U."""
+        return self.adapter.final_norm_gain(self.final_norm, self.d_model)
+
+    def residual_writers(self) -> list[nn.Module]:
+        """The linear modules whose outputs are added to the residual stream, in forward order.
+
+        Weight orthogonalization edits exactly these; `ablation(lm, d)` acts at their hook points.
+        """
+        return self.adapter.residual_writers(self.model, self.blocks)
+
     def to(self, device) -> HookedLM:
         self.model.to(device)
         return self
 
-    def _suffixes(self, layer: int) -> tuple[str, ...]:
-        if self._blocks[layer].parallel:
+    def hook_suffixes(self, layer: int) -> tuple[str, ...]:
+        """The hook points block `layer` has, in execution order (parallel blocks have no resid_mid)."""
+        if self.blocks[layer].parallel:
             return tuple(s for s in SUFFIXES if s != "hook_resid_mid")
         return SUFFIXES
 
     def hook_names(self) -> list[str]:
-        return [f"blocks.{i}.{s}" for i in range(self.n_layers) for s in self._suffixes(i)]
+        return [f"blocks.{i}.{s}" for i in range(self.n_layers) for s in self.hook_suffixes(i)]
 
     def _parse(self, name: str) -> tuple[int, str]:
         match = _NAME_RE.match(name)
-        if match and int(match[1]) < self.n_layers and match[2] in self._suffixes(int(match[1])):
+        if match and int(match[1]) < self.n_layers and match[2] in self.hook_suffixes(int(match[1])):
             return int(match[1]), match[2]
         raise UnknownHookError(self._unknown_hook_message(name, match))
 
     def _unknown_hook_message(self, name: str, match) -> str:
         last = self.n_layers - 1
-        patterns = "|".join(self._suffixes(last))
+        patterns = "|".join(self.hook_suffixes(last))
         if match and match[2] in SUFFIXES and int(match[1]) > last:
             guesses = [f"blocks.{last}.{match[2]}"]
         else:
@@ -222,7 +195,7 @@ class HookedLM:
             f"unknown hook point {name!r}: this model ({self.name}) has {self.n_layers} blocks (0-{last}). "
             f"Valid hook points: blocks.{{0-{last}}}.{patterns}."
         )
-        if match and match[2] == "hook_resid_mid" and self._blocks[0].parallel:
+        if match and match[2] == "hook_resid_mid" and self.blocks[0].parallel:
             text += " Parallel-residual blocks have no resid_mid; use hook_resid_pre or hook_resid_post."
         if guesses:
             text += " Did you mean " + " or ".join(repr(g) for g in guesses) + "?"
@@ -237,7 +210,7 @@ class HookedLM:
 
     def _site(self, layer: int, suffix: str) -> tuple[nn.Module, str]:
         """The module and side ("pre" = first input, "out" = first output) that carries a hook point."""
-        b = self._blocks[layer]
+        b = self.blocks[layer]
         mlp_in = b.ln2 if b.ln2 is not None else b.mlp
         return {
             "hook_resid_pre": (b.block, "pre"),
@@ -254,14 +227,18 @@ class HookedLM:
         return sorted(parsed, key=lambda p: (p[0], SUFFIXES.index(p[1])))
 
     # -- running --------------------------------------------------------------------------------
-    def _prepare(self, input_ids, attention_mask) -> dict:
+    def prepare(self, input_ids, attention_mask=None) -> dict:
+        """The keyword arguments of one forward pass of `self.model`, as every saelab forward uses them.
+
+        Ids go to the model's device (a 1-D row becomes a batch of one); with a mask, position ids
+        count real tokens only, so a left-padded row sees the same positions as unpadded. No cache.
+        """
         input_ids = torch.as_tensor(input_ids, device=self.device)
         if input_ids.ndim == 1:
             input_ids = input_ids[None]
         if attention_mask is not None:
             attention_mask = torch.as_tensor(attention_mask, device=self.device)
             attention_mask = attention_mask[None] if attention_mask.ndim == 1 else attention_mask
-            # Positions count real tokens only, so a left-padded row sees the same positions as unpadded.
             positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
             return {
                 "input_ids": input_ids,
@@ -273,7 +250,7 @@ class HookedLM:
 
     def forward(self, input_ids, attention_mask=None) -> Tensor:
         """Logits [batch, seq, vocab]. No no_grad here, so gradients flow for attribution."""
-        return self.model(**self._prepare(input_ids, attention_mask)).logits
+        return self.model(**self.prepare(input_ids, attention_mask)).logits
 
     __call__ = forward
 
@@ -308,7 +285,7 @@ class HookedLM:
 
                 handles.append(_hook(*self._site(layer, suffix), stop))
             try:
-                self.model(**self._prepare(input_ids, attention_mask))
+                self.model(**self.prepare(input_ids, attention_mask))
             except _StopForward:
                 pass
         finally:
@@ -339,7 +316,7 @@ class HookedLM:
 
     def _patch_resid_mid(self, layer: int, fn: Callable[[Tensor], Tensor | None]) -> list:
         """resid_mid has no module of its own: fold fn's change into attn_out (resid_mid = pre + attn_out)."""
-        block = self._blocks[layer]
+        block = self.blocks[layer]
         seen: dict[str, Tensor] = {}
 
         def remember(resid_pre):

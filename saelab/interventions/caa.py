@@ -28,10 +28,11 @@ import torch
 from torch import Tensor
 
 from saelab.core.fileio import save_figure
+from saelab.core.models import HookedLM
+from saelab.core.prompts import encode
 from saelab.errors import CAAError, DataError
 from saelab.interventions.directions import (
     DirectionSet,
-    encode,
     last_logits,
     mean_difference,
     post_instruction_positions,
@@ -149,7 +150,7 @@ def _shown(letter: str, cfg: CAAConfig) -> str:
     return cfg.letters[0] if letter == "A" else cfg.letters[1]
 
 
-def _layers(lm, cfg: CAAConfig) -> list[int]:
+def _layers(lm: HookedLM, cfg: CAAConfig) -> list[int]:
     layers = list(range(lm.n_layers)) if cfg.layers is None else [int(i) for i in cfg.layers]
     bad = [i for i in layers if not 0 <= i < lm.n_layers]
     if bad or not layers:
@@ -158,7 +159,7 @@ def _layers(lm, cfg: CAAConfig) -> list[int]:
 
 
 def caa_vectors(
-    lm, items: Sequence[ABItem], cfg: CAAConfig | None = None, behaviour: str = "behaviour"
+    lm: HookedLM, items: Sequence[ABItem], cfg: CAAConfig | None = None, behaviour: str = "behaviour"
 ) -> DirectionSet:
     """Mean difference at the answer letter (matching - non-matching), at each chosen layer."""
     cfg = cfg or CAAConfig()
@@ -295,7 +296,7 @@ class CAAResult:
 
 
 @torch.no_grad()
-def _p_match(lm, prompts, matching, letter_ids, cfg, interventions) -> Tensor:
+def _p_match(lm: HookedLM, prompts, matching, letter_ids, cfg, interventions) -> Tensor:
     """Normalized probability of each item's matching letter under `interventions`."""
     out = []
     for start in range(0, len(prompts), cfg.batch_size):
@@ -310,7 +311,7 @@ def _p_match(lm, prompts, matching, letter_ids, cfg, interventions) -> Tensor:
     return torch.cat(out)
 
 
-def _steered_tail(lm, cfg: CAAConfig) -> int:
+def _steered_tail(lm: HookedLM, cfg: CAAConfig) -> int:
     """How many final positions count as 'after the instruction': template tokens plus answer prefix."""
     prefix = (
         len(lm.tokenizer(cfg.answer_prefix, add_special_tokens=False)["input_ids"])
@@ -321,7 +322,7 @@ def _steered_tail(lm, cfg: CAAConfig) -> int:
 
 
 def evaluate_ab(
-    lm,
+    lm: HookedLM,
     items: Sequence[ABItem],
     vectors: DirectionSet,
     cfg: CAAConfig | None = None,
@@ -358,7 +359,7 @@ def evaluate_ab(
 
 
 def run_caa(
-    lm, items: Sequence[ABItem], cfg: CAAConfig | None = None, behaviour: str = "behaviour"
+    lm: HookedLM, items: Sequence[ABItem], cfg: CAAConfig | None = None, behaviour: str = "behaviour"
 ) -> tuple[DirectionSet, CAAResult]:
     """Vectors from the train items, evaluated on the held-out test items (each item's `split`)."""
     cfg = cfg or CAAConfig()

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from saelab.core.fileio import save_figure
+from saelab.core.models import HookedLM
 from saelab.errors import DataError
 from saelab.interventions.generation import GenerationConfig, completion_loss, generate
 from saelab.interventions.hooks import Intervention
@@ -161,7 +162,7 @@ class SweepResult:
 
 
 def steering_sweep(
-    lm,
+    lm: HookedLM,
     prompts: Sequence[str],
     make_interventions: Callable[[float], list[Intervention]],
     strengths: Iterable[float],

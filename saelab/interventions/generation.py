@@ -22,6 +22,9 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
+from saelab.core.models import HookedLM
+from saelab.core.prompts import encode_left_padded, format_prompts, pad_rows, pad_token_id, prompt_token_ids
+from saelab.core.prompts import load_prompts as load_prompts  # re-exported: saelab.cli.steering reads it here
 from saelab.errors import DataError
 from saelab.interventions.hooks import Intervention, steer
 
@@ -55,52 +58,6 @@ class GenerationConfig:
             raise DataError(f"batch_size is {self.batch_size!r}; use a whole number >= 1.")
 
 
-def format_prompts(tokenizer, prompts: Sequence[str], chat: bool) -> list[str]:
-    """The exact text fed to the model: the chat template's user turn, or the prompt as is."""
-    if chat and getattr(tokenizer, "chat_template", None):
-        return [
-            tokenizer.apply_chat_template(
-                [{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True
-            )
-            for p in prompts
-        ]
-    return list(prompts)
-
-
-def _pad_id(tokenizer) -> int:
-    for attr in ("pad_token_id", "eos_token_id", "bos_token_id"):
-        value = getattr(tokenizer, attr, None)
-        if isinstance(value, int):
-            return value
-    return 0
-
-
-def pad_rows(
-    rows: Sequence[Sequence[int]], pad_id: int, left: bool = True
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token rows of different lengths -> input_ids and attention_mask [batch, width], padded left or right."""
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        span = slice(width - len(r), width) if left else slice(0, len(r))
-        ids[i, span] = torch.tensor(list(r), dtype=torch.long)
-        mask[i, span] = 1
-    return ids, mask
-
-
-def encode_left_padded(tokenizer, texts: Sequence[str], device) -> tuple[torch.Tensor, torch.Tensor]:
-    """input_ids and attention_mask [batch, width], padded on the left; chat texts carry their own BOS."""
-    rows = [
-        tokenizer(t, add_special_tokens=not t.startswith(tokenizer.bos_token or "\0"))["input_ids"]
-        for t in texts
-    ]
-    if not rows or any(len(r) == 0 for r in rows):
-        raise DataError("an empty prompt cannot be completed; give every prompt some text.")
-    ids, mask = pad_rows(rows, _pad_id(tokenizer))
-    return ids.to(device), mask.to(device)
-
-
 def _parameters(model) -> set[str]:
     try:
         return set(inspect.signature(model.forward).parameters)
@@ -116,7 +73,7 @@ def _returned_cache(output):
     return None
 
 
-def _stop_ids(lm) -> list[int]:
+def _stop_ids(lm: HookedLM) -> list[int]:
     """End-of-sequence ids: the model's generation config, its config and the tokenizer's EOS."""
     ids: list[int] = []
     for value in (
@@ -149,7 +106,7 @@ def _next_tokens(logits: torch.Tensor, temperature: float, top_p: float, top_k: 
 
 @torch.no_grad()
 def generate_tokens(
-    lm,
+    lm: HookedLM,
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor,
     max_new_tokens: int,
@@ -165,7 +122,7 @@ def generate_tokens(
     Random draws come from torch's global RNG, one batch-wide draw per step; seed it to reproduce.
     Without `use_cache` (or for a model that returns no cache) every step recomputes the sequence.
     """
-    model, pad = lm.model, _pad_id(lm.tokenizer)
+    model, pad = lm.model, pad_token_id(lm.tokenizer)
     params = _parameters(model)
     cache_key = "cache" if "cache" in params else "past_key_values"
     keep_key = next((k for k in ("logits_to_keep", "num_logits_to_keep") if k in params), None)
@@ -210,7 +167,7 @@ def _decode(tokenizer, rows: torch.Tensor, stop: list[int]) -> list[str]:
 
 @torch.no_grad()
 def generate(
-    lm,
+    lm: HookedLM,
     prompts: Sequence[str],
     interventions: Iterable[Intervention] = (),
     cfg: GenerationConfig | None = None,
@@ -234,7 +191,10 @@ def generate(
 
 
 def compare(
-    lm, prompts: Sequence[str], interventions: Iterable[Intervention], cfg: GenerationConfig | None = None
+    lm: HookedLM,
+    prompts: Sequence[str],
+    interventions: Iterable[Intervention],
+    cfg: GenerationConfig | None = None,
 ) -> list[dict]:
     """[{prompt, unsteered, steered}] with the same seed, for side-by-side reading."""
     interventions = list(interventions)
@@ -247,7 +207,7 @@ def compare(
 
 @torch.no_grad()
 def completion_loss(
-    lm, prompts: Sequence[str], completions: Sequence[str], chat: bool = True, batch_size: int = 16
+    lm: HookedLM, prompts: Sequence[str], completions: Sequence[str], chat: bool = True, batch_size: int = 16
 ) -> float:
     """Mean per-token cross-entropy of `completions` after their prompts under the UNSTEERED model.
 
@@ -260,13 +220,11 @@ def completion_loss(
         for prompt, completion in zip(
             texts[start : start + batch_size], completions[start : start + batch_size], strict=True
         ):
-            p = lm.tokenizer(
-                prompt, add_special_tokens=not prompt.startswith(lm.tokenizer.bos_token or "\0")
-            )["input_ids"]
+            p = prompt_token_ids(lm.tokenizer, prompt)
             c = lm.tokenizer(completion, add_special_tokens=False)["input_ids"]
             rows.append(p + c)
             starts.append(len(p))
-        ids, mask = pad_rows(rows, _pad_id(lm.tokenizer), left=False)
+        ids, mask = pad_rows(rows, pad_token_id(lm.tokenizer), left=False)
         logits = lm.forward(ids, mask).float()
         nll = F.cross_entropy(logits[:, :-1].transpose(1, 2), ids[:, 1:].to(logits.device), reduction="none")
         for i, r in enumerate(rows):
@@ -276,44 +234,3 @@ def completion_loss(
     if count == 0:
         raise DataError("the completions are all empty; there is nothing to score.")
     return total / count
-
-
-def load_prompts(path, key: str | None = None) -> list[str]:
-    """Prompts from a file: .txt (one per non-empty line), .json (a list, or `key` of an object) or .jsonl."""
-    import json
-    from pathlib import Path
-
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(
-            f"prompt file {path} does not exist; give a .txt (one prompt per line), .json or .jsonl file."
-        )
-    text = path.read_text(encoding="utf-8")
-    try:
-        if path.suffix == ".json":
-            data = json.loads(text)
-            if isinstance(data, dict):
-                if key is None or key not in data:
-                    raise DataError(
-                        f"{path} holds an object with keys {sorted(data)}; name the list to use ({path}:KEY)."
-                    )
-                data = data[key]
-            prompts = data
-        elif path.suffix == ".jsonl":
-            rows = [json.loads(line) for line in text.splitlines() if line.strip()]
-            prompts = [r if isinstance(r, str) else r.get(key or "prompt", r.get("text")) for r in rows]
-        else:
-            prompts = [line.strip() for line in text.splitlines() if line.strip()]
-    except json.JSONDecodeError as err:
-        raise DataError(
-            f"{path} is not valid JSON ({err}); fix the file or use one prompt per line in a .txt."
-        ) from None
-    if (
-        not isinstance(prompts, list)
-        or not prompts
-        or not all(isinstance(p, str) and p.strip() for p in prompts)
-    ):
-        raise DataError(
-            f"{path} holds no prompts (or some are not non-empty strings); give at least one prompt."
-        )
-    return prompts

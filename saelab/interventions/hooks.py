@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from saelab.core.models import HookedLM
 from saelab.dictionaries import Dictionary
 from saelab.errors import DimensionMismatchError, InterventionError
 
@@ -223,7 +224,7 @@ def add_feature(
     )
 
 
-def ablation(lm, direction: Tensor, layers: Iterable[int] | None = None, **kw) -> list[Ablate]:
+def ablation(lm: HookedLM, direction: Tensor, layers: Iterable[int] | None = None, **kw) -> list[Ablate]:
     """Directional ablation at chosen layers' resid_pre, or (layers=None) from every write to the stream.
 
     `layers=None` follows Arditi et al.: the embedding output (blocks.0.hook_resid_pre) and every
@@ -326,7 +327,7 @@ def _scoped(interventions: list[Intervention], tracker: _Positions, prompt_len: 
 
 
 @contextlib.contextmanager
-def steer(lm, interventions: Iterable[Intervention], prompt_len: int | None = None) -> Iterator:
+def steer(lm: HookedLM, interventions: Iterable[Intervention], prompt_len: int | None = None) -> Iterator:
     """Apply `interventions` to every forward pass of `lm` inside the context; all hooks go on exit.
 
     `prompt_len` is the (left-padded) prompt width: positions below it are "prompt", the rest

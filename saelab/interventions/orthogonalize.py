@@ -7,7 +7,8 @@ r, which is exactly what runtime directional ablation at the embedding output an
 and MLP output does (`saelab.interventions.hooks.ablation(lm, r)` with ``layers=None``). The edit
 is exact (up to float rounding) because each writer's input is unchanged by induction over layers.
 
-Writers edited, per family:
+Writers edited, per family (each family's adapter in `saelab.core.adapters` declares them, see
+`HookedLM.residual_writers`):
 - Llama-like (Llama, Mistral, Qwen, SmolLM, ...): ``embed_tokens``, each ``self_attn.o_proj`` and
   ``mlp.down_proj`` (and their biases where present);
 - GPT-2: ``wte`` and ``wpe`` (token and position embeddings), each ``attn.c_proj`` and ``mlp.c_proj``
@@ -39,8 +40,6 @@ from saelab.errors import DimensionMismatchError, OrthogonalizationError
 from saelab.interventions.hooks import unit
 
 SIDECAR = "saelab_orthogonalization.json"
-_ATTN_OUT = ("o_proj", "out_proj", "dense", "c_proj")
-_MLP_OUT = ("down_proj", "dense_4h_to_h", "c_proj", "fc2", "w2")
 
 
 @dataclass
@@ -83,34 +82,10 @@ def _layout(module: nn.Module, name: str, d_model: int) -> str:
     return layout
 
 
-def _child(parent: nn.Module, names: tuple[str, ...], where: str) -> tuple[str, nn.Module]:
-    for name in names:
-        module = getattr(parent, name, None)
-        if isinstance(module, nn.Module):
-            return name, module
-    raise OrthogonalizationError(
-        f"{where} ({type(parent).__name__}) has none of the output projections saelab knows "
-        f"({', '.join(names)}); this architecture cannot be orthogonalized (mixture-of-experts MLPs and "
-        "fused layouts are not supported)."
-    )
-
-
 def _writers(lm: HookedLM) -> list[_Writer]:
-    """Every module whose output is added to the residual stream, in forward order."""
-    model = lm.model
-    names = {id(m): n for n, m in model.named_modules()}
-    modules = [model.get_input_embeddings()]
-    if lm.family == "gpt2":
-        modules.append(model.transformer.wpe)  # learned positions are added to the stream too
-    for i, block in enumerate(lm._blocks):
-        if hasattr(block.block, "post_feedforward_layernorm"):
-            raise OrthogonalizationError(
-                f"block {i} ({type(block.block).__name__}) normalises each sublayer's output before adding it "
-                "to the residual stream (sandwich norms), so no weight edit reproduces directional ablation. "
-                "Use runtime ablation instead: steer(lm, ablation(lm, direction))."
-            )
-        modules.append(_child(block.attn, _ATTN_OUT, f"the attention of block {i}")[1])
-        modules.append(_child(block.mlp_out, _MLP_OUT, f"the MLP of block {i}")[1])
+    """Every module whose output is added to the residual stream, in forward order, with its layout."""
+    names = {id(m): n for n, m in lm.model.named_modules()}
+    modules = lm.residual_writers()
     return [_Writer(names[id(m)], m, _layout(m, names[id(m)], lm.d_model)) for m in modules]
 
 

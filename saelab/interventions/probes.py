@@ -24,8 +24,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from saelab.core.models import HookedLM
+from saelab.core.prompts import iter_prompt_activations
 from saelab.errors import ActivationError, DataError, ProbeError
-from saelab.interventions.generation import encode_left_padded, format_prompts
 from saelab.interventions.hooks import Intervention, ablation, steer, unit
 
 DEFAULT_L2 = 1e-2  # on standardised features, per sample: enough to keep separable data finite
@@ -264,26 +265,9 @@ def _check_prompts(prompts, what: str) -> list[str]:
     return prompts
 
 
-def _columns(mask: Tensor, position: int) -> Tensor:
-    """Column of token `position` in each left-padded row: negative from the end, else from the first real token."""
-    width = mask.shape[1]
-    lengths = mask.sum(1)
-    if position < 0:
-        if bool((lengths < -position).any()):
-            raise DataError(
-                f"position {position} is before the start of a prompt that has {int(lengths.min())} tokens."
-            )
-        return torch.full_like(lengths, width + position)
-    if bool((lengths <= position).any()):
-        raise DataError(
-            f"position {position} is past the end of a prompt that has {int(lengths.min())} tokens."
-        )
-    return width - lengths + position
-
-
 @torch.no_grad()
 def prompt_activations(
-    lm,
+    lm: HookedLM,
     prompts: Sequence[str],
     hook: str,
     position: int = -1,
@@ -299,19 +283,13 @@ def prompt_activations(
     prompts = _check_prompts(prompts, "prompts")
     interventions = list(interventions)
     lm.layer_of(hook)  # an unknown hook fails here, listing the valid ones
-    texts = format_prompts(lm.tokenizer, prompts, chat)
-    rows = []
-    for start in range(0, len(texts), batch_size):
-        ids, mask = encode_left_padded(lm.tokenizer, texts[start : start + batch_size], lm.device)
-        with steer(lm, interventions):
-            acts = lm.capture(ids, [hook], attention_mask=mask)[hook]
-        cols = _columns(mask, position).to(acts.device)
-        rows.append(acts[torch.arange(acts.shape[0], device=acts.device), cols].float().cpu())
-    return torch.cat(rows)
+    with steer(lm, interventions):
+        batches = iter_prompt_activations(lm, prompts, [hook], [position], chat, batch_size)
+        return torch.cat([acts[:, 0, 0] for acts in batches])
 
 
 def probe_activations(
-    lm,
+    lm: HookedLM,
     prompts_pos: Sequence[str],
     prompts_neg: Sequence[str],
     hook: str,
@@ -329,7 +307,7 @@ def probe_activations(
 
 
 def fraction_predicted(
-    lm,
+    lm: HookedLM,
     probe: ProbeResult,
     prompts: Sequence[str],
     label: int = 1,
@@ -406,7 +384,7 @@ def class_mean_difference(X, y) -> Tensor:
 
 
 def ablation_check(
-    lm,
+    lm: HookedLM,
     prompts_pos: Sequence[str],
     prompts_neg: Sequence[str],
     hook: str,

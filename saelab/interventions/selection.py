@@ -57,11 +57,11 @@ import torch
 from torch import Tensor
 
 from saelab.core.fileio import atomic_write_json, save_figure
+from saelab.core.models import HookedLM
+from saelab.core.prompts import EncodedBatch, encode
 from saelab.errors import DataError, SelectionError
 from saelab.interventions.directions import (
     DirectionSet,
-    EncodedBatch,
-    encode,
     last_logits,
     log_odds,
     mean_difference,
@@ -286,7 +286,7 @@ def _cutoff(n_layers: int, fraction: float) -> int:
 
 
 # ---- scoring -------------------------------------------------------------------------------------
-def _encode_all(lm, prompts: Sequence[str], cfg: SelectionConfig) -> list[EncodedBatch]:
+def _encode_all(lm: HookedLM, prompts: Sequence[str], cfg: SelectionConfig) -> list[EncodedBatch]:
     if not prompts:
         raise DataError("a validation or neutral set is empty; give it at least one prompt.")
     return [
@@ -296,7 +296,7 @@ def _encode_all(lm, prompts: Sequence[str], cfg: SelectionConfig) -> list[Encode
 
 
 @torch.no_grad()
-def _logits(lm, batches: list[EncodedBatch], interventions: Sequence[Intervention] = ()) -> Tensor:
+def _logits(lm: HookedLM, batches: list[EncodedBatch], interventions: Sequence[Intervention] = ()) -> Tensor:
     """Next-token logits [n_prompts, vocab] at the last position under `interventions`."""
     with steer(lm, interventions):
         return torch.cat([last_logits(lm, b.input_ids, b.attention_mask) for b in batches])
@@ -322,7 +322,7 @@ def _filter_reason(c: Candidate, n_layers: int, cfg: SelectionConfig) -> str | N
     return "; ".join(reasons) or None
 
 
-def _check_positions(lm, cfg: SelectionConfig) -> list[int]:
+def _check_positions(lm: HookedLM, cfg: SelectionConfig) -> list[int]:
     n_post = post_instruction_positions(lm.tokenizer, cfg.chat)
     positions = (
         list(cfg.positions) if cfg.positions is not None else (list(range(-n_post, 0)) if n_post else [-1])
@@ -335,7 +335,7 @@ def _check_positions(lm, cfg: SelectionConfig) -> list[int]:
     return positions
 
 
-def _check_layers(lm, cfg: SelectionConfig) -> list[int]:
+def _check_layers(lm: HookedLM, cfg: SelectionConfig) -> list[int]:
     layers = list(range(lm.n_layers)) if cfg.layers is None else sorted({int(i) for i in cfg.layers})
     if not layers or any(not 0 <= i < lm.n_layers for i in layers):
         raise SelectionError(f"layers {cfg.layers} must be within 0-{lm.n_layers - 1} (and not empty).")
@@ -343,7 +343,7 @@ def _check_layers(lm, cfg: SelectionConfig) -> list[int]:
 
 
 def select_direction(
-    lm,
+    lm: HookedLM,
     positive: Sequence[str],
     negative: Sequence[str],
     positive_val: Sequence[str],
