@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import random
+import sys
+import traceback
 from pathlib import Path
 
 import pytest
 import torch
+
+from saelab.cli import main
 
 WORDS = [f"w{i}" for i in range(200)]
 SPECIAL = {"<pad>": 0, "<bos>": 1, "<eos>": 2, "<unk>": 3}
@@ -28,28 +34,44 @@ def make_tokenizer():
     )
 
 
-def make_model(kind: str = "llama", n_layers: int = 2, hidden: int = 32, seed: int = 0) -> torch.nn.Module:
-    """A tiny random causal LM (Llama or GPT-2 layout) over the tokenizer's vocabulary."""
+def make_model(
+    kind: str = "llama", n_layers: int = 2, hidden: int = 32, seed: int = 0, **overrides
+) -> torch.nn.Module:
+    """The one tiny random causal LM factory: every model family saelab has an adapter for.
+
+    kind: llama, gpt2, gpt_neox (parallel residual; use_parallel_residual=False for the sequential
+    layout), gemma (norm gains stored as an offset from 1), gemma2 (sandwich norms), olmo2 (post-norms).
+    `overrides` go to the family's config (e.g. attention_bias=True, tie_word_embeddings=True).
+    """
     import transformers as tr
 
     torch.manual_seed(seed)
-    if kind == "llama":
-        cfg = tr.LlamaConfig(
-            vocab_size=VOCAB,
-            hidden_size=hidden,
-            intermediate_size=2 * hidden,
-            num_hidden_layers=n_layers,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=64,
-            bos_token_id=SPECIAL["<bos>"],
-            eos_token_id=SPECIAL["<eos>"],
-            pad_token_id=SPECIAL["<pad>"],
-        )
-    elif kind == "gpt2":
-        cfg = tr.GPT2Config(vocab_size=VOCAB, n_embd=hidden, n_layer=n_layers, n_head=4, n_positions=64)
-    else:
-        raise ValueError(kind)
+    tokens = {"bos_token_id": SPECIAL["<bos>"], "eos_token_id": SPECIAL["<eos>"]}
+    llama_like = {
+        "vocab_size": VOCAB,
+        "hidden_size": hidden,
+        "intermediate_size": 2 * hidden,
+        "num_hidden_layers": n_layers,
+        "num_attention_heads": 4,
+        "max_position_embeddings": 64,
+    }
+    configs = {
+        "llama": lambda: tr.LlamaConfig(
+            **llama_like, num_key_value_heads=2, pad_token_id=SPECIAL["<pad>"], **tokens
+        ),
+        "gpt2": lambda: tr.GPT2Config(
+            vocab_size=VOCAB, n_embd=hidden, n_layer=n_layers, n_head=4, n_positions=64
+        ),
+        "gpt_neox": lambda: tr.GPTNeoXConfig(**llama_like, **tokens),
+        "gemma": lambda: tr.GemmaConfig(**llama_like, num_key_value_heads=2, head_dim=hidden // 4),
+        "gemma2": lambda: tr.Gemma2Config(**llama_like, num_key_value_heads=2, head_dim=hidden // 4),
+        "olmo2": lambda: tr.Olmo2Config(**llama_like),
+    }
+    if kind not in configs:
+        raise ValueError(f"unknown tiny model kind {kind!r}; choose from {', '.join(configs)}")
+    cfg = configs[kind]()
+    for key, value in overrides.items():
+        setattr(cfg, key, value)
     return tr.AutoModelForCausalLM.from_config(cfg).eval()
 
 
@@ -98,3 +120,45 @@ def random_topk_sae(d_in: int, d_sae: int, hook: str, k: int = 8):
         sae.W_enc.normal_(generator=torch.Generator().manual_seed(1))
         sae.b_enc.normal_(0.0, 0.05, generator=torch.Generator().manual_seed(2))
     return sae
+
+
+# --- the CLI, run in this process --------------------------------------------------------------
+
+
+def run(*args) -> tuple[int | str, str, str]:
+    """(exit status, stdout, stderr) of `saelab args...`; an escaping exception is status 'crash'."""
+    out, err = io.StringIO(), io.StringIO()
+    argv, sys.argv = sys.argv, ["saelab", *map(str, args)]
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                main()
+                code: int | str = 0
+            except SystemExit as stop:
+                code = stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 1)
+            except BaseException:
+                code = "crash"
+                err.write(traceback.format_exc())
+    finally:
+        sys.argv = argv
+    return code, out.getvalue(), err.getvalue()
+
+
+def refused(*args) -> str:
+    """Run a command that must fail cleanly; return its one-paragraph message."""
+    code, _, err = run(*args)
+    assert code == 2, err
+    assert "Traceback" not in err and 'File "' not in err, err
+    return " ".join(err.split())  # rich wraps long lines
+
+
+def leftovers(folder) -> list[str]:
+    """Temp files/folders and half-written things anywhere below `folder`."""
+    found = []
+    for path in folder.rglob("*"):
+        name = path.name
+        if name.endswith((".tmp", ".old")) or ".tmp" in name:
+            found.append(str(path))
+        if name == "sae_weights.safetensors" and not (path.parent / "cfg.json").exists():
+            found.append(str(path))
+    return found

@@ -22,7 +22,7 @@ from saelab.core.activations import (
 from saelab.core.data import DataConfig, exclusion_mask, token_batches
 from saelab.core.models import HookedLM, load_model
 from saelab.errors import ActivationError, UnknownHookError
-from tests.helpers import one_thread, save_model, write_corpus  # noqa: F401 (autouse fixture)
+from tests.helpers import save_model, write_corpus
 
 CTX = 16
 # blocks.0.hook_resid_post and blocks.1.hook_resid_pre are the same tensor: rows of the two hooks

@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from tests.test_server import TEXT, setup  # noqa: F401 (the tiny analysed store, as a fixture)
+from tests.stores import STORE_TEXT as TEXT
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 if not os.path.exists(CHROMIUM):
@@ -32,12 +32,12 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def base_url(setup):  # noqa: F811
+def base_url(analysed):
     import uvicorn
 
     from saelab.server import create_app
 
-    lm, sae, path = setup
+    lm, sae, path = analysed
     port = _free_port()
     server = uvicorn.Server(
         uvicorn.Config(create_app(path, lm, sae), host="127.0.0.1", port=port, log_level="error")

@@ -6,7 +6,6 @@ import json
 
 import pytest
 import torch
-from helpers import make_model, make_tokenizer, one_thread  # noqa: F401
 
 from saelab.core.models import HookedLM
 from saelab.errors import DataError
@@ -24,6 +23,7 @@ from saelab.interventions.caa import (
     split_items,
 )
 from saelab.interventions.directions import DirectionSet
+from tests.helpers import make_model, make_tokenizer
 
 # The word-level test tokenizer has no "(" or "A": letters are words, the answer prefix a word too.
 CFG = dict(letters=("w1", "w2"), answer_prefix="w3 ", choice_format="{letter} {text}", chat=False)

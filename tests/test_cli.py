@@ -7,64 +7,21 @@ do, no traceback) and nothing half-written in the output folders. Commands run i
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import pickle
 import shutil
 import subprocess
 import sys
-import traceback
 
 import numpy as np
 import pytest
 import torch
 
-from saelab.cli import main
-from tests.helpers import make_model, make_tokenizer, save_model, write_corpus
+from tests.helpers import leftovers, make_model, make_tokenizer, refused, run, save_model, write_corpus
 
 HOOK = "blocks.1.hook_resid_post"
 SMALL = ["--context-size", "32"]
 TRAIN = ["--tokens", "512", "--batch-size", "128", "--width", "32", "--k", "4", "--hook", HOOK, *SMALL]
-
-
-def run(*args) -> tuple[int | str, str, str]:
-    """(exit status, stdout, stderr) of `saelab args...`; an escaping exception is status 'crash'."""
-    out, err = io.StringIO(), io.StringIO()
-    argv, sys.argv = sys.argv, ["saelab", *map(str, args)]
-    try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            try:
-                main()
-                code: int | str = 0
-            except SystemExit as stop:
-                code = stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 1)
-            except BaseException:
-                code = "crash"
-                err.write(traceback.format_exc())
-    finally:
-        sys.argv = argv
-    return code, out.getvalue(), err.getvalue()
-
-
-def refused(*args) -> str:
-    """Run a command that must fail cleanly; return its one-paragraph message."""
-    code, _, err = run(*args)
-    assert code == 2, err
-    assert "Traceback" not in err and 'File "' not in err, err
-    return " ".join(err.split())  # rich wraps long lines
-
-
-def leftovers(folder) -> list[str]:
-    """Temp files/folders and half-written things anywhere below `folder`."""
-    found = []
-    for path in folder.rglob("*"):
-        name = path.name
-        if name.endswith((".tmp", ".old")) or ".tmp" in name:
-            found.append(str(path))
-        if name == "sae_weights.safetensors" and not (path.parent / "cfg.json").exists():
-            found.append(str(path))
-    return found
 
 
 @pytest.fixture(scope="module")

@@ -10,8 +10,7 @@ import torch
 from saelab.dictionaries import DictionaryConfig, build_dictionary
 from saelab.dictionaries.io import save_dictionary
 from saelab.interventions.directions import DirectionSet
-from tests.helpers import WORDS, save_model
-from tests.test_cli import refused, run
+from tests.helpers import WORDS, refused, run, save_model
 
 HOOK = "blocks.1.hook_resid_pre"
 SILENT = 3  # the SAE feature the clamp tests steer with

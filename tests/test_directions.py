@@ -7,7 +7,6 @@ import math
 
 import pytest
 import torch
-from helpers import make_model, make_tokenizer, one_thread  # noqa: F401
 
 from saelab.core.models import HookedLM
 from saelab.errors import DataError, UnknownHookError
@@ -29,6 +28,7 @@ from saelab.interventions.selection import (
     load_prompt_sets,
     select_direction,
 )
+from tests.helpers import make_model, make_tokenizer
 
 # A chat template over the word-level vocabulary: "w1 <instruction> w2 w3" then " w4" for the reply.
 TEMPLATE = "{% for m in messages %}w1 {{ m['content'] }} w2 w3{% endfor %}{% if add_generation_prompt %} w4{% endif %}"

@@ -9,8 +9,7 @@ import sys
 import pytest
 
 from saelab.training import CHECKPOINT
-from tests.helpers import save_model, write_corpus
-from tests.test_cli import run
+from tests.helpers import run, save_model, write_corpus
 
 GROUPS = ("harvest", "train", "eval", "analyze", "serve", "export", "demo", "toy", "steer", "direction")
 

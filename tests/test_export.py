@@ -12,9 +12,8 @@ from saelab.analysis.store import FeatureStore
 from saelab.analysis.views import hist_bins
 from saelab.errors import SaelabError
 from saelab.export import export_html, export_neuronpedia, neuronpedia_feature
-from tests.test_cli import run
-from tests.test_server import setup  # noqa: F401 (the tiny analysed store, as a fixture)
-from tests.test_views import write_tiny_store
+from tests.helpers import run
+from tests.stores import write_tiny_store
 
 NEURONPEDIA_FIELDS = {
     "modelId", "layer", "index", "maxActApprox", "frac_nonzero", "pos_str", "pos_values", "neg_str", "neg_values",
@@ -24,13 +23,13 @@ NEURONPEDIA_FIELDS = {
 
 
 @pytest.fixture(scope="module")
-def alive(setup):  # noqa: F811
-    with FeatureStore(setup[2], create=False) as store:
+def alive(analysed):
+    with FeatureStore(analysed[2], create=False) as store:
         return [row["idx"] for row in store.list_features("density", True, 0, 3)]
 
 
-def test_neuronpedia_json_matches_the_store(setup, alive, tmp_path):  # noqa: F811
-    path = setup[2]
+def test_neuronpedia_json_matches_the_store(analysed, alive, tmp_path):
+    path = analysed[2]
     written = export_neuronpedia(path, tmp_path, alive)
     assert [p.name for p in written] == [f"{i}.json" for i in alive]
     with FeatureStore(path, create=False) as store:
@@ -53,8 +52,8 @@ def test_neuronpedia_json_matches_the_store(setup, alive, tmp_path):  # noqa: F8
             assert first["values"][first["maxValueTokenIndex"]] == first["maxValue"]
 
 
-def test_html_is_self_contained_and_works_from_a_file_url(setup, alive, tmp_path):  # noqa: F811
-    out = export_html(setup[2], tmp_path / "dash.html", alive)
+def test_html_is_self_contained_and_works_from_a_file_url(analysed, alive, tmp_path):
+    out = export_html(analysed[2], tmp_path / "dash.html", alive)
     text = out.read_text()
     assert "<script" not in text and not re.search(r"(src|href)=\"(https?:)?//", text)
     for idx in alive:
@@ -62,7 +61,7 @@ def test_html_is_self_contained_and_works_from_a_file_url(setup, alive, tmp_path
     assert 'class="tok center"' in text and "<svg" in text
     ids = re.findall(r'id="([^"]+)"', text)
     assert len(ids) == len(set(ids))  # one page, several latents: every element id stays unique
-    with FeatureStore(setup[2], create=False) as store:
+    with FeatureStore(analysed[2], create=False) as store:
         vocab = store.vocab()
         for idx in alive:
             section = _section(text, idx)
@@ -138,16 +137,18 @@ def test_neuronpedia_record_of_a_hand_written_latent(tmp_path):
     assert quantile["values"] == [0.0, 0.0, 0.3, 0.0, 0.0] and quantile["maxValueTokenIndex"] == 2
 
 
-def test_unknown_features_are_refused(setup, tmp_path):  # noqa: F811
+def test_unknown_features_are_refused(analysed, tmp_path):
     with pytest.raises(SaelabError, match="do not exist"):
-        export_neuronpedia(setup[2], tmp_path, [10**6])
+        export_neuronpedia(analysed[2], tmp_path, [10**6])
 
 
-def test_export_command(setup, tmp_path):  # noqa: F811
-    code, out, err = run("export", setup[2], "--html", tmp_path / "d.html", "--neuronpedia", tmp_path / "np")
+def test_export_command(analysed, tmp_path):
+    code, out, err = run(
+        "export", analysed[2], "--html", tmp_path / "d.html", "--neuronpedia", tmp_path / "np"
+    )
     assert code == 0, err
     assert (tmp_path / "d.html").is_file() and any((tmp_path / "np").glob("*.json"))
-    code, _, err = run("export", setup[2])
+    code, _, err = run("export", analysed[2])
     assert code == 2 and "nothing to export" in err
     code, _, err = run("export", tmp_path / "missing.db", "--html", tmp_path / "x.html")
     assert code == 2 and "saelab analyze" in err

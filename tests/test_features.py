@@ -15,7 +15,7 @@ from saelab.core.data import DataConfig
 from saelab.core.models import load_model
 from saelab.dictionaries import DictionaryConfig, build_dictionary
 from saelab.errors import DimensionMismatchError, RunFolderError
-from tests.helpers import one_thread, random_topk_sae, save_model, write_corpus  # noqa: F401
+from tests.helpers import random_topk_sae, save_model, write_corpus
 
 D, D_SAE, CTX = 32, 64, 16
 HOOK = "blocks.0.hook_resid_post"

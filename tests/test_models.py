@@ -9,65 +9,23 @@ import torch
 from saelab.core.adapters import ADAPTERS
 from saelab.core.models import SUFFIXES, HookedLM, _write_cache, load_model, special_token_ids
 from saelab.errors import ModelNotFoundError, OrthogonalizationError, UnknownHookError
+from tests.helpers import VOCAB, make_model
 
-VOCAB = 120
+# Test kinds: the adapters' families, with both GPT-NeoX residual layouts.
+_FACTORY = {
+    "llama": ("llama", {}),
+    "gpt2": ("gpt2", {}),
+    "neox": ("gpt_neox", {"use_parallel_residual": False}),
+    "neox_parallel": ("gpt_neox", {"use_parallel_residual": True}),
+    "gemma": ("gemma", {}),  # Llama-like blocks; RMSNorm gains stored as an offset from 1
+    "gemma2": ("gemma2", {}),  # sandwich norms: attn_out/mlp_out are the post-norm outputs
+    "olmo2": ("olmo2", {}),  # post-norms only: the MLP reads the residual directly
+}
 
 
 def _tiny(kind: str) -> torch.nn.Module:
-    import transformers as tr
-
-    torch.manual_seed(0)
-    if kind == "llama":
-        cfg = tr.LlamaConfig(
-            vocab_size=VOCAB,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=3,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-        )
-    elif kind == "gpt2":
-        cfg = tr.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=3, n_head=4, n_positions=64)
-    elif kind in ("neox", "neox_parallel"):
-        cfg = tr.GPTNeoXConfig(
-            vocab_size=VOCAB,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=3,
-            num_attention_heads=4,
-            use_parallel_residual=kind == "neox_parallel",
-        )
-    elif kind == "gemma":  # Llama-like blocks; RMSNorm gains stored as an offset from 1
-        cfg = tr.GemmaConfig(
-            vocab_size=VOCAB,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=3,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            head_dim=8,
-        )
-    elif kind == "gemma2":  # sandwich norms: attn_out/mlp_out are the post-norm outputs
-        cfg = tr.Gemma2Config(
-            vocab_size=VOCAB,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=3,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            head_dim=8,
-        )
-    elif kind == "olmo2":  # post-norms only: the MLP reads the residual directly
-        cfg = tr.Olmo2Config(
-            vocab_size=VOCAB,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=3,
-            num_attention_heads=4,
-        )
-    else:
-        raise ValueError(kind)
-    model = tr.AutoModelForCausalLM.from_config(cfg)
+    family, overrides = _FACTORY[kind]
+    model = make_model(family, n_layers=3, **overrides)
     # Random norms make the checks sharper than all-ones weights.
     with torch.no_grad():
         for name, p in model.named_parameters():

@@ -8,8 +8,6 @@ import time
 
 import pytest
 import torch
-import transformers as tr
-from helpers import VOCAB, make_model, make_tokenizer, one_thread  # noqa: F401
 
 from saelab.core.models import HookedLM, load_model
 from saelab.core.prompts import encode_left_padded
@@ -23,6 +21,7 @@ from saelab.interventions.orthogonalize import (
     residual_writers,
     write_orthogonalized,
 )
+from tests.helpers import make_model, make_tokenizer
 
 KINDS = ["llama", "llama_tied", "llama_bias", "gpt2", "neox", "neox_sequential"]
 
@@ -37,36 +36,14 @@ def _model(kind: str) -> torch.nn.Module:
         assert model.lm_head.weight is model.model.embed_tokens.weight
         return model
     if kind == "llama_bias":
-        cfg = tr.LlamaConfig(
-            vocab_size=VOCAB,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=3,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=64,
-            attention_bias=True,
-            mlp_bias=True,
-        )
-        model = tr.AutoModelForCausalLM.from_config(cfg)
+        model = make_model("llama", n_layers=3, attention_bias=True, mlp_bias=True)
         with torch.no_grad():  # biases start at zero: make them matter
             for name, p in model.named_parameters():
                 if name.endswith("bias"):
                     p.normal_(0, 0.5)
-        return model.eval()
+        return model
     if kind.startswith("neox"):
-        cfg = tr.GPTNeoXConfig(
-            vocab_size=VOCAB,
-            hidden_size=32,
-            num_hidden_layers=3,
-            num_attention_heads=4,
-            intermediate_size=64,
-            max_position_embeddings=64,
-            use_parallel_residual=kind == "neox",
-            bos_token_id=1,
-            eos_token_id=2,
-        )
-        return tr.AutoModelForCausalLM.from_config(cfg).eval()
+        return make_model("gpt_neox", n_layers=3, use_parallel_residual=kind == "neox")
     return make_model(kind, n_layers=3)
 
 
@@ -235,17 +212,7 @@ def test_gguf_dequantized_config_is_handled(tmp_path):
 
 
 def test_sandwich_norm_models_are_refused():
-    cfg = tr.Gemma2Config(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=8,
-        max_position_embeddings=64,
-    )
-    lm = HookedLM(tr.AutoModelForCausalLM.from_config(cfg), make_tokenizer())
+    lm = HookedLM(make_model("gemma2"), make_tokenizer())
     with pytest.raises(OrthogonalizationError, match="sandwich norms.*runtime ablation"):
         orthogonalized_copy(lm, _direction(32))
 

@@ -6,7 +6,6 @@ import random
 
 import pytest
 import torch
-from helpers import make_model, make_tokenizer, one_thread  # noqa: F401
 
 from saelab.core.models import HookedLM
 from saelab.core.prompts import encode_left_padded
@@ -23,6 +22,7 @@ from saelab.interventions.probes import (
     stratified_split,
     train_probe,
 )
+from tests.helpers import make_model, make_tokenizer
 
 
 def planted(n=400, d=20, margin=3.0, seed=0, anisotropic=False):

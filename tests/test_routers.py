@@ -11,7 +11,7 @@ from saelab.analysis.views import DisplayContext
 from saelab.server.routers import features, meta, pages, steer
 from saelab.server.routers.pages import TEMPLATES
 from saelab.server.state import ServerState
-from tests.test_views import META, write_tiny_store
+from tests.stores import META, write_tiny_store
 
 
 class FakeLive:

@@ -15,10 +15,8 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
-from saelab.analysis.features import AnalysisConfig, analyze
 from saelab.analysis.store import FeatureStore, FeatureStoreError
-from saelab.core.data import DataConfig, exclusion_mask
-from saelab.core.models import load_model
+from saelab.core.data import exclusion_mask
 from saelab.interventions.decompose import decompose
 from saelab.interventions.generation import GenerationConfig, compare
 from saelab.interventions.hooks import ClampFeature, add_feature
@@ -31,46 +29,27 @@ from saelab.server.live import (
     MAX_VECTOR_FEATURES,
     MAX_VECTOR_PROMPTS,
 )
-from tests.helpers import one_thread, random_topk_sae, save_model, write_corpus  # noqa: F401
+from tests.stores import STORE_CTX, STORE_D, STORE_D_SAE, STORE_HOOK, STORE_TEXT
 
-D, D_SAE, CTX = 32, 64, 16
-HOOK = "blocks.0.hook_resid_post"
-TEXT = "w1 w2 w3 w10 w42 w7 w199 w3"
+D, D_SAE, CTX, HOOK, TEXT = STORE_D, STORE_D_SAE, STORE_CTX, STORE_HOOK, STORE_TEXT
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    root = tmp_path_factory.mktemp("server")
-    save_model(root / "model", hidden=D, n_layers=2)
-    corpus = write_corpus(root / "corpus.jsonl", n_docs=60)
-    lm = load_model(root / "model", device="cpu", dtype=torch.float32)
-    data = DataConfig(source=str(corpus), split="all", context_size=CTX)
-    sae = random_topk_sae(D, D_SAE, HOOK)
-    cfg = AnalysisConfig(
-        n_tokens=16 * CTX, batch_contexts=8, top_k=5, n_quantiles=4, per_quantile=2, reservoir_size=8,
-        window_left=4, window_right=2, coactivation_top=5, logit_top=5, neighbours=4, geometry_chunk=32,
-    )  # fmt: skip
-    path = root / "features.db"
-    analyze(lm, sae, data, cfg, path, progress=False)
-    return lm, sae, path
-
-
-@pytest.fixture(scope="module")
-def client(setup):
-    lm, sae, path = setup
+def client(analysed):
+    lm, sae, path = analysed
     with TestClient(create_app(path, lm, sae)) as c:
         yield c
 
 
 @pytest.fixture(scope="module")
-def offline(setup):
-    with TestClient(create_app(setup[2])) as c:
+def offline(analysed):
+    with TestClient(create_app(analysed[2])) as c:
         yield c
 
 
 @pytest.fixture(scope="module")
-def store(setup):
-    with FeatureStore(setup[2], create=False) as s:
+def store(analysed):
+    with FeatureStore(analysed[2], create=False) as s:
         yield s
 
 
@@ -119,8 +98,8 @@ def _busiest(store) -> int:
     return store.list_features("n_active", True, 0, 1)[0]["idx"]
 
 
-def test_feature_detail(client, store, setup):
-    lm = setup[0]
+def test_feature_detail(client, store, analysed):
+    lm = analysed[0]
     idx = _busiest(store)
     f = client.get(f"/api/features/{idx}").json()
     raw = store.feature(idx)
@@ -136,8 +115,8 @@ def test_feature_detail(client, store, setup):
 
 
 @pytest.mark.parametrize("kind", ["top", "quantile"])
-def test_examples_have_token_texts(client, store, setup, kind):
-    lm = setup[0]
+def test_examples_have_token_texts(client, store, analysed, kind):
+    lm = analysed[0]
     idx = _busiest(store)
     items = client.get(f"/api/features/{idx}/examples", params={"kind": kind}).json()["items"]
     raw = store.examples(idx, kind)
@@ -151,8 +130,8 @@ def test_examples_have_token_texts(client, store, setup, kind):
     assert client.get(f"/api/features/{idx}/examples", params={"kind": "bad"}).status_code == 422
 
 
-def _reference(setup, text):
-    lm, sae, _ = setup
+def _reference(analysed, text):
+    lm, sae, _ = analysed
     ids = [lm.tokenizer.bos_token_id, *lm.tokenizer(text, add_special_tokens=False)["input_ids"]]
     input_ids = torch.tensor([ids])
     with torch.no_grad():
@@ -161,8 +140,8 @@ def _reference(setup, text):
     return ids, acts
 
 
-def test_activations_match_a_direct_encode(client, setup):
-    ids, acts = _reference(setup, TEXT)
+def test_activations_match_a_direct_encode(client, analysed):
+    ids, acts = _reference(analysed, TEXT)
     feature = int(acts.amax(0).argmax())
     r = client.post("/api/activations", json={"text": TEXT, "feature": feature})
     assert r.status_code == 200
@@ -182,8 +161,8 @@ def test_activations_match_a_direct_encode(client, setup):
     assert "value" not in plain["tokens"][1] and plain["feature"] is None
 
 
-def test_search_by_text_ranks_by_max_activation(client, setup):
-    ids, acts = _reference(setup, TEXT)
+def test_search_by_text_ranks_by_max_activation(client, analysed):
+    ids, acts = _reference(analysed, TEXT)
     items = client.post("/api/search/text", json={"text": TEXT, "limit": 20}).json()["items"]
     peak = acts.amax(0)
     expected = torch.argsort(peak, descending=True, stable=True)[:20]
@@ -195,8 +174,8 @@ def test_search_by_text_ranks_by_max_activation(client, setup):
     assert top["token"] == TEXT.split()[top["position"] - 1]
 
 
-def test_search_by_token_and_explanation(client, store, setup):
-    lm = setup[0]
+def test_search_by_token_and_explanation(client, store, analysed):
+    lm = analysed[0]
     idx = _busiest(store)
     word = lm.tokenizer.decode([store.examples(idx, "top")[0]["token"]])
     hits = client.get("/api/search", params={"q": word, "kind": "token"}).json()["items"]
@@ -328,8 +307,8 @@ def _steer(client, **fields):
 
 
 @pytest.mark.parametrize("mode", ["add", "clamp"])
-def test_steer_returns_what_compare_gives(client, setup, mode):
-    lm, sae, _ = setup
+def test_steer_returns_what_compare_gives(client, analysed, mode):
+    lm, sae, _ = analysed
     r = _steer(client, mode=mode, strength=5.0, temperature=0.0)
     assert r.status_code == 200
     body = r.json()
@@ -435,8 +414,8 @@ def _mean_last(lm, prompts):
     return torch.stack(rows).mean(0)
 
 
-def test_vector_is_the_mean_difference_decomposed(client, setup, store):
-    lm, sae, _ = setup
+def test_vector_is_the_mean_difference_decomposed(client, analysed, store):
+    lm, sae, _ = analysed
     r = client.post("/api/vector", json={"positive": POSITIVE, "negative": NEGATIVE, "n_features": 6})
     assert r.status_code == 200
     body = r.json()
@@ -571,9 +550,9 @@ def test_unpaired_surrogates_are_422(client, store, method, path, body, loc):
 
 
 @pytest.fixture
-def store_copy(setup, tmp_path):
+def store_copy(analysed, tmp_path):
     """A private copy of the analysed store, for tests that write explanations at random."""
-    return shutil.copy(setup[2], tmp_path / "features.db")
+    return shutil.copy(analysed[2], tmp_path / "features.db")
 
 
 BIG_TEXT = [str(HUGE), f"-{HUGE}", str(2**63), str(-(2**63) - 1), str(10**300)]
@@ -646,10 +625,10 @@ def _fuzz_cases(seed: int = 0) -> list[tuple[str, str, dict]]:
     return cases
 
 
-def test_fuzzed_requests_never_get_a_5xx(setup, store_copy):
+def test_fuzzed_requests_never_get_a_5xx(analysed, store_copy):
     """~195 seeded bad requests over every route and parameter: each gets a 4xx (or a 2xx) and a
     message, never a 500 or a stack trace; the server answers normally afterwards."""
-    lm, sae, _ = setup
+    lm, sae, _ = analysed
     cases = _fuzz_cases()
     assert 150 <= len(cases) <= 200 and cases == _fuzz_cases()  # bounded and deterministic
     failures = []
@@ -669,11 +648,11 @@ def test_fuzzed_requests_never_get_a_5xx(setup, store_copy):
 
 
 @pytest.fixture
-def live_server(setup, store_copy):
+def live_server(analysed, store_copy):
     """A real uvicorn server on a free 127.0.0.1 port over a copy of the store; stopped after the test."""
     import uvicorn
 
-    lm, sae, _ = setup
+    lm, sae, _ = analysed
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.bind(("127.0.0.1", 0))
     server = uvicorn.Server(uvicorn.Config(create_app(store_copy, lm, sae), log_level="warning"))

@@ -33,7 +33,7 @@ from saelab.interventions.hooks import (
     steer,
     unit,
 )
-from tests.helpers import SPECIAL, make_model, make_tokenizer, one_thread, random_topk_sae  # noqa: F401
+from tests.helpers import SPECIAL, make_model, make_tokenizer, random_topk_sae
 
 D = 32  # d_model of the tiny models
 N_LAYERS = 3

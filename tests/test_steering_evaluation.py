@@ -8,7 +8,6 @@ import re
 
 import pytest
 import torch
-from helpers import make_model, make_tokenizer, one_thread  # noqa: F401
 
 from saelab.core.models import HookedLM
 from saelab.errors import DataError
@@ -24,6 +23,7 @@ from saelab.interventions.evaluation import (
 )
 from saelab.interventions.generation import GenerationConfig, completion_loss, generate
 from saelab.interventions.hooks import AddVector
+from tests.helpers import make_model, make_tokenizer
 
 PROMPTS = ["w1 w2 w3", "w4 w5", "w6 w7 w8 w9", "w10"]
 HOOK = "blocks.1.hook_resid_post"

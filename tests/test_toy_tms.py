@@ -24,7 +24,6 @@ from saelab.toy.tms import (
     train_toy_model,
 )
 from saelab.toy.tms.train import _set_loss_gradients
-from tests.helpers import one_thread  # noqa: F401 (autouse fixture)
 
 
 def _polygon(k: int, offset_deg: float = 17.0, radius: float = 1.0) -> torch.Tensor:

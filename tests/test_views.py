@@ -6,41 +6,8 @@ import math
 
 import pytest
 
-from saelab.analysis.store import FeatureStore
 from saelab.analysis.views import DisplayContext, Histogram, LogitHistogram, hist_bins, token_text
-
-VOCAB = ["<bos>", "the", "cat", "a\nb", "<i>"]
-EDGES = [0.1, 1.0, 10.0]  # bins: underflow [0, 0.1), [0.1, 1), [1, 10), overflow [10, inf)
-META = {
-    "hist_edges": EDGES, "config": {"window_left": 2}, "dictionary": {"d_sae": 3},
-    "hook_name": "blocks.0.hook_resid_post", "model": {"name": "org/Tiny-LM"},
-}  # fmt: skip
-FEATURES = [
-    {"idx": 0, "density": 0.25, "mean_act": 1.25, "max_act": 2.0, "n_active": 3, "hist": [0, 2, 1, 0],
-     "quantile_edges": [0.0, 0.5, 2.0], "logits_pos": [[1, 0.5], [99, 0.25]], "logits_neg": [[2, -0.5]],
-     "logit_hist": {"min": -1.0, "max": 1.0, "counts": [1, 0, 3, 1]}, "neighbours": [[1, 0.5], [2, 0.25]]},
-    {"idx": 1, "density": 0.5, "mean_act": 20.0, "max_act": 30.0, "n_active": 2, "hist": [1, 0, 0, 1],
-     "logits_pos": [], "logits_neg": [], "neighbours": [[0, 0.5]]},
-    {"idx": 2, "density": 0.0, "mean_act": 0.0, "max_act": 0.0, "n_active": 0, "hist": [0, 0, 0, 0]},
-]  # fmt: skip
-EXAMPLES = [  # window_left 2: the activating token is the window's third entry; -1 is padding
-    {"feature": 0, "kind": "top", "quantile": None, "rank": 0, "value": 2.0, "context_id": 4, "position": 0,
-     "token": 2, "tokens": [-1, -1, 2, 3, 4], "values": [0, 0, 2.0, 0, 1.0]},
-    {"feature": 0, "kind": "top", "quantile": None, "rank": 1, "value": 1.5, "context_id": 1, "position": 5,
-     "token": 3, "tokens": [1, 4, 3, -1, -1], "values": [0.25, 1.75, 1.5, 0, 0]},
-    {"feature": 0, "kind": "quantile", "quantile": 0, "rank": 0, "value": 0.3, "context_id": 2, "position": 3,
-     "token": 3, "tokens": [1, 2, 3, 4, 1], "values": [0, 0, 0.3, 0, 0]},
-    {"feature": 1, "kind": "top", "quantile": None, "rank": 0, "value": 30.0, "context_id": 0, "position": 2,
-     "token": 4, "tokens": [1, 1, 4, 2, 2], "values": [0, 0, 30.0, 0, 0]},
-]  # fmt: skip
-
-
-def write_tiny_store(path) -> FeatureStore:
-    """A hand-written three-latent store (one dead) with padding, an unknown token id and odd token texts."""
-    store = FeatureStore(path)
-    store.begin_analysis(META, vocab=VOCAB)
-    store.write_results(FEATURES, EXAMPLES, [(0, 1, 4)], {"batches": 1, "contexts": 8, "tokens": 40})
-    return store
+from tests.stores import EDGES, FEATURES, VOCAB, write_tiny_store
 
 
 @pytest.fixture

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from saelab.core.data import DataConfig, exclusion_mask, token_batches
 from saelab.core.fileio import atomic_write_json
+from saelab.core.models import HookedLM
 from saelab.dictionaries import Dictionary
 from saelab.errors import DataError, DimensionMismatchError
 
@@ -84,7 +85,7 @@ class _Sums:
         }, density
 
 
-def _batches(lm, data: DataConfig, n_contexts: int, batch_contexts: int, split: str):
+def _batches(lm: HookedLM, data: DataConfig, n_contexts: int, batch_contexts: int, split: str):
     return token_batches(
         data.source,
         lm.tokenizer,
@@ -98,7 +99,7 @@ def _batches(lm, data: DataConfig, n_contexts: int, batch_contexts: int, split: 
     )
 
 
-def _check_width(lm, dictionary: Dictionary) -> None:
+def _check_width(lm: HookedLM, dictionary: Dictionary) -> None:
     dcfg = dictionary.cfg
     width = lm.hook_dim(dcfg.hook_name)
     if width != dcfg.d_in:
@@ -122,7 +123,9 @@ def _score(zero: float, with_sae: float, clean: float) -> float:
 
 
 @torch.no_grad()
-def reconstruction_metrics(lm, dictionary: Dictionary, data: DataConfig, cfg: EvalConfig, progress=True):
+def reconstruction_metrics(
+    lm: HookedLM, dictionary: Dictionary, data: DataConfig, cfg: EvalConfig, progress=True
+):
     """L0, MSE, explained variance, cosine, density: captured with early exit, no logits needed."""
     dcfg = dictionary.cfg
     out_hook = dcfg.output_hook_name or dcfg.hook_name
@@ -172,7 +175,9 @@ def _kl(clean_logits: torch.Tensor, other_logits: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def downstream_metrics(lm, dictionary: Dictionary, data: DataConfig, cfg: EvalConfig, progress=True):
+def downstream_metrics(
+    lm: HookedLM, dictionary: Dictionary, data: DataConfig, cfg: EvalConfig, progress=True
+):
     """CE and KL of the LM with the dictionary spliced in, against clean and zero-ablated runs."""
     dcfg = dictionary.cfg
     in_hook, out_hook = dcfg.hook_name, dcfg.output_hook_name or dcfg.hook_name
@@ -256,7 +261,7 @@ def density_histogram(density: torch.Tensor, path: Path, title: str) -> None:
 
 
 def evaluate(
-    lm,
+    lm: HookedLM,
     dictionary: Dictionary,
     data: DataConfig,
     cfg: EvalConfig | None = None,

@@ -60,6 +60,7 @@ from tqdm.auto import tqdm
 from saelab.analysis.store import FeatureStore
 from saelab.core.data import DataConfig
 from saelab.core.fileio import atomic_torch_save
+from saelab.core.models import HookedLM
 from saelab.dictionaries import Dictionary
 from saelab.errors import DimensionMismatchError, RunFolderError
 
@@ -483,7 +484,7 @@ def _row_histograms(values: Tensor, low: Tensor, high: Tensor, n_bins: int, rows
 
 
 @torch.no_grad()
-def logit_effects(lm, W_dec: Tensor, cfg: AnalysisConfig):
+def logit_effects(lm: HookedLM, W_dec: Tensor, cfg: AnalysisConfig):
     """Per latent: top and bottom (token, effect) pairs and a histogram over the whole vocabulary."""
     gain = lm.final_norm_gain()  # the adapter knows its family's norm (Gemma: 1 + weight)
     W_U = lm.unembed.detach().float().cpu()
@@ -522,7 +523,7 @@ def decoder_neighbours(W_dec: Tensor, n: int, chunk: int):
             yield [[o, v] for o, v in zip(o_row, v_row, strict=True)]
 
 
-def _feature_rows(state: dict, dictionary: Dictionary, lm, cfg: AnalysisConfig, edges: Tensor):
+def _feature_rows(state: dict, dictionary: Dictionary, lm: HookedLM, cfg: AnalysisConfig, edges: Tensor):
     n_active = state["n_active"]
     density = n_active.double() / max(state["tokens"], 1)
     mean = state["sum_act"] / n_active.clamp(min=1)
@@ -555,7 +556,9 @@ def state_path_for(store_path: str | Path) -> Path:
     return Path(f"{store_path}.state.pt")
 
 
-def _run_meta(lm, dictionary: Dictionary, data: DataConfig, cfg: AnalysisConfig, extra: dict | None) -> dict:
+def _run_meta(
+    lm: HookedLM, dictionary: Dictionary, data: DataConfig, cfg: AnalysisConfig, extra: dict | None
+) -> dict:
     return {
         "dictionary": dictionary.cfg.to_dict(),
         "model": {"name": lm.name, "hf_id": lm.hf_id},
@@ -567,7 +570,7 @@ def _run_meta(lm, dictionary: Dictionary, data: DataConfig, cfg: AnalysisConfig,
     }
 
 
-def _vocab(lm) -> list[str]:
+def _vocab(lm: HookedLM) -> list[str]:
     n = lm.unembed.shape[0]
     known = min(n, len(lm.tokenizer))
     return lm.tokenizer.batch_decode([[i] for i in range(known)]) + [""] * (n - known)
@@ -598,7 +601,7 @@ def _checkpoint(state: dict, gen: torch.Generator, path: Path, store: FeatureSto
     store.set_progress(state["batches"], state["contexts"], state["tokens"], path.name)
 
 
-def _check_width(lm, dictionary: Dictionary) -> None:
+def _check_width(lm: HookedLM, dictionary: Dictionary) -> None:
     width = lm.hook_dim(dictionary.cfg.hook_name)
     if width != dictionary.cfg.d_in:
         raise DimensionMismatchError(
@@ -609,7 +612,7 @@ def _check_width(lm, dictionary: Dictionary) -> None:
 
 @torch.no_grad()
 def analyze(
-    lm,
+    lm: HookedLM,
     dictionary: Dictionary,
     data: DataConfig,
     cfg: AnalysisConfig | None = None,

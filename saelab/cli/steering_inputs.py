@@ -20,7 +20,7 @@ CHAT_OPTION = typer.Option(True, "--chat/--no-chat", help="Wrap prompts in the c
 
 def prompt_list(prompts: list[str] | None, prompts_file: str | None) -> list[str]:
     """Prompts given on the command line and/or in a file (FILE or FILE:KEY for a JSON object)."""
-    from saelab.interventions.generation import load_prompts
+    from saelab.core.prompts import load_prompts
 
     out = list(prompts or [])
     if prompts_file:

@@ -24,7 +24,6 @@ import torch.nn.functional as F
 
 from saelab.core.models import HookedLM
 from saelab.core.prompts import encode_left_padded, format_prompts, pad_rows, pad_token_id, prompt_token_ids
-from saelab.core.prompts import load_prompts as load_prompts  # re-exported: saelab.cli.steering reads it here
 from saelab.errors import DataError
 from saelab.interventions.hooks import Intervention, steer
 
