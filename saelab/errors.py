@@ -84,3 +84,7 @@ class ToyConfigError(SaelabError, ValueError):
 
 class TextTooLongError(SaelabError):
     """User text beyond the live limits: the server answers 413 with this message."""
+
+
+class UnknownFamilyError(SaelabError, ValueError):
+    """A dictionary family (architecture) name that no family file registers."""

@@ -15,17 +15,22 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from tqdm.auto import tqdm
 
-from saelab.core import distributed
+from saelab.core import distributed, sources
 from saelab.core.activations import CachedActivations, StreamingActivations, harvest_to_cache, steps_for
 from saelab.core.data import DataConfig
 from saelab.core.fileio import atomic_folder, atomic_write_json, atomic_write_text
-from saelab.dictionaries import Dictionary, DictionaryConfig, StepContext, build_dictionary
+from saelab.core.sources import ActivationSource
+from saelab.dictionaries import Dictionary, DictionaryConfig, StepContext, build_dictionary, family
 from saelab.dictionaries.io import save_dictionary
 from saelab.errors import RunFolderError, UnknownHookError
+
+if TYPE_CHECKING:
+    from saelab.core.models import HookedLM
 
 DONE = "DONE.json"
 CHECKPOINT = "checkpoint"
@@ -45,8 +50,9 @@ class TrainConfig:
     dictionaries: list[DictionaryConfig] = field(default_factory=lambda: [DictionaryConfig()])
     activations: str | None = None  # an existing cache; None: harvest into run_dir/activations
     stream: bool = False  # train straight from the model through a shuffle buffer, no cache
-    # Train on synthetic data with known features instead of a model (a saelab.toy SyntheticConfig).
-    synthetic: dict | None = None
+    # Train on another activation source instead of a model: {"kind": name, **settings}, a kind
+    # registered in saelab.core.sources (e.g. saelab.toy's SyntheticConfig(...).as_source()).
+    source: dict | None = None
     n_tokens: int = 1_000_000
     # Tokens to harvest into the run's cache (None: n_tokens). Fewer than n_tokens trains for more
     # than one epoch over the cache, each epoch in a new order (what the demo does on slow CPUs).
@@ -76,11 +82,15 @@ class TrainConfig:
     def to_dict(self) -> dict:
         out = dataclasses.asdict(self)
         out["data"] = self.data.to_dict()
+        out["dictionaries"] = [d.to_dict() for d in self.dictionaries]
         return out
 
     @classmethod
     def from_dict(cls, raw: dict) -> TrainConfig:
         raw = dict(raw)
+        old_synthetic = raw.pop("synthetic", None)  # config.json of runs from before `source`
+        if old_synthetic is not None and raw.get("source") is None:
+            raw["source"] = {"kind": "synthetic", **old_synthetic}
         raw["data"] = DataConfig.from_dict(raw.get("data", {}))
         raw["dictionaries"] = [DictionaryConfig.from_dict(d) for d in raw.get("dictionaries", [])]
         raw["betas"] = tuple(raw.get("betas", (0.9, 0.999)))
@@ -96,13 +106,8 @@ class TrainConfig:
 
 
 def dictionary_name(cfg: DictionaryConfig, index: int, names: set[str]) -> str:
-    """A readable, unique folder name: topk-k32-w4608, relu-l1_5-w4608, ..."""
-    knob = {
-        "topk": f"k{cfg.k}",
-        "batchtopk": f"k{cfg.k}",
-        "jumprelu": f"l0_{cfg.target_l0:g}",
-    }.get(cfg.architecture, f"l1_{cfg.l1_coefficient:g}")
-    name = f"{cfg.architecture}-{knob}-w{cfg.d_sae}"
+    """A readable, unique folder name: topk-k32-w4608, relu-l1_5-w4608, ... (the family's tag)."""
+    name = f"{cfg.architecture}-{family(cfg.architecture).tag(cfg)}-w{cfg.d_sae}"
     if cfg.is_transcoder:
         name = "transcoder-" + name
     return name if name not in names else f"{name}-{index}"
@@ -212,7 +217,7 @@ def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
 
 
-def _load_lm(cfg: TrainConfig):
+def _load_lm(cfg: TrainConfig) -> HookedLM:
     from saelab.core.models import load_model
 
     return load_model(cfg.model, device=cfg.device, dtype=cfg.model_dtype)
@@ -222,7 +227,10 @@ def resolve_auto(cfg: TrainConfig) -> TrainConfig:
     """Replace every "auto" dtype by what this hardware runs fast, so config.json says what ran."""
     from saelab.core.devices import encoder_dtype, resolve_dtype_name
 
-    needs_model = cfg.synthetic is None and (cfg.stream or cfg.activations is None)
+    if cfg.source is not None:
+        needs_model = sources.resolve_source(cfg.source)[0].needs_model
+    else:
+        needs_model = cfg.stream or cfg.activations is None
     if cfg.model_dtype == "auto" and needs_model:
         cfg.model_dtype = resolve_dtype_name("auto", cfg.device)
     for dcfg in cfg.dictionaries:
@@ -230,16 +238,17 @@ def resolve_auto(cfg: TrainConfig) -> TrainConfig:
     return cfg
 
 
-def build_source(cfg: TrainConfig, rank: int, world_size: int, progress: bool, lm=None):
-    """The activation stream: an existing cache, a fresh cache in the run folder, or the live model.
+def build_source(
+    cfg: TrainConfig, rank: int, world_size: int, progress: bool, lm: HookedLM | None = None
+) -> ActivationSource:
+    """The activation stream: the config's source kind, or the model's (a cache, or the live model).
 
     `lm` is the already loaded model, if any (it is loaded here when needed and not given).
     """
-    if cfg.synthetic is not None:
-        from saelab.toy.synthetic import SyntheticActivations, SyntheticConfig
-
-        synthetic = SyntheticConfig.from_dict(cfg.synthetic)
-        return SyntheticActivations(synthetic, cfg.batch_size, rank=rank, world_size=world_size)
+    if cfg.source is not None:
+        if lm is None and sources.resolve_source(cfg.source)[0].needs_model:
+            lm = _load_lm(cfg)
+        return sources.build_source(cfg.source, cfg.batch_size, rank=rank, world_size=world_size, lm=lm)
     if cfg.stream:
         lm = lm if lm is not None else _load_lm(cfg)
         return StreamingActivations(
@@ -405,21 +414,19 @@ def train(
     return saved
 
 
-def _check_hooks(cfg: TrainConfig, main: bool):
+def _check_hooks(cfg: TrainConfig, main: bool) -> HookedLM | None:
     """Fail on unknown hook points (or a cache without them) before anything is written.
 
-    Returns the loaded model when this rank will need it (streaming, or rank 0 harvesting a cache).
+    Returns the loaded model when this rank will need it (streaming, rank 0 harvesting a cache, or a
+    source kind that reads the model).
     """
-    if cfg.synthetic is not None:
-        from saelab.toy.synthetic import SYNTHETIC_HOOK
-
+    if cfg.source is not None:
+        kind, settings = sources.resolve_source(cfg.source)
+        provided = kind.hooks(settings)
         for hook in cfg.hooks:
-            if hook != SYNTHETIC_HOOK:
-                raise UnknownHookError(
-                    f"dictionaries trained on synthetic data read the hook {SYNTHETIC_HOOK!r}, not {hook!r}. "
-                    f"Set hook_name={SYNTHETIC_HOOK!r} (and no output_hook_name)."
-                )
-        return None
+            if hook not in provided:
+                raise UnknownHookError(_foreign_hook_message(kind.description, provided, hook))
+        return _load_lm(cfg) if kind.needs_model else None
     if cfg.stream or (cfg.activations is None and main):
         lm = _load_lm(cfg)
         for hook in cfg.hooks:
@@ -428,6 +435,18 @@ def _check_hooks(cfg: TrainConfig, main: bool):
     if cfg.activations is not None:
         CachedActivations(cfg.activations, cfg.hooks, cfg.batch_size)  # missing hooks / incomplete cache
     return None
+
+
+def _foreign_hook_message(description: str, provided: tuple[str, ...], hook: str) -> str:
+    if len(provided) == 1:
+        return (
+            f"dictionaries trained on {description} read the hook {provided[0]!r}, not {hook!r}. "
+            f"Set hook_name={provided[0]!r} (and no output_hook_name)."
+        )
+    return (
+        f"dictionaries trained on {description} read the hooks {', '.join(map(repr, provided))}, not "
+        f"{hook!r}. Set hook_name (and output_hook_name) to those."
+    )
 
 
 def _train_step(member: _Member, batch: dict[str, torch.Tensor], cfg: TrainConfig, step: int, total: int):
@@ -552,12 +571,9 @@ def _save_member(member: _Member, cfg: TrainConfig, run_dir: Path) -> Path:
         density = member.fire_counts.double() / member.density_tokens
         sparsity = density.clamp_min(1e-10).log10().float()
     dcfg = member.dictionary.cfg
-    if cfg.synthetic is not None:
-        source = {
-            "model_name": "saelab:synthetic",
-            "dataset_path": "saelab:synthetic",
-            "synthetic": cfg.synthetic,
-        }
+    if cfg.source is not None:
+        kind, settings = sources.resolve_source(cfg.source)
+        source = kind.metadata(settings)
     else:
         source = {
             "model_name": cfg.model or "HuggingFaceTB/SmolLM2-135M-Instruct",

@@ -12,12 +12,18 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from saelab.dictionaries import FAMILIES, DictionaryConfig, StepContext, build_dictionary
+from saelab.dictionaries import (
+    ARCHITECTURES,
+    FAMILIES,
+    DictionaryConfig,
+    StepContext,
+    build_dictionary,
+    family,
+)
 from saelab.dictionaries.base import geometric_median
-from saelab.dictionaries.config import UNIT_NORM_DECODER
+from saelab.dictionaries.families.jumprelu import _JumpReLU, _Step
 from saelab.dictionaries.kernels import selected_preacts, sparse_decode
-from saelab.dictionaries.sae import _JumpReLU, _Step
-from saelab.errors import ActivationError, DimensionMismatchError
+from saelab.errors import ActivationError, DimensionMismatchError, SaelabError
 
 F64 = torch.float64
 
@@ -369,7 +375,7 @@ def test_unit_norm_decoder_rows_and_orthogonal_gradient(arch):
     grad_before = sae.W_dec.grad.clone()
     sae.remove_parallel_decoder_grad()
     rows = F.normalize(sae.W_dec.detach(), dim=1)
-    if arch in UNIT_NORM_DECODER:
+    if FAMILIES[arch].unit_norm_decoder:
         assert (grad_before * rows).sum(1).abs().max() > 1e-4
         assert (sae.W_dec.grad * rows).sum(1).abs().max() < 1e-6 * grad_before.abs().max() * 16
     else:
@@ -377,7 +383,7 @@ def test_unit_norm_decoder_rows_and_orthogonal_gradient(arch):
     torch.optim.Adam(sae.parameters(), lr=1e-2).step()
     sae.after_optimizer_step()
     norms = sae.W_dec.detach().norm(dim=1)
-    if arch in UNIT_NORM_DECODER:
+    if FAMILIES[arch].unit_norm_decoder:
         torch.testing.assert_close(norms, torch.ones_like(norms))
     else:
         assert (norms - 1).abs().max() > 0.1  # relu learns its decoder norms
@@ -386,7 +392,7 @@ def test_unit_norm_decoder_rows_and_orthogonal_gradient(arch):
 def test_initial_decoder_norms_and_tied_encoder():
     for arch in FAMILIES:
         sae = build_dictionary(DictionaryConfig(architecture=arch, d_in=8, d_sae=24, k=3))
-        expected = 1.0 if arch in UNIT_NORM_DECODER else 0.1
+        expected = 1.0 if FAMILIES[arch].unit_norm_decoder else 0.1
         torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.full((24,), expected))
         torch.testing.assert_close(sae.W_enc, sae.W_dec.t())
 
@@ -416,7 +422,40 @@ def test_wrong_width_and_nan_activations_give_clear_errors():
     assert sae.encode(torch.randn(2, 3, 32)).shape == (2, 3, 64)
 
 
-# ---- 8. geometric median -----------------------------------------------------------------------
+def test_unknown_families_and_options_are_refused_with_the_known_ones():
+    with pytest.raises(SaelabError, match="'nope'.*relu, gated, topk, batchtopk, jumprelu"):
+        family("nope")
+    with pytest.raises(SaelabError, match="relu, gated, topk, batchtopk, jumprelu"):
+        DictionaryConfig(architecture="nope")
+    with pytest.raises(ValueError, match="relu family has no option.*tanh_scale"):
+        DictionaryConfig(architecture="relu", options={"tanh_scale": 2.0})
+    with pytest.raises(ValueError, match="k must be in 1..d_sae"):
+        DictionaryConfig(architecture="batchtopk", d_sae=8, k=9)
+
+
+# ---- 8. the registry ---------------------------------------------------------------------------
+
+
+def test_the_five_families_declare_what_others_read():
+    """Names, order, knobs, labels, decoder norms and colours, exactly as before the registry."""
+    assert list(FAMILIES) == ["relu", "gated", "topk", "batchtopk", "jumprelu"]
+    assert list(ARCHITECTURES) == list(FAMILIES)
+    assert [fam.knob for fam in FAMILIES.values()] == ["l1_coefficient"] * 2 + ["k"] * 2 + ["target_l0"]
+    defaults = [fam.knob_default for fam in FAMILIES.values()]
+    assert defaults == [5.0, 5.0, 32, 32, 32.0] and isinstance(defaults[2], int)
+    assert [fam.label for fam in FAMILIES.values()] == ["ReLU + L1", "Gated", "TopK", "BatchTopK", "JumpReLU"]
+    assert [fam.unit_norm_decoder for fam in FAMILIES.values()] == [False, True, True, True, True]
+    colours = [fam.colour for fam in FAMILIES.values()]
+    assert colours == ["tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple"]
+    for name, fam in FAMILIES.items():
+        assert family(name) is fam and fam.options == {}
+        assert type(build_dictionary(DictionaryConfig(architecture=name, d_in=4, d_sae=8, k=2))) is fam.cls
+    # The built-in families add no "options" key to a saved config.
+    assert "options" not in DictionaryConfig().to_dict()
+    assert FAMILIES["jumprelu"].with_knob(3, {"lr": 0.1}) == {"lr": 0.1, "target_l0": 3.0}
+
+
+# ---- 9. geometric median -----------------------------------------------------------------------
 
 
 def test_geometric_median_is_robust_to_outliers():

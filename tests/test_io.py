@@ -14,12 +14,14 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
+from saelab.dictionaries import FAMILIES as REGISTERED
 from saelab.dictionaries import DictionaryConfig, build_dictionary
-from saelab.dictionaries.io import dictionary_metadata, load_dictionary, save_dictionary
+from saelab.dictionaries.io import dictionary_metadata, load_dictionary, saelens_architecture, save_dictionary
+from saelab.dictionaries.registry import saelens_families
 from saelab.errors import DictionaryFileError
 
 D_IN, D_SAE, K = 16, 64, 8
-FAMILIES = ["relu", "gated", "topk", "batchtopk", "jumprelu"]
+FAMILIES = ["relu", "gated", "topk", "batchtopk", "jumprelu"]  # the five whose SAELens names are pinned
 SAELENS_ARCH = {"relu": "standard", "gated": "gated", "topk": "topk", "batchtopk": "jumprelu"}
 
 
@@ -63,7 +65,7 @@ def assert_same(a, b, x):
 
 # ---- saelab round trips ------------------------------------------------------------------------
 @pytest.mark.parametrize("transcoder", [False, True], ids=["sae", "transcoder"])
-@pytest.mark.parametrize("arch", FAMILIES)
+@pytest.mark.parametrize("arch", list(REGISTERED))
 def test_round_trip_every_family(tmp_path, arch, transcoder):
     d = make(arch, transcoder)
     x = inputs()
@@ -105,6 +107,36 @@ def test_saved_cfg_layout(tmp_path):
     bt = json.loads((save_dictionary(make("batchtopk"), tmp_path / "bt") / "cfg.json").read_text())
     assert bt["architecture"] == "jumprelu"
     assert "threshold" in load_file(tmp_path / "bt" / "sae_weights.safetensors")
+
+
+def test_saelens_names_of_every_family_both_ways():
+    """What each family is saved as (plain and transcoder), and which family each SAELens name loads as."""
+    saved = {arch: tuple(saelens_architecture(make(arch, t).cfg) for t in (False, True)) for arch in FAMILIES}
+    assert saved == {
+        "relu": ("standard", "transcoder"),
+        "gated": ("gated", "gated"),
+        "topk": ("topk", "topk"),
+        "batchtopk": ("jumprelu", "jumprelu_transcoder"),
+        "jumprelu": ("jumprelu", "jumprelu_transcoder"),
+    }
+    loads = {name: fam.name for name, fam in saelens_families().items()}
+    assert loads == {
+        "standard": "relu",
+        "transcoder": "relu",
+        "gated": "gated",
+        "topk": "topk",
+        "jumprelu": "jumprelu",
+        "jumprelu_transcoder": "jumprelu",
+    }
+
+
+def test_a_saelab_config_of_an_unknown_family_is_a_file_error(tmp_path):
+    folder = save_dictionary(make("relu"), tmp_path / "d")
+    cfg = json.loads((folder / "cfg.json").read_text())
+    cfg["saelab"]["config"]["architecture"] = "nope"
+    (folder / "cfg.json").write_text(json.dumps(cfg))
+    with pytest.raises(DictionaryFileError, match="invalid saelab config.*'nope'"):
+        load_dictionary(folder)
 
 
 def test_save_is_atomic_and_guards_other_files(tmp_path, monkeypatch):

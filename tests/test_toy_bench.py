@@ -7,8 +7,9 @@ import time
 
 import pytest
 
+from saelab.dictionaries import FAMILIES
 from saelab.errors import SaelabError
-from saelab.toy.bench import FAMILIES, bench_settings, best_per_family, run_bench
+from saelab.toy.bench import bench_settings, best_per_family, run_bench
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +74,7 @@ def test_unknown_setting_is_refused(tmp_path):
 
 
 def test_toy_commands_refuse_bad_input_with_a_clear_message(tmp_path):
-    from tests.test_cli import run
+    from tests.helpers import run
 
     code, _, err = run("toy", "superposition", "--n", "2", "--m", "3", "--out", tmp_path)
     assert code == 2 and "0 < m < n" in err and "Traceback" not in err
@@ -82,7 +83,7 @@ def test_toy_commands_refuse_bad_input_with_a_clear_message(tmp_path):
 
 
 def test_toy_phase_command_writes_its_plot(tmp_path):
-    from tests.test_cli import run
+    from tests.helpers import run
 
     code, out, err = run("toy", "phase", "--quick", "--out", tmp_path)
     assert code == 0, err

@@ -168,7 +168,7 @@ def test_trainer_runs_on_synthetic_data_resamples_and_resumes_exactly(tmp_path):
     def config(run_dir):
         return TrainConfig(
             run_dir=str(run_dir),
-            synthetic=synthetic.to_dict(),
+            source=synthetic.as_source(),
             dictionaries=[
                 DictionaryConfig(
                     architecture="jumprelu", d_in=0, d_sae=64, hook_name=SYNTHETIC_HOOK, target_l0=2
@@ -198,10 +198,60 @@ def test_trainer_runs_on_synthetic_data_resamples_and_resumes_exactly(tmp_path):
     assert max(line["resampled"] for line in lines) > 0  # 64 latents for 32 features: some die and come back
 
 
+def test_a_run_saved_before_the_source_field_resumes_exactly(tmp_path):
+    """config.json of older runs says "synthetic": {...}; TrainConfig.from_dict reads it as a source."""
+    synthetic = SyntheticConfig(n_features=16, d=8, mean_active=2, seed=3)
+
+    def config(run_dir):
+        return TrainConfig(
+            run_dir=str(run_dir),
+            source=synthetic.as_source(),
+            dictionaries=[
+                DictionaryConfig(architecture="topk", d_in=0, d_sae=32, hook_name=SYNTHETIC_HOOK, k=2)
+            ],
+            n_tokens=30 * 64,
+            batch_size=64,
+            checkpoint_every=10,
+            log_every=5,
+        )
+
+    whole = train(config(tmp_path / "whole"), progress=False)
+    train(config(tmp_path / "old"), progress=False, stop_after_steps=12)
+    saved = tmp_path / "old" / "config.json"
+    new = json.loads(saved.read_text())
+    old = {("synthetic" if key == "source" else key): value for key, value in new.items()}
+    old["synthetic"] = {key: value for key, value in new["source"].items() if key != "kind"}
+    saved.write_text(json.dumps(old))
+
+    migrated = TrainConfig.from_dict(old)
+    assert migrated.source == {"kind": "synthetic", **synthetic.to_dict()}
+    assert json.loads(json.dumps(migrated.to_dict())) == new
+    resumed = train(config(tmp_path / "old"), resume=True, progress=False)
+    for name in whole:
+        a, b = load_dictionary(whole[name]), load_dictionary(resumed[name])
+        assert torch.equal(a.W_dec, b.W_dec), name
+        assert b.cfg.metadata["synthetic"] == synthetic.to_dict()
+
+
+def test_an_unknown_source_kind_names_the_module_that_registers_it(tmp_path, monkeypatch):
+    from saelab.core import sources
+
+    with pytest.raises(DataError, match="unknown activation source kind 'nope'.*register_source"):
+        sources.resolve_source({"kind": "nope"})
+    monkeypatch.delitem(sources._kinds, "synthetic")  # as in a process that never imported saelab.toy
+    with pytest.raises(DataError, match="import saelab.toy.synthetic first"):
+        sources.resolve_source(SyntheticConfig().as_source())
+    monkeypatch.undo()
+    cfg = TrainConfig(run_dir=str(tmp_path / "r"), source={"kind": "nope"}, n_tokens=256)
+    with pytest.raises(DataError, match="'nope'"):
+        train(cfg, progress=False)
+    assert not (tmp_path / "r").exists()
+
+
 def test_synthetic_training_refuses_a_model_hook(tmp_path):
     cfg = TrainConfig(
         run_dir=str(tmp_path / "r"),
-        synthetic=SyntheticConfig(n_features=8, d=4).to_dict(),
+        source=SyntheticConfig(n_features=8, d=4).as_source(),
         dictionaries=[DictionaryConfig(d_in=0, d_sae=8, k=2)],
         n_tokens=256,
     )

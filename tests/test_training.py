@@ -79,6 +79,34 @@ def assert_same_weights(a, b, atol=0.0):
             torch.testing.assert_close(a[name][key], b[name][key], rtol=0, atol=atol, msg=f"{name}.{key}")
 
 
+# ---- folder names and the trainer's own imports -----------------------------------------------
+
+
+def test_dictionary_folder_names_use_each_familys_tag():
+    from saelab.training import dictionary_name
+
+    def name(arch, d_sae, names=(), index=0, **settings):
+        return dictionary_name(
+            DictionaryConfig(architecture=arch, d_sae=d_sae, **settings), index, set(names)
+        )
+
+    assert name("topk", 512, k=16) == "topk-k16-w512"
+    assert name("batchtopk", 128, k=3) == "batchtopk-k3-w128"
+    assert name("relu", 512, l1_coefficient=1.0) == "relu-l1_1-w512"
+    assert name("gated", 128, l1_coefficient=0.5) == "gated-l1_0.5-w128"
+    assert name("jumprelu", 128, target_l0=3) == "jumprelu-l0_3-w128"
+    transcoder = dict(
+        d_in=8, hook_name="blocks.0.ln2.hook_normalized", output_hook_name="blocks.0.hook_mlp_out"
+    )
+    assert name("topk", 64, k=4, **transcoder) == "transcoder-topk-k4-w64"
+    assert name("topk", 512, names={"topk-k16-w512"}, index=3, k=16) == "topk-k16-w512-3"
+
+
+def test_the_trainer_does_not_import_the_toy_layer():
+    code = "import sys, saelab.training; sys.exit(any(m.startswith('saelab.toy') for m in sys.modules))"
+    assert subprocess.run([sys.executable, "-c", code], cwd=REPO, timeout=120).returncode == 0
+
+
 # ---- one sweep ----------------------------------------------------------------------------------
 
 
@@ -288,6 +316,7 @@ from pathlib import Path
 import torch
 
 torch.set_num_threads(1)
+import saelab.toy.synthetic  # registers the "synthetic" source kind, as saelab's CLI does
 from saelab import training
 from saelab.core import distributed
 
@@ -387,7 +416,7 @@ def test_data_parallel_resampling_keeps_ranks_identical(tmp_path):
     ]
     cfg = TrainConfig(
         run_dir=str(tmp_path / "run"),
-        synthetic=SyntheticConfig(n_features=16, d=8, mean_active=2).to_dict(),
+        source=SyntheticConfig(n_features=16, d=8, mean_active=2).as_source(),
         dictionaries=dictionaries,
         n_tokens=40 * 64,
         batch_size=64,

@@ -25,26 +25,24 @@ from saelab.errors import SaelabError
 
 
 def sweep_configs(architecture, width, k, l1, target_l0, hook, output_hook, d_in, seed, encoder_dtype="auto"):
-    """The cartesian product of the sweep options, each knob applied only where it means something."""
-    from saelab.dictionaries import ARCHITECTURES, DictionaryConfig
+    """The cartesian product of the sweep options: each family's knob takes the values of its flag."""
+    from saelab.dictionaries import FAMILIES, DictionaryConfig
 
-    unknown = [arch for arch in architecture if arch not in ARCHITECTURES]
+    unknown = [arch for arch in architecture if arch not in FAMILIES]
     if unknown:
-        raise SaelabError(f"unknown --architecture {unknown[0]!r}; choose from {', '.join(ARCHITECTURES)}.")
-    if {"topk", "batchtopk"} & set(architecture) and max(k) > min(width):
+        raise SaelabError(f"unknown --architecture {unknown[0]!r}; choose from {', '.join(FAMILIES)}.")
+    if any(FAMILIES[arch].knob == "k" for arch in architecture) and max(k) > min(width):
         raise SaelabError(
             f"--k {max(k)} is larger than --width {min(width)}: k must be at most the number of latents."
         )
     if encoder_dtype not in ("auto", "float32", "bfloat16"):
         raise SaelabError(f"unknown --encoder-dtype {encoder_dtype!r}; use auto, float32 or bfloat16.")
+    # The knob each flag sweeps; a family whose knob has no flag trains at the knob's default.
+    flags = {"k": k, "l1_coefficient": l1, "target_l0": target_l0}
     configs = []
     for arch, d_sae in itertools.product(architecture, width):
-        knobs = {
-            "topk": [("k", v) for v in k],
-            "batchtopk": [("k", v) for v in k],
-            "jumprelu": [("target_l0", v) for v in target_l0],
-        }.get(arch, [("l1_coefficient", v) for v in l1])
-        for name, value in knobs:
+        fam = FAMILIES[arch]
+        for value in flags.get(fam.knob, [fam.knob_default]):
             configs.append(
                 DictionaryConfig(
                     architecture=arch,
@@ -54,7 +52,7 @@ def sweep_configs(architecture, width, k, l1, target_l0, hook, output_hook, d_in
                     output_hook_name=output_hook,
                     seed=seed,
                     encoder_dtype=encoder_dtype,
-                    **{name: value},
+                    **fam.with_knob(value),
                 )
             )
     return configs
@@ -72,7 +70,8 @@ def train(
         None, help="Train transcoders: predict this hook from --hook (e.g. blocks.15.hook_mlp_out)."
     ),
     architecture: list[str] = typer.Option(
-        ["topk"], help="relu, gated, topk, batchtopk or jumprelu; repeat to sweep."
+        ["topk"],
+        help="relu, gated, topk, batchtopk, jumprelu or a family added in saelab/dictionaries/families/; repeat to sweep.",
     ),
     width: list[int] = typer.Option([4608], min=1, help="Latents (d_sae); repeat to sweep."),
     k: list[int] = typer.Option(
@@ -123,6 +122,7 @@ def train(
     """Train one or many dictionaries (a sweep) on one activation stream. Runs under torchrun too."""
     from safetensors import SafetensorError
 
+    import saelab.toy.synthetic  # noqa: F401 (registers the "synthetic" source: --resume of a toy run)
     from saelab.core import distributed
     from saelab.training import CHECKPOINT, TrainConfig
     from saelab.training import train as run_training

@@ -9,7 +9,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from saelab.dictionaries.config import UNIT_NORM_DECODER, DictionaryConfig
+from saelab.dictionaries.config import DictionaryConfig
+from saelab.dictionaries.registry import family
 from saelab.errors import ActivationError, DimensionMismatchError
 
 
@@ -54,7 +55,6 @@ class Dictionary(nn.Module, ABC):
     saved dictionary is an ordinary SAELens-layout SAE on raw activations.
     """
 
-    architecture = "base"
     has_b_enc = True
 
     def __init__(self, cfg: DictionaryConfig):
@@ -64,7 +64,7 @@ class Dictionary(nn.Module, ABC):
         d_in, d_sae, d_out = cfg.d_in, cfg.d_sae, cfg.out_dim
         W_dec = torch.randn(d_sae, d_out, generator=generator)
         W_dec /= W_dec.norm(dim=1, keepdim=True)
-        if cfg.architecture not in UNIT_NORM_DECODER:
+        if not family(cfg.architecture).unit_norm_decoder:
             W_dec *= 0.1  # Anthropic's April 2024 init for decoder-norm-weighted L1.
         if d_out == d_in:
             W_enc = W_dec.t().clone()
@@ -86,6 +86,11 @@ class Dictionary(nn.Module, ABC):
     @property
     def d_sae(self) -> int:
         return self.cfg.d_sae
+
+    @property
+    def unit_norm_decoder(self) -> bool:
+        """Whether the family keeps decoder rows at unit norm (else the norms are learned)."""
+        return family(self.cfg.architecture).unit_norm_decoder
 
     def check_input(self, x: torch.Tensor) -> None:
         if x.shape[-1] != self.cfg.d_in:
@@ -156,14 +161,14 @@ class Dictionary(nn.Module, ABC):
     @torch.no_grad()
     def remove_parallel_decoder_grad(self) -> None:
         """Keep only the gradient component orthogonal to each unit-norm decoder row."""
-        if self.cfg.architecture in UNIT_NORM_DECODER and self.W_dec.grad is not None:
+        if self.unit_norm_decoder and self.W_dec.grad is not None:
             rows = self.W_dec / self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-8)
             parallel = (self.W_dec.grad * rows).sum(dim=1, keepdim=True)
             self.W_dec.grad.sub_(parallel * rows)
 
     @torch.no_grad()
     def after_optimizer_step(self) -> None:
-        if self.cfg.architecture in UNIT_NORM_DECODER:
+        if self.unit_norm_decoder:
             self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-8))
 
     @torch.no_grad()
@@ -195,9 +200,7 @@ class Dictionary(nn.Module, ABC):
         alive[latents] = False
         reference = alive if bool(alive.any()) else ~alive
         enc_norm = self.W_enc[:, reference].norm(dim=0).mean()
-        dec_norm = (
-            1.0 if self.cfg.architecture in UNIT_NORM_DECODER else self.decoder_norms()[reference].mean()
-        )
+        dec_norm = 1.0 if self.unit_norm_decoder else self.decoder_norms()[reference].mean()
         self.W_dec[latents] = out_dir * dec_norm
         self.W_enc[:, latents] = (in_dir * enc_norm).t()
         self.reset_latent_biases(latents, reference)

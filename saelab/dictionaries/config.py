@@ -1,14 +1,15 @@
-"""One config for every dictionary: the fields a family does not use are ignored by it."""
+"""One config for every dictionary: the fields a family does not use are ignored by it.
+
+Settings that only one family has are not fields here: the family declares them with defaults
+(`Family.options`) and a config carries their values in `options`, filled in when it is made.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
 
-ARCHITECTURES = ("relu", "gated", "topk", "batchtopk", "jumprelu")
-
-# Families whose decoder rows are kept at unit norm (their sparsity does not depend on norms).
-UNIT_NORM_DECODER = ("gated", "topk", "batchtopk", "jumprelu")
+from saelab.dictionaries.registry import family
 
 
 @dataclass
@@ -53,12 +54,18 @@ class DictionaryConfig:
     lr: float | None = None
     seed: int = 0
     metadata: dict = field(default_factory=dict)
+    # The family's own settings (see Family.options); empty for the built-in families.
+    options: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.architecture not in ARCHITECTURES:
+        fam = family(self.architecture)
+        unknown = sorted(set(self.options) - set(fam.options))
+        if unknown:
             raise ValueError(
-                f"unknown architecture {self.architecture!r}; choose one of {', '.join(ARCHITECTURES)}"
+                f"the {self.architecture} family has no option(s) {', '.join(unknown)}; "
+                f"its options are: {', '.join(fam.options) or 'none'}"
             )
+        self.options = {name: self.options.get(name, default) for name, default in fam.options.items()}
         if self.encoder_dtype not in ("auto", "float32", "bfloat16"):
             raise ValueError(f"encoder_dtype must be auto, float32 or bfloat16, got {self.encoder_dtype!r}")
         if self.output_hook_name and self.d_out is None and self.d_in > 0:
@@ -66,7 +73,7 @@ class DictionaryConfig:
         if self.is_transcoder:
             # A transcoder's input and output live in different spaces: no b_dec subtraction.
             self.apply_b_dec_to_input = False
-        if self.architecture in ("topk", "batchtopk") and not 0 < self.k <= self.d_sae:
+        if fam.knob == "k" and not 0 < self.k <= self.d_sae:
             raise ValueError(f"k must be in 1..d_sae ({self.d_sae}), got {self.k}")
 
     @property
@@ -81,8 +88,18 @@ class DictionaryConfig:
     def resolved_aux_k(self) -> int:
         return self.aux_k if self.aux_k is not None else max(1, self.d_in // 2)
 
+    @classmethod
+    def default(cls, name: str):
+        """The default value of a field (what a config gets when it does not set it)."""
+        spec = next(f for f in dataclasses.fields(cls) if f.name == name)
+        return spec.default_factory() if spec.default is dataclasses.MISSING else spec.default
+
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """All fields; `options` only when the family has some (so older files stay the same)."""
+        out = dataclasses.asdict(self)
+        if not out["options"]:
+            del out["options"]
+        return out
 
     @classmethod
     def from_dict(cls, data: dict) -> DictionaryConfig:

@@ -21,8 +21,8 @@ from safetensors.torch import load_file
 from saelab.core.fileio import atomic_folder, atomic_save_tensors, atomic_write_json
 from saelab.dictionaries.base import Dictionary
 from saelab.dictionaries.config import DictionaryConfig
-from saelab.dictionaries.sae import build_dictionary
-from saelab.errors import DictionaryFileError, DimensionMismatchError
+from saelab.dictionaries.registry import build_dictionary, family, saelens_families
+from saelab.errors import DictionaryFileError, DimensionMismatchError, SaelabError
 
 CFG, WEIGHTS, SPARSITY = "cfg.json", "sae_weights.safetensors", "sparsity.safetensors"
 SPARSIFY_WEIGHTS, DL_WEIGHTS, DL_CFG = "sae.safetensors", "ae.pt", "config.json"
@@ -44,8 +44,6 @@ _METADATA_DEFAULTS = {
     "exclude_special_tokens": False,
     "neuronpedia_id": None,
 }
-_SAELENS_FAMILY = {"standard": "relu", "gated": "gated", "topk": "topk", "jumprelu": "jumprelu"}
-_SAELENS_FAMILY.update({"transcoder": "relu", "jumprelu_transcoder": "jumprelu"})
 RESAVE = "Copy the folder's files again together from their source, or re-save the dictionary."
 
 
@@ -60,10 +58,8 @@ def _is_transcoder(cfg: DictionaryConfig) -> bool:
 
 # ---- saving ------------------------------------------------------------------------------------
 def saelens_architecture(cfg: DictionaryConfig) -> str:
-    """SAELens's name for this family: batchtopk is a JumpReLU at inference; relu is 'standard'."""
-    if _is_transcoder(cfg) and cfg.architecture in ("relu", "jumprelu", "batchtopk"):
-        return "transcoder" if cfg.architecture == "relu" else "jumprelu_transcoder"
-    return {"relu": "standard", "batchtopk": "jumprelu"}.get(cfg.architecture, cfg.architecture)
+    """SAELens's name for this family (its Family.saelens, or saelens_transcoder for a transcoder)."""
+    return family(cfg.architecture).saelens_name(transcoder=_is_transcoder(cfg))
 
 
 def saelens_config(dictionary: Dictionary, training_config: dict | None = None) -> dict:
@@ -85,8 +81,9 @@ def saelens_config(dictionary: Dictionary, training_config: dict | None = None) 
         "reshape_activations": "none",
         "metadata": metadata,
     }
-    if cfg.architecture == "topk":
-        out.update(k=cfg.k, rescale_acts_by_decoder_norm=False)
+    extra = family(cfg.architecture).saelens_extra
+    if extra is not None:
+        out.update(extra(cfg))
     if _is_transcoder(cfg):
         out["d_out"] = cfg.out_dim
     out["architecture"] = saelens_architecture(cfg)
@@ -229,16 +226,17 @@ def _saelens_config(folder: Path) -> tuple[DictionaryConfig, dict]:
     if isinstance(extras, dict) and isinstance(extras.get("config"), dict):
         try:
             return DictionaryConfig.from_dict(extras["config"]), raw
-        except (TypeError, ValueError) as err:
+        except (TypeError, ValueError, SaelabError) as err:
             raise _fail(folder / CFG, f"has an invalid saelab config ({err}).") from None
     _require(raw, ("d_in", "d_sae"), folder / CFG)
     arch = raw.get("architecture", "standard")
-    if arch not in _SAELENS_FAMILY:
+    loaders = saelens_families()
+    if arch not in loaders:
         hint = " (saelab cannot represent the skip connection W_skip)" if "skip" in arch else ""
         raise _fail(
             folder / CFG,
             f"has SAELens architecture {arch!r}, which saelab cannot load{hint}.",
-            f"saelab loads {', '.join(sorted(_SAELENS_FAMILY))}.",
+            f"saelab loads {', '.join(sorted(loaders))}.",
         )
     if raw.get("normalize_activations", "none") not in ("none", "expected_average_only_in", None):
         raise _fail(
@@ -249,10 +247,9 @@ def _saelens_config(folder: Path) -> tuple[DictionaryConfig, dict]:
     meta = raw["metadata"] if isinstance(raw.get("metadata"), dict) else {}
     hook = meta.get("hook_name") or raw.get("hook_name") or "unknown"
     hook_out = meta.get("hook_name_out") or raw.get("hook_name_out")
-    if arch == "topk":
-        _require(raw, ("k",), folder / CFG)
+    _require(raw, loaders[arch].saelens_required, folder / CFG)
     cfg = DictionaryConfig(
-        architecture=_SAELENS_FAMILY[arch],
+        architecture=loaders[arch].name,
         d_in=int(raw["d_in"]),
         d_sae=int(raw["d_sae"]),
         d_out=int(raw["d_out"]) if raw.get("d_out") is not None else None,
@@ -378,9 +375,9 @@ def _dl_config(folder: Path, state: dict | None = None) -> tuple[DictionaryConfi
     if not trainer.get("dict_class") and state is None:
         state = _read_torch_state(folder / DL_WEIGHTS)
     name = _dl_class(folder, trainer, state)
-    family, mapping, b_dec_in = _DL_CLASSES[name]
+    architecture, mapping, b_dec_in = _DL_CLASSES[name]
     d_in, d_sae, k = trainer.get("activation_dim"), trainer.get("dict_size"), trainer.get("k")
-    if d_in is None or d_sae is None or (family in ("topk", "batchtopk") and k is None):
+    if d_in is None or d_sae is None or (family(architecture).knob == "k" and k is None):
         state = state if state is not None else _read_torch_state(folder / DL_WEIGHTS)
         w = state.get(mapping["W_enc"])
         if w is None:
@@ -392,7 +389,7 @@ def _dl_config(folder: Path, state: dict | None = None) -> tuple[DictionaryConfi
     layer = trainer.get("layer")
     hook = f"blocks.{match[2]}.hook_{match[1]}" if match else (sub or f"layer {layer}")
     cfg = DictionaryConfig(
-        architecture=family,
+        architecture=architecture,
         d_in=int(d_in),
         d_sae=int(d_sae),
         hook_name=hook,
@@ -412,14 +409,14 @@ def _dl_config(folder: Path, state: dict | None = None) -> tuple[DictionaryConfi
 
 
 def _dl_tensors(folder: Path, name: str, state: dict) -> dict[str, torch.Tensor]:
-    family, mapping, _ = _DL_CLASSES[name]
+    architecture, mapping, _ = _DL_CLASSES[name]
     missing = [key for key in mapping.values() if key not in state]
     if missing:
         raise _fail(folder / DL_WEIGHTS, f"lacks {', '.join(missing)} for a {name}.")
     out = {ours: state[theirs] for ours, theirs in mapping.items()}
     if name != "JumpReluAutoEncoder":  # nn.Linear stores [out, in]
         out["W_enc"], out["W_dec"] = out["W_enc"].T, out["W_dec"].T
-    if family == "batchtopk" and out["threshold"].numel() == 1:
+    if architecture == "batchtopk" and out["threshold"].numel() == 1:
         # One threshold on ReLU'd activations; -1 means "never set", i.e. a plain ReLU.
         out["threshold"] = out["threshold"].float().clamp_min(0).expand(out["b_enc"].shape[0]).clone()
     return out
@@ -430,7 +427,7 @@ def _assemble(cfg: DictionaryConfig, tensors: dict[str, torch.Tensor], source: P
     """Build the family, check every tensor's name and shape against the config, then copy them in."""
     try:
         dictionary = build_dictionary(cfg)
-    except (TypeError, ValueError) as err:
+    except (TypeError, ValueError, SaelabError) as err:
         raise _fail(source, f"describes an invalid dictionary ({err}).") from None
     expected = {name: tuple(t.shape) for name, t in dictionary.saelens_tensors().items()}
     missing = sorted(set(expected) - set(tensors))

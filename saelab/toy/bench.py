@@ -5,35 +5,23 @@ stream of synthetic activations, then scores every dictionary on held-out sample
 features (MMCS, recovered share, false positives, dead latents, L0, FVU). Output: results.json, a
 Markdown table, and per setting a Pareto plot of recovery against L0 and the distribution of each
 feature's best cosine. A finished setting is not trained again; an interrupted one resumes.
+The families, their knobs, labels and colours come from the registry (saelab.dictionaries.FAMILIES).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from saelab.core.fileio import atomic_write_json, atomic_write_text
-from saelab.dictionaries import DictionaryConfig
+from saelab.dictionaries import FAMILIES, DictionaryConfig, family
+from saelab.errors import SaelabError
 from saelab.toy.recovery import RECOVERY_COSINE, recovery_scores
 from saelab.toy.synthetic import SYNTHETIC_HOOK, SyntheticActivations, SyntheticConfig
-
-FAMILIES = ("relu", "gated", "topk", "batchtopk", "jumprelu")
-KNOBS = {
-    "relu": "l1_coefficient",
-    "gated": "l1_coefficient",
-    "topk": "k",
-    "batchtopk": "k",
-    "jumprelu": "target_l0",
-}
-FAMILY_LABELS = {
-    "relu": "ReLU + L1",
-    "gated": "Gated",
-    "topk": "TopK",
-    "batchtopk": "BatchTopK",
-    "jumprelu": "JumpReLU",
-}
+from saelab.training import DONE, TrainConfig, checkpoint_file, train
 
 
 @dataclass
@@ -45,6 +33,7 @@ class BenchSetting:
     synthetic: SyntheticConfig
     d_sae: int
     n_samples: int
+    # Knob values per family; a registered family missing here runs at its knob's default.
     sweeps: dict[str, list[float]]
     batch_size: int = 1024
     lr: float = 3e-3
@@ -59,27 +48,32 @@ class BenchSetting:
     resample_every: int = 51_200  # samples between dead-latent resamplings (0: never)
     n_eval: int = 16_384
 
-    def samples_for(self, family: str) -> int:
-        return self.family_samples.get(family, self.n_samples)
+    def samples_for(self, name: str) -> int:
+        return self.family_samples.get(name, self.n_samples)
+
+    def family_sweeps(self) -> dict[str, list[float]]:
+        """Every registered family's knob values, in registry order (an empty list skips a family)."""
+        for name in self.sweeps:
+            family(name)  # an unknown name fails here, with the known ones
+        sweeps = {name: self.sweeps.get(name, [fam.knob_default]) for name, fam in FAMILIES.items()}
+        return {name: values for name, values in sweeps.items() if values}
 
     def dictionary_configs(self, seed: int, n_samples: int | None = None) -> list[DictionaryConfig]:
         """The sweep's dictionaries (only those trained for n_samples, when given)."""
         configs = []
-        for family, values in self.sweeps.items():
-            if n_samples is not None and self.samples_for(family) != n_samples:
+        for name, values in self.family_sweeps().items():
+            if n_samples is not None and self.samples_for(name) != n_samples:
                 continue
             for value in values:
-                knob = KNOBS[family]
-                value = int(value) if knob == "k" else float(value)
+                settings = family(name).with_knob(value, self.family_options.get(name, {}))
                 configs.append(
                     DictionaryConfig(
-                        architecture=family,
+                        architecture=name,
                         d_in=self.synthetic.d,
                         d_sae=self.d_sae,
                         hook_name=SYNTHETIC_HOOK,
                         seed=seed,
-                        **{knob: value},
-                        **self.family_options.get(family, {}),
+                        **settings,
                     )
                 )
         return configs
@@ -139,7 +133,7 @@ def run_setting(setting: BenchSetting, out_dir: Path, seed: int = 0, progress: b
     from saelab.dictionaries.io import load_dictionary
 
     trained: list[tuple[DictionaryConfig, str, Path, float]] = []
-    budgets = sorted({setting.samples_for(family) for family in setting.sweeps})
+    budgets = sorted({setting.samples_for(name) for name in setting.family_sweeps()})
     for n_samples in budgets:
         run_dir = out_dir / (
             setting.name if n_samples == setting.n_samples else f"{setting.name}-{n_samples}"
@@ -157,35 +151,31 @@ def run_setting(setting: BenchSetting, out_dir: Path, seed: int = 0, progress: b
     truth = evaluation.truth
     rows = []
     for dcfg, name, folder, seconds in trained:
-        knob = KNOBS[dcfg.architecture]
+        fam = family(dcfg.architecture)
         scores = recovery_scores(load_dictionary(folder), truth.features, truth.probabilities, x_eval)
         rows.append(
             {
                 "setting": setting.name,
                 "dictionary": name,
                 "family": dcfg.architecture,
-                "knob": knob,
-                "value": getattr(dcfg, knob),
+                "knob": fam.knob,
+                "value": fam.knob_value(dcfg),
                 "samples": setting.samples_for(dcfg.architecture),
                 "folder": str(folder),
                 "train_seconds_group": round(seconds, 1),
                 **scores,
             }
         )
-    order = {family: i for i, family in enumerate(FAMILIES)}
+    order = {name: i for i, name in enumerate(FAMILIES)}
     return sorted(rows, key=lambda row: (order[row["family"]], row["value"]))
 
 
 def _train_group(setting: BenchSetting, run_dir: Path, n_samples: int, seed: int, progress: bool):
     """One training run: every dictionary of the setting with this sample budget, on one stream."""
-    import json
-
-    from saelab.training import DONE, TrainConfig, checkpoint_file, train
-
     cfg = TrainConfig(
         run_dir=str(run_dir),
         model=None,
-        synthetic=setting.synthetic.to_dict(),
+        source=setting.synthetic.as_source(),
         dictionaries=setting.dictionary_configs(seed, n_samples),
         n_tokens=n_samples,
         batch_size=setting.batch_size,
@@ -202,17 +192,19 @@ def _train_group(setting: BenchSetting, run_dir: Path, n_samples: int, seed: int
     return cfg.dictionaries, train(cfg, resume=resume, overwrite=not resume, progress=progress)
 
 
-def _same_run(run_dir: Path, cfg) -> bool:
+def _same_run(run_dir: Path, cfg: TrainConfig) -> bool:
     """Whether the folder holds this very configuration (a changed bench retrains from scratch)."""
-    import json
-
     saved = run_dir / "config.json"
     if not saved.is_file():
         return False
-    old = json.loads(saved.read_text())
+    try:  # from_dict also reads the config.json of runs from before TrainConfig.source
+        old = TrainConfig.from_dict(json.loads(saved.read_text())).to_dict()
+    except (SaelabError, ValueError, TypeError):
+        return False
     new = cfg.to_dict()
-    keys = ("synthetic", "n_tokens", "batch_size", "lr", "resample_every_tokens", "seed")
-    fields = ("architecture", "d_sae", "k", "l1_coefficient", "target_l0", "lr", "l1_warmup_fraction")
+    keys = ("source", "n_tokens", "batch_size", "lr", "resample_every_tokens", "seed")
+    knobs = [fam.knob for fam in FAMILIES.values() if fam.knob not in fam.options]
+    fields = ("architecture", "d_sae", *dict.fromkeys(knobs), "options", "lr", "l1_warmup_fraction")
     same_dicts = [{k: d.get(k) for k in fields} for d in old.get("dictionaries", [])] == [
         {k: d.get(k) for k in fields} for d in new["dictionaries"]
     ]
@@ -242,7 +234,7 @@ def markdown_table(setting: BenchSetting, rows: list[dict]) -> str:
     header += [f"recovered (cos>{RECOVERY_COSINE})", "false-positive latents", "dead latents", "L0", "FVU"]
     lines = [f"### {setting.title}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
-        cells = [FAMILY_LABELS[row["family"]], f"{row['knob']} = {row['value']:g}", f"{row['mmcs']:.3f}"]
+        cells = [family(row["family"]).label, f"{row['knob']} = {row['value']:g}", f"{row['mmcs']:.3f}"]
         if frequent:
             cells.append(f"{row['mmcs_frequent']:.3f}")
         cells += [
@@ -266,21 +258,15 @@ def plot_setting(setting: BenchSetting, rows: list[dict], out_dir: Path) -> list
     import matplotlib.pyplot as plt
     import matplotlib.ticker
 
-    colours = dict(
-        zip(FAMILIES, ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple"), strict=True)
-    )
+    colours = {name: fam.colour or f"C{i % 10}" for i, (name, fam) in enumerate(FAMILIES.items())}
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    for family in FAMILIES:
-        points = sorted((r for r in rows if r["family"] == family), key=lambda r: r["l0"])
+    for name, fam in FAMILIES.items():
+        points = sorted((r for r in rows if r["family"] == name), key=lambda r: r["l0"])
         if not points:
             continue
         l0 = [r["l0"] for r in points]
-        axes[0].plot(
-            l0, [r["recovered"] for r in points], "o-", color=colours[family], label=FAMILY_LABELS[family]
-        )
-        axes[1].plot(
-            l0, [r["mmcs"] for r in points], "o-", color=colours[family], label=FAMILY_LABELS[family]
-        )
+        axes[0].plot(l0, [r["recovered"] for r in points], "o-", color=colours[name], label=fam.label)
+        axes[1].plot(l0, [r["mmcs"] for r in points], "o-", color=colours[name], label=fam.label)
     mean_active = setting.synthetic.mean_active
     for ax, label in zip(axes, (f"features recovered (cos > {RECOVERY_COSINE})", "MMCS"), strict=True):
         ax.axvline(mean_active, color="grey", ls=":", lw=1)
@@ -299,14 +285,14 @@ def plot_setting(setting: BenchSetting, rows: list[dict], out_dir: Path) -> list
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(6.5, 4))
-    for family, row in best_per_family(rows).items():
+    for name, row in best_per_family(rows).items():
         values = sorted(row["max_cosine_per_feature"])
         share = [i / len(values) for i in range(len(values))]
         ax.plot(
             values,
             share,
-            color=colours[family],
-            label=f"{FAMILY_LABELS[family]} ({row['knob']}={row['value']:g})",
+            color=colours[name],
+            label=f"{family(name).label} ({row['knob']}={row['value']:g})",
         )
     ax.axvline(RECOVERY_COSINE, color="grey", ls=":", lw=1)
     ax.set_xlabel("best cosine of a ground-truth feature to any decoder row")
@@ -335,8 +321,6 @@ def run_bench(
     chosen = settings or list(available)
     unknown = [name for name in chosen if name not in available]
     if unknown:
-        from saelab.errors import SaelabError
-
         raise SaelabError(f"unknown benchmark setting(s) {unknown}; choose from {', '.join(available)}.")
     started = time.perf_counter()
     report = ["# Ground-truth benchmark", ""]

@@ -8,6 +8,8 @@ the columns of a trained toy model of superposition (so the dictionaries see its
 
 `SyntheticActivations` is an activation source for the one trainer of `saelab.training`: every
 batch is a pure function of (seed, split, batch index), so runs are reproducible and resume exactly.
+Importing this module registers the source kind "synthetic": a training config asks for it with
+`source=SyntheticConfig(...).as_source()`.
 """
 
 from __future__ import annotations
@@ -17,13 +19,19 @@ import hashlib
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
+from saelab.core.sources import SourceKind, register_source
 from saelab.errors import DataError
+
+if TYPE_CHECKING:
+    from saelab.core.models import HookedLM
 
 # The hook name dictionaries trained on synthetic data read (there is no model behind it).
 SYNTHETIC_HOOK = "synthetic"
+SYNTHETIC_KIND = "synthetic"  # TrainConfig.source["kind"]
 FREQUENCIES = ("uniform", "decay")
 MAGNITUDES = ("uniform", "product", "exponential", "constant")
 GEOMETRIES = ("random", "clustered")
@@ -67,6 +75,10 @@ class SyntheticConfig:
     def from_dict(cls, raw: dict) -> SyntheticConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in raw.items() if k in known})
+
+    def as_source(self) -> dict:
+        """This data as a training config's activation source (TrainConfig.source)."""
+        return {"kind": SYNTHETIC_KIND, **self.to_dict()}
 
 
 def _generator(*parts) -> torch.Generator:
@@ -250,3 +262,28 @@ class SyntheticActivations:
 
     def load_state_dict(self, state: dict) -> None:
         self.index = int(state["index"])
+
+
+def _build_source(
+    settings: dict, *, batch_size: int, rank: int, world_size: int, lm: HookedLM | None = None
+) -> SyntheticActivations:
+    """The synthetic stream for this rank (no model: `lm` is never given)."""
+    return SyntheticActivations(
+        SyntheticConfig.from_dict(settings), batch_size, rank=rank, world_size=world_size
+    )
+
+
+def _metadata(settings: dict) -> dict:
+    """What a dictionary trained on synthetic data records in its cfg.json (no model, no dataset)."""
+    return {"model_name": "saelab:synthetic", "dataset_path": "saelab:synthetic", "synthetic": settings}
+
+
+register_source(
+    SourceKind(
+        name=SYNTHETIC_KIND,
+        description="synthetic data",
+        build=_build_source,
+        hooks=lambda settings: (SYNTHETIC_HOOK,),
+        metadata=_metadata,
+    )
+)
