@@ -41,7 +41,9 @@ from saelab.interventions.probes import (
     stratified_split,
 )
 
-PROMPTS = Path(__file__).resolve().parents[1] / "saelab" / "steering" / "prompts" / "probe_sentiment.json"
+PROMPTS = (
+    Path(__file__).resolve().parents[1] / "saelab" / "interventions" / "prompts" / "probe_sentiment.json"
+)
 
 
 def split_prompts(pos: list[str], neg: list[str], test_fraction: float, seed: int):

@@ -33,7 +33,7 @@ from saelab.interventions.evaluation import best_strength, keyword_pattern, plot
 from saelab.interventions.generation import GenerationConfig
 from saelab.interventions.hooks import ClampFeature, add_feature
 
-PROMPTS = Path(__file__).resolve().parents[1] / "saelab" / "steering" / "prompts"
+PROMPTS = Path(__file__).resolve().parents[1] / "saelab" / "interventions" / "prompts"
 
 
 def load_topic(name: str) -> dict:

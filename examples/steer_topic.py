@@ -35,7 +35,7 @@ from saelab.interventions.evaluation import best_strength, plot_sweep, steering_
 from saelab.interventions.generation import GenerationConfig
 from saelab.interventions.hooks import AddVector, unit
 
-PROMPTS = Path(__file__).resolve().parents[1] / "saelab" / "steering" / "prompts"
+PROMPTS = Path(__file__).resolve().parents[1] / "saelab" / "interventions" / "prompts"
 SAE_HOOK = "blocks.15.hook_resid_post"
 POSITIONS = {"last": (-1,), "instruction": (-7, -8, -9, -10, -11)}
 

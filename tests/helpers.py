@@ -10,7 +10,6 @@ import sys
 import traceback
 from pathlib import Path
 
-import pytest
 import torch
 
 from saelab.cli import main
@@ -97,15 +96,6 @@ def write_corpus(path: Path, n_docs: int = 200, seed: int = 0) -> Path:
     else:
         path.write_text("\n\n".join(docs) + "\n")
     return path
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run faster on one thread on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def random_topk_sae(d_in: int, d_sae: int, hook: str, k: int = 8):

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from saelab.core import distributed
 from saelab.core.data import DataConfig, exclusion_mask, token_batches
 from saelab.core.fileio import atomic_write_json
+from saelab.core.models import HookedLM
 from saelab.errors import ActivationError, DataError
 
 CACHE_VERSION = 1
@@ -42,7 +43,7 @@ def check_finite(acts: dict[str, torch.Tensor], where: str) -> None:
 
 
 def harvest(
-    lm,
+    lm: HookedLM,
     data: DataConfig,
     hooks: Sequence[str],
     n_tokens: int | None,
@@ -165,7 +166,7 @@ class StreamingActivations:
 
     def __init__(
         self,
-        lm,
+        lm: HookedLM,
         data: DataConfig,
         hooks: Sequence[str],
         batch_size: int,
@@ -370,7 +371,7 @@ def _save_npy_atomic(path: Path, array: np.ndarray) -> None:
 
 
 def harvest_to_cache(
-    lm,
+    lm: HookedLM,
     data: DataConfig,
     hooks: Sequence[str],
     n_tokens: int,

@@ -30,9 +30,9 @@ from saelab.core.models import HookedLM, load_model
 from saelab.dictionaries import DictionaryConfig
 from saelab.errors import ActivationError, DataError
 from saelab.training import TrainConfig, train
-from tests.helpers import one_thread, save_model, write_corpus  # noqa: F401 (autouse fixture)
+from tests.helpers import save_model, write_corpus
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 HOOK = "blocks.1.hook_resid_post"
 # 100 documents hold about 3400 kept tokens: 53 batches of 64 for one process, fewer than the 64
 # steps asked for, so every run here ends when the data does.

@@ -204,7 +204,7 @@ def test_ocean_vector_raises_the_mention_rate_on_smollm2():
     from saelab.interventions.directions import mean_difference
     from saelab.interventions.hooks import unit
 
-    prompts = Path(__file__).resolve().parents[1] / "saelab" / "steering" / "prompts"
+    prompts = Path(__file__).resolve().parents[2] / "saelab" / "interventions" / "prompts"
     topic = json.loads((prompts / "topic_ocean.json").read_text())
     neutral = json.loads((prompts / "neutral_prompts.json").read_text())
     assert len(neutral) == 50 and len(topic["positive"]) >= 30 and len(topic["negative"]) >= 30

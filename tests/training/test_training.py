@@ -20,9 +20,9 @@ from saelab.dictionaries import DictionaryConfig
 from saelab.dictionaries.io import load_dictionary
 from saelab.errors import ActivationError, RunFolderError, UnknownHookError
 from saelab.training import TrainConfig, train
-from tests.helpers import one_thread, save_model, write_corpus  # noqa: F401 (autouse fixture)
+from tests.helpers import save_model, write_corpus
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 HOOK = "blocks.1.hook_resid_post"
 LN2, MLP_OUT = "blocks.0.ln2.hook_normalized", "blocks.0.hook_mlp_out"
 

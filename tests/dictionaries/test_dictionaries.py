@@ -28,15 +28,6 @@ from saelab.errors import ActivationError, DimensionMismatchError, SaelabError
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors gain nothing from threads, and on a busy machine threads wait on each other."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def sparse_data(n: int, d: int = 32, n_features: int = 64, active: int = 3, seed: int = 0) -> torch.Tensor:
     """`active` of `n_features` fixed unit directions per sample, magnitudes U[0.5, 1.5], plus an offset.
 

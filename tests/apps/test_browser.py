@@ -6,23 +6,17 @@ elsewhere these tests are skipped when /usr/bin/chromium is absent.
 
 from __future__ import annotations
 
-import os
 import re
-import shutil
 import socket
 import threading
 import time
 
 import pytest
 
+from tests.browser import require_browser
 from tests.stores import STORE_TEXT as TEXT
 
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-if not os.path.exists(CHROMIUM):
-    if os.environ.get("SAELAB_REQUIRE_BROWSER") == "1":
-        raise RuntimeError("Chromium is missing: `apt-get install chromium` (make test does it).")
-    pytest.skip("Chromium is not installed (apt-get install chromium)", allow_module_level=True)
-sync_api = pytest.importorskip("playwright.sync_api")
+CHROMIUM, sync_api = require_browser()
 
 
 def _free_port() -> int:

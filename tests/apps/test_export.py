@@ -85,7 +85,9 @@ def test_html_is_self_contained_and_works_from_a_file_url(analysed, alive, tmp_p
                 for t, v in zip(w["tokens"], w["values"], strict=True):
                     if t >= 0:
                         assert f'title="{v:.4g}" data-value="{v}">{escape(vocab[t])}</span>' in section
-    from tests.test_browser import CHROMIUM, sync_api
+    from tests.browser import require_browser
+
+    CHROMIUM, sync_api = require_browser()
 
     with sync_api.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu"])

@@ -24,7 +24,7 @@ from saelab.toy.bench import BenchSetting, bench_settings, markdown_table, plot_
 from saelab.toy.synthetic import SYNTHETIC_HOOK, SyntheticConfig
 from saelab.training import TrainConfig, train
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 BUILT_IN = ["relu", "gated", "topk", "batchtopk", "jumprelu"]
 
 
