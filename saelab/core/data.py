@@ -29,7 +29,6 @@ import torch
 from saelab.core.corpus import build_embedded_corpus
 from saelab.core.splits import is_eval_text
 from saelab.errors import DataError
-from saelab.training import TrainConfig  # noqa: F401 (an import up a layer, to show make lint refuses it)
 
 TEXT_SUFFIXES = {".txt", ".md", ".text"}
 DATA_SUFFIXES = TEXT_SUFFIXES | {".jsonl", ".parquet"}
