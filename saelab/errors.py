@@ -88,3 +88,14 @@ class TextTooLongError(SaelabError):
 
 class UnknownFamilyError(SaelabError, ValueError):
     """A dictionary family (architecture) name that no family file registers."""
+
+
+class ClientSpecError(SaelabError, ValueError):
+    """An LM client spec or option that names no client (`--explainer` / `--judge`): list the forms."""
+
+
+class ClientError(SaelabError):
+    """An LM client that cannot answer: unreachable endpoint, refused key, timeouts, empty or junk replies.
+
+    Messages name the endpoint and the fix; they never contain the API key.
+    """

@@ -1,0 +1,166 @@
+"""An LM client on any Hugging Face causal LM, run here through transformers (offline by default).
+
+The model comes from `saelab.core.models.load_model` (the embedded SmolLM2-135M-Instruct by default,
+else a hub id, a local folder or a .gguf file; the GPU when there is one; dtype "auto"). Generation
+is saelab's own decoding loop (`saelab.core.decoding`) on left-padded batches. Greedy prompts are
+batched; sampled prompts run one at a time, each from `seed`, so a prompt's sample depends on its
+text and the seed only, not on which other prompts share its batch (an HTTP server that takes one
+chat per request gives the same text).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from saelab.core.decoding import decode_new, generate_tokens, stop_ids
+from saelab.core.models import HookedLM, load_model
+from saelab.core.prompts import encode_left_padded, pad_rows, pad_token_id, prompt_token_ids
+from saelab.errors import ClientError, DataError
+from saelab.explain.clients.base import (
+    Prompt,
+    TokenScores,
+    candidate_logprob,
+    check_generation,
+    check_prompts,
+    check_scoring,
+    format_chat,
+)
+
+
+class LocalClient:
+    """`LMClient` on a local model. Pass a loaded `lm`, or a `model` name for `load_model`."""
+
+    kind = "local"
+
+    def __init__(
+        self,
+        model: str | None = None,
+        *,
+        lm: HookedLM | None = None,
+        device: str | torch.device | None = "auto",
+        dtype: str | torch.dtype = "auto",
+        batch_size: int = 16,
+        top_p: float = 1.0,
+        top_k: int = 0,
+    ):
+        if not (isinstance(batch_size, int) and batch_size >= 1):
+            raise DataError(f"batch_size is {batch_size!r}; use a whole number >= 1.")
+        if not (0 < top_p <= 1):
+            raise DataError(f"top_p is {top_p!r}; use a value in (0, 1] (1 keeps every token).")
+        if not (isinstance(top_k, int) and top_k >= 0):
+            raise DataError(f"top_k is {top_k!r}; use a whole number >= 0 (0 keeps every token).")
+        self.lm = lm if lm is not None else load_model(model, device=device, dtype=dtype)
+        self.batch_size, self.top_p, self.top_k = batch_size, float(top_p), top_k
+
+    @property
+    def tokenizer(self):
+        return self.lm.tokenizer
+
+    def format(self, prompt: Prompt) -> str:
+        """The exact text the model reads: plain strings as they are, chats through the chat template."""
+        return prompt if isinstance(prompt, str) else format_chat(self.tokenizer, prompt)
+
+    # -- generation -------------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(
+        self, prompts: Sequence[Prompt], *, max_new_tokens: int, temperature: float = 0.0, seed: int = 0
+    ) -> list[str]:
+        check_generation(max_new_tokens, temperature, seed)
+        texts = [self.format(p) for p in check_prompts(prompts)]
+        step = self.batch_size if temperature == 0 else 1
+        out: list[str] = []
+        for start in range(0, len(texts), step):
+            out += self._generate(texts[start : start + step], max_new_tokens, float(temperature), seed)
+        return out
+
+    def _generate(self, texts: list[str], max_new_tokens: int, temperature: float, seed: int) -> list[str]:
+        lm = self.lm
+        ids, mask = encode_left_padded(lm.tokenizer, texts, lm.device)
+        with torch.random.fork_rng(devices=[lm.device] if lm.device.type == "cuda" else []):
+            torch.manual_seed(seed)
+            new = generate_tokens(lm, ids, mask, max_new_tokens, temperature, self.top_p, top_k=self.top_k)
+        return decode_new(lm.tokenizer, new, stop_ids(lm))
+
+    # -- scoring ----------------------------------------------------------------------------------
+    def _tokens(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        tokenizer = self.tokenizer
+        if not getattr(tokenizer, "is_fast", False):
+            raise ClientError(
+                f"the tokenizer of {self.lm.name} is a slow (Python) tokenizer, which gives no character "
+                "offsets, so candidate tokens cannot be found; save the model with its fast tokenizer "
+                "(tokenizer.json) or use another model."
+            )
+        add_bos = not text.startswith(tokenizer.bos_token or "\0")
+        enc = tokenizer(text, add_special_tokens=add_bos, return_offsets_mapping=True)
+        return list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
+
+    @torch.no_grad()
+    def score_tokens(self, texts: Sequence[str]) -> list[TokenScores]:
+        """Every token of each text with its span and log P(token | the tokens before it) (first: None).
+
+        This is what an OpenAI-compatible server returns for `echo=True, max_tokens=0`.
+        """
+        encoded = [self._tokens(t) for t in texts]
+        out: list[TokenScores] = []
+        for start in range(0, len(encoded), self.batch_size):
+            chunk = encoded[start : start + self.batch_size]
+            ids, mask = pad_rows([e[0] for e in chunk], pad_token_id(self.tokenizer), left=False)
+            logits = self.lm.forward(ids, mask).float()
+            ids = ids.to(logits.device)
+            picked = logits[:, :-1].log_softmax(-1).gather(-1, ids[:, 1:, None])[..., 0].cpu()
+            for row, (token_ids, offsets) in enumerate(chunk):
+                text = texts[start + row]
+                logprobs = [None] + [float(x) for x in picked[row, : len(token_ids) - 1]]
+                out.append(
+                    TokenScores(
+                        tokens=[text[a:b] for a, b in offsets],
+                        starts=[a for a, _ in offsets],
+                        ends=[b for _, b in offsets],
+                        logprobs=logprobs,
+                    )
+                )
+        return out
+
+    def logprobs(self, prompts: Sequence[str], candidates: Sequence[str]) -> list[list[float]]:
+        prompts, candidates = check_scoring(prompts, candidates)
+        texts = [p + c for p in prompts for c in candidates]
+        scores = self.score_tokens(texts)
+        where = f"the local model {self.lm.name}"
+        flat = [
+            candidate_logprob(s, len(p), len(t), where)
+            for s, p, t in zip(scores, [p for p in prompts for _ in candidates], texts, strict=True)
+        ]
+        n = len(candidates)
+        return [flat[i * n : (i + 1) * n] for i in range(len(prompts))]
+
+    @torch.no_grad()
+    def embed(self, texts: Sequence[str]) -> torch.Tensor:
+        """Mean of the last hidden states over each text's tokens [n, d_model] (float32, CPU)."""
+        texts = list(texts)
+        if not all(isinstance(t, str) and t for t in texts):
+            raise DataError("embed takes non-empty strings; give every text some characters.")
+        rows = [prompt_token_ids(self.tokenizer, t) for t in texts]
+        out = []
+        for start in range(0, len(rows), self.batch_size):
+            ids, mask = pad_rows(
+                rows[start : start + self.batch_size], pad_token_id(self.tokenizer), left=False
+            )
+            inputs = self.lm.prepare(ids, mask)
+            hidden = self.lm.model(**inputs, output_hidden_states=True).hidden_states[-1].float()
+            weights = inputs["attention_mask"].to(hidden.dtype)[..., None]
+            out.append(((hidden * weights).sum(1) / weights.sum(1)).cpu())
+        return torch.cat(out) if out else torch.zeros(0, self.lm.d_model)
+
+    def describe(self) -> dict:
+        return {
+            "kind": self.kind,
+            "model": self.lm.name,
+            "hf_id": self.lm.hf_id,
+            "device": str(self.lm.device),
+            "dtype": str(self.lm.model.dtype).removeprefix("torch."),
+            "batch_size": self.batch_size,
+            "top_p": self.top_p,
+            "top_k": self.top_k,
+        }
