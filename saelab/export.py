@@ -8,12 +8,13 @@ with no server and no network.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import jinja2
 
 from saelab.analysis.store import FeatureStore
-from saelab.analysis.views import DisplayContext, ExampleWindow, FeaturePage
+from saelab.analysis.views import DisplayContext, ExampleWindow, Explanation, FeaturePage
 from saelab.core.fileio import atomic_write_json, atomic_write_text
 from saelab.errors import SaelabError
 
@@ -28,6 +29,38 @@ def _activation_record(window: ExampleWindow) -> dict:
         "values": values,
         "maxValue": max(values) if values else 0.0,
         "maxValueTokenIndex": window.peak,
+    }
+
+
+def _first(mapping: dict | None, *keys: str) -> str | None:
+    for key in keys:
+        if (mapping or {}).get(key):
+            return str(mapping[key])
+    return None
+
+
+def _neuronpedia_explanation(e: Explanation) -> dict:
+    """One explanation in the field names of Neuronpedia's Explanation and ExplanationScore records
+    (hijohnnylin/neuronpedia, its Prisma schema: description, typeName, explanationModelName, scores of
+    value / explanationScoreTypeName / explanationScoreModelName / jsonDetails as a JSON string).
+
+    typeName is source["method"] if given, else "saelab_<kind>"; explanationModelName is the source's
+    "explainer_model" (or "model"), None for a human label; a score's model is its details' "scorer_model"
+    (or "model"). Both controls, the interval, n and the flag go in jsonDetails."""
+    scores = []
+    for name, s in e.scores.items():
+        details = {"chance": s.chance, "shuffled": s.shuffled, "ci_low": s.ci_low, "ci_high": s.ci_high,
+                   "n": s.n, "flagged": s.flagged}  # fmt: skip
+        scores.append({
+            "value": s.score, "explanationScoreTypeName": name,
+            "explanationScoreModelName": _first(s.details, "scorer_model", "model"),
+            "jsonDetails": json.dumps(details),
+        })  # fmt: skip
+    return {
+        "description": e.text,
+        "typeName": _first(e.source, "method") or f"saelab_{e.kind}",
+        "explanationModelName": None if e.kind == "human" else _first(e.source, "explainer_model", "model"),
+        "scores": scores,
     }
 
 
@@ -51,7 +84,7 @@ def neuronpedia_record(page: FeaturePage, model_id: str, layer: str) -> dict:
         "logits_hist_data_bar_values": logit_hist.bar_centres,
         "topkCosSimIndices": [n.idx for n in f.neighbours],
         "topkCosSimValues": [n.cosine for n in f.neighbours],
-        "explanations": [{"description": f.explanation}] if f.explanation else [],
+        "explanations": [_neuronpedia_explanation(e) for e in f.explanations],
         "activations": [_activation_record(w) for w in page.examples],
     }
 

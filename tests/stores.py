@@ -66,3 +66,29 @@ def write_tiny_store(path) -> FeatureStore:
     store.begin_analysis(META, vocab=VOCAB)
     store.write_results(FEATURES, EXAMPLES, [(0, 1, 4)], {"batches": 1, "contexts": 8, "tokens": 40})
     return store
+
+
+def explain_tiny_store(store: FeatureStore) -> dict[str, int]:
+    """Explanations and scores on the tiny store, by name -> explanation id. Latent 0: an auto label that
+    beats its shuffled control, a self label that does not (flagged), a human label with markup; latent
+    1: an auto label whose score beats shuffled but whose interval reaches down to it (flagged)."""
+    ids = {}
+    ids["auto0"] = store.add_explanation(
+        0, "the word cat", "auto",
+        {"explainer_model": "tiny-explainer", "prompt_version": "v1", "example_ids": [[4, 0], [1, 5]], "seed": 0},
+    )  # fmt: skip
+    store.set_score(ids["auto0"], "detection", 0.9, 0.5, 0.55, 0.8, 0.97, 40, {"scorer_model": "tiny-judge"})
+    store.set_score(ids["auto0"], "fuzzing", 0.7, 0.5, 0.6, n=40)
+    ids["self0"] = store.add_explanation(0, "felines <b>", "self", {"model": "tiny-lm", "seed": 1})
+    store.set_score(ids["self0"], "detection", 0.52, 0.5, 0.55, 0.4, 0.64, 40)
+    store.set_explanation(0, "cats & <dogs>")
+    ids["human0"] = _human_id(store, 0)
+    ids["auto1"] = store.add_explanation(
+        1, "angle-bracket tags", "auto", {"explainer_model": "tiny-explainer"}
+    )
+    store.set_score(ids["auto1"], "detection", 0.6, 0.5, 0.5, 0.45, 0.75, 40)
+    return ids
+
+
+def _human_id(store: FeatureStore, idx: int) -> int:
+    return next(e["id"] for e in store.explanations(idx) if e["kind"] == "human")

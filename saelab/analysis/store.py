@@ -1,7 +1,8 @@
 """The feature store: one SQLite file per analysed dictionary, and the only module of saelab with SQL.
 
 Dashboards and search read this file instead of re-running the model. Schema (version
-`SCHEMA_VERSION`; a file of another version is refused, re-run the analysis to rebuild it):
+`SCHEMA_VERSION`; a version 1 file is upgraded in place when opened, see `_migrate_1_to_2`; any other
+version is refused, re-run the analysis to rebuild it):
 
 * ``meta(key TEXT PRIMARY KEY, value TEXT)``: JSON values. ``format`` (always ``FORMAT``),
   ``schema_version``, and what the analysis wrote: ``dictionary``, ``model``, ``hook_name``,
@@ -15,7 +16,16 @@ Dashboards and search read this file instead of re-running the model. Schema (ve
   the window of token ids (-1 = padding past the context) and this latent's activations on it.
 * ``coactivation(feature, other, count)``: the latents firing most often on the same tokens.
 * ``vocab(id INTEGER PRIMARY KEY, text)``: each token id decoded, for display and search.
-* ``explanations(feature INTEGER PRIMARY KEY, text)``: kept when an analysis is re-written.
+* ``explanations(id INTEGER PRIMARY KEY, feature, kind, text, source_json, created)``: several per
+  latent, kind 'human', 'auto' (auto-interp) or 'self' (self-explanation); ``source_json`` records what
+  made the label (explainer model, prompt version, example ids, seed, settings); ``created`` is an ISO
+  UTC time. Kept when an analysis is re-written.
+* ``scores(explanation_id, scorer, score, chance, shuffled, ci_low, ci_high, n, details_json)``: one
+  row per explanation and scorer ('detection', 'fuzzing', 'embedding', 'surprisal', ...), with its two
+  controls measured the same way: ``chance`` (the baseline of that example mix) and ``shuffled`` (the
+  score of another latent's label). A score is *flagged* (see `flagged`) when it does not beat
+  ``shuffled``. The *best* explanation of a latent is the one with the highest detection score; with
+  none scored, the newest human one; else the newest.
 * ``progress(id = 0, status, batches, contexts, tokens, state_file)``: 'running' while an
   analysis is under way (its accumulator state lives in ``state_file``), 'complete' after.
 
@@ -25,16 +35,23 @@ Every write is one transaction: an interrupted or failed write leaves the previo
 from __future__ import annotations
 
 import contextlib
+import datetime
 import json
+import math
+import numbers
+import re
 import sqlite3
+import warnings
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from saelab.errors import FeatureStoreError
 
 FORMAT = "saelab-feature-store"
-SCHEMA_VERSION = 1
-SORT_KEYS = ("density", "max_act", "mean_act", "n_active", "idx")
+SCHEMA_VERSION = 2
+SORT_KEYS = ("density", "max_act", "mean_act", "n_active", "idx", "score")
+KINDS = ("human", "auto", "self")
+DETECTION = "detection"  # the scorer that ranks explanations ("best") and sorts the feature list
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -58,12 +75,32 @@ CREATE TABLE IF NOT EXISTS coactivation (
     feature INTEGER NOT NULL, other INTEGER NOT NULL, count INTEGER NOT NULL, PRIMARY KEY (feature, other)
 );
 CREATE TABLE IF NOT EXISTS vocab (id INTEGER PRIMARY KEY, text TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS explanations (feature INTEGER PRIMARY KEY, text TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS progress (
     id INTEGER PRIMARY KEY CHECK (id = 0), status TEXT NOT NULL, batches INTEGER NOT NULL,
     contexts INTEGER NOT NULL, tokens INTEGER NOT NULL, state_file TEXT
 );
 """
+# What schema 2 added to version 1 (whose explanations table was `(feature PRIMARY KEY, text)`).
+_V2_TABLES = """
+CREATE TABLE IF NOT EXISTS explanations (
+    id INTEGER PRIMARY KEY, feature INTEGER NOT NULL,
+    kind TEXT NOT NULL CHECK (kind IN ('human', 'auto', 'self')), text TEXT NOT NULL,
+    source_json TEXT NOT NULL, created TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS explanations_feature ON explanations (feature, kind, created);
+CREATE TABLE IF NOT EXISTS scores (
+    explanation_id INTEGER NOT NULL, scorer TEXT NOT NULL, score REAL NOT NULL, chance REAL NOT NULL,
+    shuffled REAL NOT NULL, ci_low REAL, ci_high REAL, n INTEGER, details_json TEXT,
+    PRIMARY KEY (explanation_id, scorer)
+);
+CREATE INDEX IF NOT EXISTS scores_scorer ON scores (scorer, score, explanation_id);
+"""
+_SCHEMA += _V2_TABLES
+
+# The best explanation first: highest detection score, then human before others, then newest.
+_BEST_ORDER = "s.score IS NULL, s.score DESC, e.kind = 'human' DESC, e.created DESC, e.id DESC"
+_WITH_DETECTION = f"explanations e LEFT JOIN scores s ON s.explanation_id = e.id AND s.scorer = '{DETECTION}'"
+_SCORE_FIELDS = ("score", "chance", "shuffled", "ci_low", "ci_high", "n")
 
 _FEATURE_COLUMNS = (
     "idx", "density", "mean_act", "max_act", "n_active", "hist_json", "quantile_edges_json",
@@ -108,6 +145,52 @@ def _encoded(row: dict, columns: tuple[str, ...]) -> tuple:
     return tuple(values)
 
 
+def flagged(score: float, shuffled: float, ci_low: float | None = None) -> bool:
+    """Whether a score fails to beat its shuffled-label control: it is at or below the shuffled score,
+    or its confidence interval reaches down to it (another latent's label would do as well)."""
+    return score <= shuffled or (ci_low is not None and ci_low <= shuffled)
+
+
+def _now() -> str:
+    """An ISO UTC time with microseconds: `created` orders a latent's explanations newest first."""
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="microseconds")
+
+
+def _set_version(db: sqlite3.Connection, version: int) -> None:
+    db.execute("INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)", (json.dumps(version),))
+
+
+def _migrate_1_to_2(db: sqlite3.Connection) -> None:
+    """Schema 1 -> 2 inside the caller's transaction: each v1 label becomes a 'human' explanation."""
+    db.execute("ALTER TABLE explanations RENAME TO explanations_v1")
+    for statement in _V2_TABLES.split(";"):
+        if statement.strip():
+            db.execute(statement)
+    db.execute(
+        "INSERT INTO explanations (feature, kind, text, source_json, created) "
+        "SELECT feature, 'human', text, ?, ? FROM explanations_v1 ORDER BY feature",
+        (json.dumps({"migrated_from_schema": 1}), _now()),
+    )
+    db.execute("DROP TABLE explanations_v1")
+    _set_version(db, 2)
+
+
+def _finite(name: str, value, optional: bool = False) -> float | None:
+    """`value` as a float, refusing NaN, infinities and non-numbers with a message naming the field."""
+    if value is None and optional:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise FeatureStoreError(f"{name} must be a finite number, got {value!r}")
+    return float(value)
+
+
+def _json_text(name: str, value) -> str:
+    try:
+        return json.dumps(value, allow_nan=False, sort_keys=True)
+    except (TypeError, ValueError) as e:
+        raise FeatureStoreError(f"{name} must be JSON-serialisable (no NaN): {e}") from None
+
+
 class FeatureStore:
     """Open (or create) the feature store at `path`; refuses files that are not one of this version."""
 
@@ -150,11 +233,32 @@ class FeatureStore:
         if meta.get("format") != json.dumps(FORMAT):
             raise self._foreign(f"its meta table names format {meta.get('format')}")
         version = json.loads(meta.get("schema_version", "null"))
-        if version != SCHEMA_VERSION:
+        if version == 1:
+            self._upgrade_from_1()
+        elif version != SCHEMA_VERSION:
             raise FeatureStoreError(
                 f"{self.path} is a feature store of schema version {version}, but this saelab reads version "
                 f"{SCHEMA_VERSION}. Re-run the feature analysis to rebuild it (or use the saelab that wrote it)."
             )
+
+    def _upgrade_from_1(self) -> None:
+        """Upgrade a schema 1 file in place, in one transaction: on any failure the file stays version 1."""
+        warnings.warn(
+            f"{self.path} is a schema version 1 feature store: upgrading it in place to version "
+            f"{SCHEMA_VERSION} (its explanations become 'human' ones; nothing is lost).",
+            UserWarning,
+            stacklevel=4,
+        )
+        try:
+            with self.transaction() as db:
+                current = db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+                if json.loads(current[0]) == 1:  # another process may have upgraded it meanwhile
+                    _migrate_1_to_2(db)
+        except sqlite3.Error as e:
+            raise FeatureStoreError(
+                f"Could not upgrade {self.path} from schema version 1 to {SCHEMA_VERSION} ({e}); the file is "
+                "unchanged. Make it writable (or copy it somewhere writable) and open it again."
+            ) from None
 
     def _foreign(self, why: str) -> FeatureStoreError:
         return FeatureStoreError(
@@ -242,13 +346,93 @@ class FeatureStore:
                 (progress["batches"], progress["contexts"], progress["tokens"]),
             )
 
+    def _require_feature(self, db: sqlite3.Connection, idx) -> int:
+        if isinstance(idx, bool) or not isinstance(idx, numbers.Integral) or not -(2**63) <= idx < 2**63:
+            raise FeatureStoreError(f"feature index must be an integer, got {idx!r}")
+        idx = int(idx)
+        if db.execute("SELECT 1 FROM features WHERE idx = ?", (idx,)).fetchone() is None:
+            n = db.execute("SELECT COUNT(*) FROM features").fetchone()[0]
+            raise FeatureStoreError(f"feature {idx} does not exist in {self.path} ({n} latents stored)")
+        return idx
+
+    @staticmethod
+    def _delete_explanations(db: sqlite3.Connection, where: str, params: tuple) -> None:
+        ids = [r[0] for r in db.execute(f"SELECT id FROM explanations WHERE {where}", params)]
+        db.executemany("DELETE FROM scores WHERE explanation_id = ?", ((i,) for i in ids))
+        db.executemany("DELETE FROM explanations WHERE id = ?", ((i,) for i in ids))
+
     def set_explanation(self, idx: int, text: str | None) -> None:
-        """Attach a human or model explanation to a latent (None removes it)."""
+        """Set a latent's human explanation, replacing its human ones (None removes them); other kinds stay."""
+        if text is not None and not isinstance(text, str):
+            raise FeatureStoreError(f"an explanation must be text, got {type(text).__name__}")
         with self.transaction() as db:
-            if text is None:
-                db.execute("DELETE FROM explanations WHERE feature = ?", (idx,))
-            else:
-                db.execute("INSERT OR REPLACE INTO explanations VALUES (?, ?)", (idx, text))
+            if text is not None:
+                idx = self._require_feature(db, idx)
+            self._delete_explanations(db, "feature = ? AND kind = 'human'", (idx,))
+            if text is not None:
+                db.execute(
+                    "INSERT INTO explanations (feature, kind, text, source_json, created) VALUES (?, 'human', ?, ?, ?)",
+                    (idx, text, json.dumps({"via": "set_explanation"}), _now()),
+                )
+
+    def add_explanation(self, idx: int, text: str, kind: str, source: dict | None = None) -> int:
+        """Add one more explanation of a latent (several per latent and kind); returns its id.
+
+        `source` records what made it: explainer model, prompt version, example ids, seed, settings."""
+        if kind not in KINDS:
+            raise FeatureStoreError(f"explanation kind must be one of {', '.join(KINDS)}, got {kind!r}")
+        if not isinstance(text, str) or not text.strip():
+            raise FeatureStoreError(f"an explanation must be non-blank text, got {text!r}")
+        if source is not None and not isinstance(source, dict):
+            raise FeatureStoreError(f"source must be a dict, got {type(source).__name__}")
+        source_json = _json_text("source", source or {})
+        with self.transaction() as db:
+            idx = self._require_feature(db, idx)
+            cursor = db.execute(
+                "INSERT INTO explanations (feature, kind, text, source_json, created) VALUES (?, ?, ?, ?, ?)",
+                (idx, kind, text, source_json, _now()),
+            )
+            return int(cursor.lastrowid)
+
+    def set_score(
+        self,
+        explanation_id: int,
+        scorer: str,
+        score: float,
+        chance: float,
+        shuffled: float,
+        ci_low: float | None = None,
+        ci_high: float | None = None,
+        n: int | None = None,
+        details: dict | None = None,
+    ) -> None:
+        """Record (or replace) one scorer's score of an explanation beside its two controls: `chance`
+        (the baseline of the example mix) and `shuffled` (another latent's label scored the same way)."""
+        if not isinstance(scorer, str) or not scorer.strip():
+            raise FeatureStoreError(f"scorer must be a non-blank name, got {scorer!r}")
+        values = [
+            _finite(name, v) for name, v in (("score", score), ("chance", chance), ("shuffled", shuffled))
+        ]
+        lo, hi = _finite("ci_low", ci_low, optional=True), _finite("ci_high", ci_high, optional=True)
+        if lo is not None and hi is not None and lo > hi:
+            raise FeatureStoreError(f"ci_low {lo} is above ci_high {hi}")
+        if n is not None and (isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 0):
+            raise FeatureStoreError(f"n (examples scored) must be a non-negative integer, got {n!r}")
+        details_json = None if details is None else _json_text("details", details)
+        if isinstance(explanation_id, bool) or not isinstance(explanation_id, numbers.Integral):
+            raise FeatureStoreError(f"explanation id must be an integer, got {explanation_id!r}")
+        explanation_id = int(explanation_id)
+        with self.transaction() as db:
+            known = (
+                -(2**63) <= explanation_id < 2**63
+                and db.execute("SELECT 1 FROM explanations WHERE id = ?", (explanation_id,)).fetchone()
+            )
+            if not known:
+                raise FeatureStoreError(f"explanation {explanation_id!r} does not exist in {self.path}")
+            db.execute(
+                "INSERT OR REPLACE INTO scores VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (explanation_id, scorer, *values, lo, hi, None if n is None else int(n), details_json),
+            )
 
     # -- reading --------------------------------------------------------------------------------
     def meta(self) -> dict:
@@ -262,15 +446,16 @@ class FeatureStore:
         return [r[0] for r in self._db.execute("SELECT text FROM vocab ORDER BY id")]
 
     def feature(self, idx: int) -> dict | None:
-        """Everything stored about one latent (examples excluded: see `examples`), or None."""
-        row = self._db.execute(
-            "SELECT f.*, e.text AS explanation FROM features f "
-            "LEFT JOIN explanations e ON e.feature = f.idx WHERE f.idx = ?",
-            (idx,),
-        ).fetchone()
+        """Everything stored about one latent (examples excluded: see `examples`), or None.
+
+        ``explanation`` is its newest human label, else its best explanation's text (what v1 called
+        the explanation); ``explanations`` all of them, best first, each with its scores."""
+        row = self._db.execute("SELECT * FROM features WHERE idx = ?", (idx,)).fetchone()
         if row is None:
             return None
         out = _decode_row(row)
+        out["explanations"] = self.explanations(idx)
+        out["explanation"] = self._label(out["explanations"])
         out["coactivation"] = [
             {"other": r["other"], "count": r["count"]}
             for r in self._db.execute(
@@ -278,6 +463,53 @@ class FeatureStore:
             )
         ]
         return out
+
+    @staticmethod
+    def _label(explanations: list[dict]) -> str | None:
+        """The newest human label, else the best explanation's text: the v1 `explanation` field."""
+        humans = [e for e in explanations if e["kind"] == "human"]
+        if humans:
+            return max(humans, key=lambda e: (e["created"], e["id"]))["text"]
+        return explanations[0]["text"] if explanations else None
+
+    def _scores(self, ids: list[int]) -> dict[int, dict[str, dict]]:
+        """The scores of explanations `ids`: {id: {scorer: {score, controls, ci, n, details, flagged}}}."""
+        out: dict[int, dict[str, dict]] = {i: {} for i in ids}
+        for chunk in range(0, len(ids), 500):
+            part = ids[chunk : chunk + 500]
+            rows = self._db.execute(
+                f"SELECT * FROM scores WHERE explanation_id IN ({', '.join('?' * len(part))}) "
+                "ORDER BY explanation_id, scorer",
+                part,
+            )
+            for r in rows:
+                entry = {k: r[k] for k in _SCORE_FIELDS}
+                entry["details"] = None if r["details_json"] is None else json.loads(r["details_json"])
+                entry["flagged"] = flagged(r["score"], r["shuffled"], r["ci_low"])
+                out[r["explanation_id"]][r["scorer"]] = entry
+        return out
+
+    def _explanation_rows(self, where: str, params: tuple) -> list[dict]:
+        rows = self._db.execute(
+            f"SELECT e.id, e.feature, e.kind, e.text, e.source_json, e.created FROM {_WITH_DETECTION} "
+            f"WHERE {where} ORDER BY e.feature, {_BEST_ORDER}",
+            params,
+        ).fetchall()
+        scores = self._scores([r["id"] for r in rows])
+        return [
+            {"id": r["id"], "feature": r["feature"], "kind": r["kind"], "text": r["text"],
+             "source": json.loads(r["source_json"]), "created": r["created"], "scores": scores[r["id"]]}
+            for r in rows
+        ]  # fmt: skip
+
+    def explanations(self, idx: int) -> list[dict]:
+        """A latent's explanations, best first (see the module docstring), each with its scores."""
+        return self._explanation_rows("e.feature = ?", (idx,))
+
+    def best_explanation(self, idx: int) -> dict | None:
+        """The highest detection score's explanation; with none scored, the newest human one; else the newest."""
+        found = self.explanations(idx)
+        return found[0] if found else None
 
     def examples(self, idx: int, kind: str = "top") -> list[dict]:
         """Top examples strongest first, or quantile examples by quantile then value."""
@@ -289,7 +521,7 @@ class FeatureStore:
         return [_decode_row(r) for r in rows]
 
     @staticmethod
-    def _filters(min_density, max_density, include_dead) -> tuple[str, list]:
+    def _filters(min_density, max_density, include_dead, min_score=None) -> tuple[str, list]:
         clauses, params = [], []
         if not include_dead:
             clauses.append("n_active > 0")
@@ -299,7 +531,18 @@ class FeatureStore:
         if max_density is not None:
             clauses.append("density <= ?")
             params.append(max_density)
+        if min_score is not None:
+            clauses.append("score >= ?")
+            params.append(_finite("min_score", min_score))
         return (" WHERE " + " AND ".join(clauses)) if clauses else "", params
+
+    # Each latent's best detection score, for sorting and filtering in SQL: one pass over the detection
+    # rows of `scores` (its scores_scorer index), joined to the latents (used only when a query needs it).
+    _SCORED = (
+        "(SELECT f.idx, f.density, f.mean_act, f.max_act, f.n_active, b.score FROM features f LEFT JOIN "
+        "(SELECT e.feature, MAX(s.score) AS score FROM scores s JOIN explanations e ON e.id = s.explanation_id "
+        f"WHERE s.scorer = '{DETECTION}' GROUP BY e.feature) b ON b.feature = f.idx)"
+    )
 
     def list_features(
         self,
@@ -310,26 +553,63 @@ class FeatureStore:
         min_density: float | None = None,
         max_density: float | None = None,
         include_dead: bool = True,
+        min_score: float | None = None,
     ) -> list[dict]:
-        """One page of latents (idx, statistics, explanation), sorted in SQL on an indexed column."""
+        """One page of latents sorted in SQL: statistics, ``explanation`` (as in `feature`), ``score`` (the
+        best detection score, or None), ``best`` (the best explanation with its scores, or None) and
+        ``top_tokens`` (the strongest top example's window of token ids, or None).
+
+        sort="score" puts latents without a detection score last in either order; `min_score` keeps only
+        latents whose best detection score is at least that."""
         if sort not in SORT_KEYS:
             raise ValueError(f"sort must be one of {', '.join(SORT_KEYS)}, got {sort!r}")
-        where, params = self._filters(min_density, max_density, include_dead)
+        where, params = self._filters(min_density, max_density, include_dead, min_score)
         order = "DESC" if descending else "ASC"
-        tie = "" if sort == "idx" else ", idx ASC"
-        rows = self._db.execute(
-            "SELECT f.idx, density, mean_act, max_act, n_active, "
-            "(SELECT text FROM explanations WHERE feature = f.idx) AS explanation "
-            f"FROM features f{where} ORDER BY {sort} {order}{tie} LIMIT ? OFFSET ?",
-            (*params, limit, offset),
-        )
-        return [dict(r) for r in rows]
+        if sort == "score":
+            by = f"score IS NULL, score {order}, idx ASC"
+        else:
+            by = f"{sort} {order}" + ("" if sort == "idx" else ", idx ASC")
+        source = self._SCORED if sort == "score" or min_score is not None else "features"
+        rows = [
+            dict(r)
+            for r in self._db.execute(
+                f"SELECT idx, density, mean_act, max_act, n_active FROM {source}{where} ORDER BY {by} "
+                "LIMIT ? OFFSET ?",
+                (*params, limit, offset),
+            )
+        ]
+        idxs = [r["idx"] for r in rows]
+        explained = {}
+        top = {}
+        for chunk in range(0, len(idxs), 500):
+            part = idxs[chunk : chunk + 500]
+            marks = ", ".join("?" * len(part))
+            for e in self._explanation_rows(f"e.feature IN ({marks})", tuple(part)):
+                explained.setdefault(e["feature"], []).append(e)
+            for r in self._db.execute(
+                f"SELECT feature, tokens_json FROM examples WHERE kind = 'top' AND rank = 0 AND feature IN ({marks})",
+                part,
+            ):
+                top[r["feature"]] = json.loads(r["tokens_json"])
+        out = []
+        for r in rows:
+            found = explained.get(r["idx"], [])  # best first
+            best = found[0] if found else None
+            detection = best["scores"].get(DETECTION) if best else None
+            out.append({**r, "explanation": self._label(found), "score": detection["score"] if detection else None,
+                        "best": best, "top_tokens": top.get(r["idx"])})  # fmt: skip
+        return out
 
     def count_features(
-        self, min_density: float | None = None, max_density: float | None = None, include_dead: bool = True
+        self,
+        min_density: float | None = None,
+        max_density: float | None = None,
+        include_dead: bool = True,
+        min_score: float | None = None,
     ) -> int:
-        where, params = self._filters(min_density, max_density, include_dead)
-        return self._db.execute(f"SELECT COUNT(*) FROM features{where}", params).fetchone()[0]
+        where, params = self._filters(min_density, max_density, include_dead, min_score)
+        source = self._SCORED if min_score is not None else "features"
+        return self._db.execute(f"SELECT COUNT(*) FROM {source}{where}", params).fetchone()[0]
 
     def search_tokens(self, substring: str, limit: int = 50) -> list[dict]:
         """Latents whose top examples fire on a token containing `substring`, most such examples first."""
@@ -342,19 +622,47 @@ class FeatureStore:
         return [dict(r) for r in rows]
 
     def search_explanations(self, text: str, limit: int = 50) -> list[dict]:
-        """Latents whose explanation contains `text` (case-insensitive for ASCII)."""
+        """Latents with an explanation (any kind) containing `text`, case-insensitive for ASCII: one row
+        {idx, explanation} per latent, its best-matching explanation. Ranked: `text` as a whole word
+        before `text` inside a word, then by that explanation's detection score (unscored last), then
+        human before other kinds, then latent index."""
         pattern = "%" + text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+        word = re.compile(rf"(?<!\w){re.escape(text)}(?!\w)", re.IGNORECASE)
         rows = self._db.execute(
-            "SELECT feature AS idx, text AS explanation FROM explanations "
-            "WHERE text LIKE ? ESCAPE '\\' ORDER BY feature LIMIT ?",
-            (pattern, limit),
+            f"SELECT e.feature, e.text, e.kind, s.score FROM {_WITH_DETECTION} "
+            "WHERE e.text LIKE ? ESCAPE '\\'",
+            (pattern,),
         )
-        return [dict(r) for r in rows]
+        best: dict[int, tuple] = {}
+        for r in rows:
+            rank = (
+                word.search(r["text"]) is None,
+                r["score"] is None,
+                -(r["score"] or 0.0),
+                r["kind"] != "human",
+                r["feature"],
+            )
+            if r["feature"] not in best or rank < best[r["feature"]][0]:
+                best[r["feature"]] = (rank, r["text"])
+        ranked = sorted(best.items(), key=lambda item: item[1][0])[:limit]
+        return [{"idx": idx, "explanation": text} for idx, (_, text) in ranked]
 
     def dump(self) -> dict[str, list[tuple]]:
         """Every table's rows in a fixed order: for comparing two stores row by row."""
-        order = {"examples": "feature, kind, quantile, rank", "coactivation": "feature, other"}
-        tables = ("meta", "features", "examples", "coactivation", "vocab", "explanations", "progress")
+        order = {
+            "examples": "feature, kind, quantile, rank", "coactivation": "feature, other",
+            "scores": "explanation_id, scorer",
+        }  # fmt: skip
+        tables = (
+            "meta",
+            "features",
+            "examples",
+            "coactivation",
+            "vocab",
+            "explanations",
+            "scores",
+            "progress",
+        )
         return {
             t: [tuple(r) for r in self._db.execute(f"SELECT * FROM {t} ORDER BY {order.get(t, 1)}")]
             for t in tables

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from saelab.analysis.store import FeatureStore
+from saelab.analysis.store import DETECTION, FeatureStore
 
 
 def token_text(vocab: Sequence[str], token_id: int) -> str:
@@ -177,9 +177,103 @@ class ExampleWindow:
         }  # fmt: skip
 
 
+PREVIEW_CHARS = 120  # a list row's preview of its top example: one line, at most this many characters
+
+
+def preview_text(vocab: Sequence[str], tokens: list[int] | None, max_chars: int = PREVIEW_CHARS) -> str:
+    """A stored window as one line of text: padding dropped, newlines as ↵, cut to `max_chars` with …."""
+    text = "".join(token_text(vocab, t) for t in tokens or [] if t >= 0)
+    text = text.replace("\r", "").replace("\n", "↵")
+    return text if len(text) <= max_chars else text[: max_chars - 1] + "…"
+
+
+@dataclass(frozen=True)
+class Score:
+    """One scorer's score of an explanation beside its two controls; `flagged`: it does not beat the
+    shuffled-label control (saelab.analysis.store.flagged)."""
+
+    scorer: str
+    score: float
+    chance: float
+    shuffled: float
+    ci_low: float | None
+    ci_high: float | None
+    n: int | None
+    flagged: bool
+    details: dict | None = None  # the scorer's own record (per-example results); not in the API
+
+    @classmethod
+    def of(cls, scorer: str, raw: dict) -> Score:
+        return cls(scorer, raw["score"], raw["chance"], raw["shuffled"], raw["ci_low"], raw["ci_high"],
+                   raw["n"], raw["flagged"], raw.get("details"))  # fmt: skip
+
+    def api(self) -> dict:
+        return {
+            "score": self.score, "chance": self.chance, "shuffled": self.shuffled, "ci_low": self.ci_low,
+            "ci_high": self.ci_high, "n": self.n, "flagged": self.flagged,
+        }  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Explanation:
+    """One label of a latent (kind human, auto or self), what made it, and its scores by scorer."""
+
+    id: int
+    kind: str
+    text: str
+    source: dict
+    created: str
+    scores: dict[str, Score]
+
+    @classmethod
+    def of(cls, raw: dict) -> Explanation:
+        scores = {name: Score.of(name, s) for name, s in raw["scores"].items()}
+        return cls(raw["id"], raw["kind"], raw["text"], raw["source"], raw["created"], scores)
+
+    @property
+    def detection(self) -> Score | None:
+        return self.scores.get(DETECTION)
+
+    def api(self) -> dict:
+        return {
+            "id": self.id, "kind": self.kind, "text": self.text, "source": self.source, "created": self.created,
+            "scores": {name: s.api() for name, s in self.scores.items()},
+        }  # fmt: skip
+
+
+@dataclass(frozen=True)
+class FeatureSummary:
+    """One row of the feature list: statistics, the label, the best explanation with its detection score
+    and controls, and a one-line preview of the strongest top example."""
+
+    idx: int
+    density: float
+    mean_act: float
+    max_act: float
+    n_active: int
+    explanation: str | None
+    best: Explanation | None
+    preview: str
+
+    def api(self) -> dict:
+        best = self.best
+        detection = best.detection if best else None
+        return {
+            "idx": self.idx, "density": self.density, "mean_act": self.mean_act, "max_act": self.max_act,
+            "n_active": self.n_active, "explanation": self.explanation,
+            "score": detection.score if detection else None,
+            "best": None if best is None else {
+                "id": best.id, "kind": best.kind, "text": best.text,
+                "detection": detection.api() if detection else None,
+            },
+            "preview": self.preview,
+        }  # fmt: skip
+
+
 @dataclass(frozen=True)
 class FeatureView:
-    """One latent as every reader shows it: statistics, histograms, logit tables, neighbours, explanation."""
+    """One latent as every reader shows it: statistics, histograms, logit tables, neighbours, its label
+    (`explanation`) and every explanation best first with its scores."""
 
     idx: int
     density: float
@@ -194,10 +288,15 @@ class FeatureView:
     logit_hist: dict | None  # as stored: {min, max, counts}, or None
     neighbours: list[Neighbour]
     coactivation: list[CoFiring]
+    explanations: list[Explanation] = field(default_factory=list)  # best first
 
     @property
     def dead(self) -> bool:
         return self.n_active == 0
+
+    @property
+    def best(self) -> Explanation | None:
+        return self.explanations[0] if self.explanations else None
 
     @property
     def logit_histogram(self) -> LogitHistogram:
@@ -219,6 +318,7 @@ class FeatureView:
             "logit_hist": self.logit_hist,
             "neighbours": [{"idx": n.idx, "cosine": n.cosine} for n in self.neighbours],
             "coactivation": [{"idx": c.idx, "count": c.count} for c in self.coactivation],
+            "explanations": [e.api() for e in self.explanations],
         }
 
 
@@ -275,6 +375,20 @@ class DisplayContext:
             logit_hist=row.get("logit_hist"),
             neighbours=[Neighbour(o, c) for o, c in row.get("neighbours") or []],
             coactivation=[CoFiring(c["other"], c["count"]) for c in row.get("coactivation") or []],
+            explanations=[Explanation.of(e) for e in row.get("explanations") or []],
+        )
+
+    def summary(self, row: dict) -> FeatureSummary:
+        """A `FeatureStore.list_features` row as a list row."""
+        return FeatureSummary(
+            idx=row["idx"],
+            density=row["density"],
+            mean_act=row["mean_act"],
+            max_act=row["max_act"],
+            n_active=row["n_active"],
+            explanation=row.get("explanation"),
+            best=None if row.get("best") is None else Explanation.of(row["best"]),
+            preview=preview_text(self.vocab, row.get("top_tokens")),
         )
 
     def window(self, row: dict) -> ExampleWindow:

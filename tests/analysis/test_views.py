@@ -6,8 +6,16 @@ import math
 
 import pytest
 
-from saelab.analysis.views import DisplayContext, Histogram, LogitHistogram, hist_bins, token_text
-from tests.stores import EDGES, FEATURES, VOCAB, write_tiny_store
+from saelab.analysis.views import (
+    PREVIEW_CHARS,
+    DisplayContext,
+    Histogram,
+    LogitHistogram,
+    hist_bins,
+    preview_text,
+    token_text,
+)
+from tests.stores import EDGES, FEATURES, VOCAB, explain_tiny_store, write_tiny_store
 
 
 @pytest.fixture
@@ -84,7 +92,7 @@ def test_feature_view_carries_token_text_and_the_api_shape(tiny):
     api = f.api()
     assert list(api) == ["idx", "density", "mean_act", "max_act", "n_active", "dead", "explanation",
                          "quantile_edges", "hist", "logits_pos", "logits_neg", "logit_hist", "neighbours",
-                         "coactivation"]  # fmt: skip
+                         "coactivation", "explanations"]  # fmt: skip
     assert api["logits_neg"] == [{"token_id": 2, "token": "cat", "value": -0.5}]
     assert (
         api["hist"]["bins"] == hist_bins([0, 2, 1, 0], EDGES)
@@ -102,3 +110,53 @@ def test_feature_view_carries_token_text_and_the_api_shape(tiny):
 
 def test_context_takes_a_vocabulary_already_read(tiny):
     assert DisplayContext.of(tiny, vocab=["x"]).token_text(0) == "x"
+
+
+def test_preview_is_one_bounded_line_without_padding():
+    assert preview_text(VOCAB, [-1, 1, 3, -1, 9]) == "thea↵b<9>"
+    assert preview_text(VOCAB, None) == "" and preview_text(VOCAB, [-1, -1]) == ""
+    long = preview_text(["word "], [0] * 100)
+    assert len(long) == PREVIEW_CHARS and long.endswith("…") and long.startswith("word word")
+    assert preview_text(["x\r\ny"], [0], max_chars=10) == "x↵y"
+
+
+def test_explanations_and_list_rows_as_views(tiny):
+    ids = explain_tiny_store(tiny)
+    context = DisplayContext.of(tiny)
+    f = context.page(tiny, 0).feature
+    assert [e.id for e in f.explanations] == [
+        ids["auto0"],
+        ids["self0"],
+        ids["human0"],
+    ] and f.best.kind == "auto"
+    assert f.explanation == "cats & <dogs>"  # the label stays the human one
+    auto, own, human = f.api()["explanations"]
+    assert list(auto) == ["id", "kind", "text", "source", "created", "scores"]
+    assert auto["source"]["explainer_model"] == "tiny-explainer" and auto["source"]["example_ids"] == [
+        [4, 0],
+        [1, 5],
+    ]
+    assert auto["scores"] == {
+        "detection": {"score": 0.9, "chance": 0.5, "shuffled": 0.55, "ci_low": 0.8, "ci_high": 0.97, "n": 40,
+                      "flagged": False},
+        "fuzzing": {"score": 0.7, "chance": 0.5, "shuffled": 0.6, "ci_low": None, "ci_high": None, "n": 40,
+                    "flagged": False},
+    }  # fmt: skip
+    assert own["scores"]["detection"]["flagged"] is True and human["scores"] == {}
+    assert f.best.detection.details == {"scorer_model": "tiny-judge"}  # kept for the exports, not the API
+
+    rows = [context.summary(r).api() for r in tiny.list_features("score", True, 0, 10)]
+    assert [r["idx"] for r in rows] == [0, 1, 2]
+    assert list(rows[0]) == ["idx", "density", "mean_act", "max_act", "n_active", "explanation", "score", "best",
+                             "preview"]  # fmt: skip
+    assert rows[0]["best"] == {
+        "id": ids["auto0"], "kind": "auto", "text": "the word cat",
+        "detection": auto["scores"]["detection"],
+    }  # fmt: skip
+    assert (
+        rows[0]["score"] == 0.9
+        and rows[0]["preview"] == "cata↵b<i>"
+        and rows[0]["explanation"] == "cats & <dogs>"
+    )
+    assert rows[1]["best"]["detection"]["flagged"] is True  # its interval reaches down to the shuffled score
+    assert rows[2] == {**rows[2], "score": None, "best": None, "explanation": None, "preview": ""}

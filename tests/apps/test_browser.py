@@ -25,17 +25,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def base_url(analysed):
+def _serve(app):
+    """Run `app` on a free local port in a thread; yields its base URL, stops it afterwards."""
     import uvicorn
 
-    from saelab.server import create_app
-
-    lm, sae, path = analysed
     port = _free_port()
-    server = uvicorn.Server(
-        uvicorn.Config(create_app(path, lm, sae), host="127.0.0.1", port=port, log_level="error")
-    )
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.time() + 20
@@ -45,6 +40,26 @@ def base_url(analysed):
     yield f"http://127.0.0.1:{port}"
     server.should_exit = True
     thread.join(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def base_url(analysed):
+    from saelab.server import create_app
+
+    lm, sae, path = analysed
+    yield from _serve(create_app(path, lm, sae))
+
+
+@pytest.fixture(scope="module")
+def explained_url(tmp_path_factory):
+    """The hand-written tiny store with auto, self and human labels and their scores, served without a model."""
+    from saelab.server import create_app
+    from tests.stores import explain_tiny_store, write_tiny_store
+
+    path = tmp_path_factory.mktemp("explained") / "tiny.db"
+    with write_tiny_store(path) as store:
+        explain_tiny_store(store)
+    yield from _serve(create_app(path))
 
 
 @pytest.fixture(scope="module")
@@ -187,4 +202,54 @@ def test_vector_page_shows_the_servers_message(page, base_url):
     page.fill("#vector-negative", "")
     page.click("#vector-run")
     assert "at least one" in page.inner_text("#vector-error")
+    assert not page.js_errors
+
+
+def test_explanations_scores_and_flags_on_the_list_feature_and_search_pages(page, explained_url, tmp_path):
+    page.goto(explained_url + "/?sort=score&order=desc&offset=0")
+    page.wait_for_selector("#feature-rows tr[data-idx]")
+    assert page.input_value("#sort-select") == "score"
+    rows = page.locator("#feature-rows tr[data-idx]")
+    assert [rows.nth(i).get_attribute("data-idx") for i in range(rows.count())] == ["0", "1"]  # dead hidden
+    first, second = rows.nth(0).locator("td"), rows.nth(1).locator("td")
+    assert first.nth(5).inner_text() == "AUTO the word cat" or first.nth(5).inner_text().endswith(
+        "the word cat"
+    )
+    assert first.nth(6).inner_text().startswith("0.900 (chance 0.500, shuffled 0.550)")
+    assert "not above shuffled" not in first.nth(6).inner_text() and first.nth(7).inner_text() == "cata↵b<i>"
+    assert "not above shuffled" in second.nth(6).inner_text()  # its interval reaches the shuffled score
+    page.select_option("#order-select", "asc")
+    sync_api.expect(page.locator("#feature-rows tr").first).to_have_attribute("data-idx", "1")
+    page.fill("#min-score", "0.75")
+    page.dispatch_event("#min-score", "change")
+    sync_api.expect(page.locator("#feature-rows tr")).to_have_count(1)
+    assert page.inner_text("#total-count") == "1 matching"
+    page.screenshot(path=tmp_path / "list-scores.png")
+
+    page.goto(explained_url + "/feature/0")
+    page.wait_for_selector("#explanations .expl-entry")
+    entries = page.locator("#explanations .expl-entry")
+    assert [entries.nth(i).get_attribute("data-kind") for i in range(3)] == ["auto", "self", "human"]
+    assert entries.nth(1).locator("tr.flagged .flag").is_visible()
+    assert "no better than a shuffled label" in entries.nth(1).inner_text()
+    assert entries.nth(0).locator("tr.flagged").count() == 0
+    assert (
+        entries.nth(0).locator("tr[data-scorer]").count() == 2
+        and "felines <b>" in entries.nth(1).inner_text()
+    )
+    assert page.inner_text("#explanation") == "cats & <dogs>"
+    page.fill("#explanation-input", "tabby cats")
+    page.click("#explanation-save")
+    sync_api.expect(page.locator("#explanations .expl-entry[data-kind='human'] .expl-text")).to_have_text(
+        "tabby cats"
+    )
+    assert page.locator("#explanations .expl-entry").count() == 3  # the other kinds stay
+    page.screenshot(path=tmp_path / "feature-explanations.png", full_page=True)
+
+    page.goto(explained_url + "/search")
+    page.fill("#expl-query", "t")
+    page.click("#expl-search")
+    page.wait_for_selector("#expl-results li a.feature-link")
+    links = page.locator("#expl-results a.feature-link")
+    assert [links.nth(i).get_attribute("data-idx") for i in range(links.count())] == ["0", "1"]  # by score
     assert not page.js_errors

@@ -13,7 +13,7 @@ from saelab.analysis.views import hist_bins
 from saelab.errors import SaelabError
 from saelab.export import export_html, export_neuronpedia, neuronpedia_feature
 from tests.helpers import run
-from tests.stores import write_tiny_store
+from tests.stores import explain_tiny_store, write_tiny_store
 
 NEURONPEDIA_FIELDS = {
     "modelId", "layer", "index", "maxActApprox", "frac_nonzero", "pos_str", "pos_values", "neg_str", "neg_values",
@@ -154,3 +154,54 @@ def test_export_command(analysed, tmp_path):
     assert code == 2 and "nothing to export" in err
     code, _, err = run("export", tmp_path / "missing.db", "--html", tmp_path / "x.html")
     assert code == 2 and "saelab analyze" in err
+
+
+def test_neuronpedia_explanations_carry_every_label_and_its_scores(tmp_path):
+    """Neuronpedia's Explanation fields (description, typeName, explanationModelName) and ExplanationScore
+    fields (value, explanationScoreTypeName, explanationScoreModelName, jsonDetails), best first."""
+    with write_tiny_store(tmp_path / "tiny.db") as store:
+        store.set_explanation(1, "only a human label")
+        human_only = neuronpedia_feature(store, 1, "tiny-lm", "blocks.0.hook_resid_post")["explanations"]
+        explain_tiny_store(store)
+        data = neuronpedia_feature(store, 0, "tiny-lm", "blocks.0.hook_resid_post")
+    assert human_only == [
+        {
+            "description": "only a human label",
+            "typeName": "saelab_human",
+            "explanationModelName": None,
+            "scores": [],
+        }
+    ]
+    auto, own, human = data["explanations"]
+    assert (auto["description"], auto["typeName"], auto["explanationModelName"]) == (
+        "the word cat", "saelab_auto", "tiny-explainer",
+    )  # fmt: skip
+    assert (own["typeName"], own["explanationModelName"]) == ("saelab_self", "tiny-lm")
+    assert human == {"description": "cats & <dogs>", "typeName": "saelab_human", "explanationModelName": None,
+                     "scores": []}  # fmt: skip
+    detection, fuzzing = auto["scores"]
+    assert {k: detection[k] for k in ("value", "explanationScoreTypeName", "explanationScoreModelName")} == {
+        "value": 0.9, "explanationScoreTypeName": "detection", "explanationScoreModelName": "tiny-judge",
+    }  # fmt: skip
+    assert json.loads(detection["jsonDetails"]) == {
+        "chance": 0.5, "shuffled": 0.55, "ci_low": 0.8, "ci_high": 0.97, "n": 40, "flagged": False,
+    }  # fmt: skip
+    assert fuzzing["explanationScoreTypeName"] == "fuzzing" and fuzzing["explanationScoreModelName"] is None
+    assert json.loads(own["scores"][0]["jsonDetails"])["flagged"] is True
+
+
+def test_html_shows_explanations_and_scores_like_the_feature_page(tmp_path):
+    path = tmp_path / "tiny.db"
+    with write_tiny_store(path) as store:
+        ids = explain_tiny_store(store)
+    text = export_html(path, tmp_path / "tiny.html", [0, 1, 2]).read_text()
+    first, second, dead = _section(text, 0), _section(text, 1), _section(text, 2)
+    assert 'id="explanations-0"' in first and first.count('<div class="expl-entry"') == 3
+    assert first.index(f'data-id="{ids["auto0"]}"') < first.index(f'data-id="{ids["human0"]}"')
+    assert "felines &lt;b&gt;" in first and "<b>" not in first
+    assert first.count('class="flagged"') == 1 and second.count('class="flagged"') == 1
+    assert (
+        "no better than a shuffled label" in second and "<td>0.600</td><td>0.500</td><td>0.500</td>" in second
+    )
+    assert '<p class="muted">no explanations</p>' in dead
+    assert "<script" not in text and "http://" not in text and "https://" not in text

@@ -7,11 +7,12 @@ import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
+from saelab.analysis.store import FeatureStore
 from saelab.analysis.views import DisplayContext
-from saelab.server.routers import features, meta, pages, steer
+from saelab.server.routers import explanations, features, meta, pages, search, steer
 from saelab.server.routers.pages import TEMPLATES
 from saelab.server.state import ServerState
-from tests.stores import META, write_tiny_store
+from tests.stores import META, explain_tiny_store, write_tiny_store
 
 
 class FakeLive:
@@ -114,3 +115,95 @@ def test_feature_template_renders_a_view_server_side(state):
     assert "a↵b" in html and "&lt;i&gt;" in html and "&#39;&lt;99&gt;&#39;" in html
     assert html.count('class="bar"') == 2 + 4 and '<h3 class="quantile">Quantile 0</h3>' in html
     assert '<a href="/feature/1" class="feature-link" data-idx="1">#1</a>' in html
+
+
+@pytest.fixture
+def explained(state):
+    """The tiny store with auto, self and human explanations and their scores (see explain_tiny_store)."""
+    with FeatureStore(state.store_path) as store:
+        ids = explain_tiny_store(store)
+    return state, ids
+
+
+def test_features_router_carries_explanations_scores_and_previews(explained):
+    state, ids = explained
+    client = mounted(features.router, state)
+    page = client.get("/api/features", params={"sort": "score", "order": "desc"}).json()
+    assert [f["idx"] for f in page["items"]] == [0, 1, 2] and page["total"] == 3
+    first, second, dead = page["items"]
+    assert first["best"] == {
+        "id": ids["auto0"], "kind": "auto", "text": "the word cat",
+        "detection": {"score": 0.9, "chance": 0.5, "shuffled": 0.55, "ci_low": 0.8, "ci_high": 0.97, "n": 40,
+                      "flagged": False},
+    }  # fmt: skip
+    assert (
+        first["explanation"] == "cats & <dogs>" and first["score"] == 0.9 and first["preview"] == "cata↵b<i>"
+    )
+    assert second["best"]["detection"]["flagged"] is True and second["preview"] == "thethe<i>catcat"
+    assert dead["best"] is None and dead["score"] is None and dead["preview"] == ""
+    asc = client.get("/api/features", params={"sort": "score", "order": "asc"}).json()["items"]
+    assert [f["idx"] for f in asc] == [1, 0, 2]  # unscored last in either order
+    good = client.get("/api/features", params={"min_score": 0.75}).json()
+    assert good["total"] == 1 and [f["idx"] for f in good["items"]] == [0]
+    for bad in ("x", "-0.1", "1.5", "nan", "inf"):
+        r = client.get("/api/features", params={"min_score": bad})
+        assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["query", "min_score"], bad
+    assert client.get("/api/features", params={"sort": "scores"}).status_code == 422
+
+    f = client.get("/api/features/0").json()
+    assert f["explanation"] == "cats & <dogs>"
+    assert [(e["id"], e["kind"], e["text"]) for e in f["explanations"]] == [
+        (ids["auto0"], "auto", "the word cat"), (ids["self0"], "self", "felines <b>"),
+        (ids["human0"], "human", "cats & <dogs>"),
+    ]  # fmt: skip
+    auto = f["explanations"][0]
+    assert set(auto) == {"id", "kind", "text", "source", "created", "scores"}
+    assert auto["source"] == {"explainer_model": "tiny-explainer", "prompt_version": "v1",
+                              "example_ids": [[4, 0], [1, 5]], "seed": 0}  # fmt: skip
+    assert sorted(auto["scores"]) == ["detection", "fuzzing"] and auto["scores"]["fuzzing"]["n"] == 40
+    assert f["explanations"][1]["scores"]["detection"]["flagged"] is True
+    assert client.get("/api/features/2").json()["explanations"] == []
+
+
+def test_setting_the_human_label_keeps_the_other_kinds(explained):
+    state, ids = explained
+    client = mounted(explanations.router, state)
+    assert (
+        client.put("/api/features/0/explanation", json={"text": "tabby cats"}).json()["explanation"]
+        == "tabby cats"
+    )
+    with state.open_store() as store:
+        kinds = [(e["kind"], e["text"]) for e in store.explanations(0)]
+    assert kinds == [("auto", "the word cat"), ("self", "felines <b>"), ("human", "tabby cats")]
+
+
+def test_search_router_ranks_explanations(explained):
+    state, _ = explained
+    client = mounted(search.router, state)
+    hits = client.get("/api/search", params={"q": "cat", "kind": "explanation"}).json()["items"]
+    assert hits == [{"idx": 0, "explanation": "the word cat"}]  # whole word 'cat' beats 'cats'
+    hits = client.get("/api/search", params={"q": "t", "kind": "explanation"}).json()["items"]
+    assert hits == [
+        {"idx": 0, "explanation": "the word cat"},
+        {"idx": 1, "explanation": "angle-bracket tags"},
+    ]
+
+
+def test_feature_template_renders_explanations_and_flags(explained):
+    state, ids = explained
+    with state.open_store() as store:
+        view = state.display.page(store, 0)
+    html = TEMPLATES.get_template("feature.html").render(
+        view=view, idx=0, live=False, title="t", max_strength=1, max_new_tokens=1
+    )
+    assert html.count('<div class="expl-entry"') == 3 and 'id="explanations"' in html
+    assert html.index(f'data-id="{ids["auto0"]}"') < html.index(f'data-id="{ids["self0"]}"')
+    assert "felines &lt;b&gt;" in html and "cats &amp; &lt;dogs&gt;" in html and "<b>" not in html
+    assert html.count('<tr data-scorer="detection" class="flagged">') == 1  # the self label's
+    assert html.count("no better than a shuffled label</span>") == 1
+    assert "<td>0.900</td><td>0.500</td><td>0.550</td><td>0.800–0.970</td><td>40</td>" in html
+    assert html.count('<p class="muted">not scored</p>') == 1  # the human label
+    shell = TEMPLATES.get_template("feature.html").render(
+        view=None, idx=0, live=False, title="t", max_strength=1, max_new_tokens=1
+    )
+    assert '<div id="explanations" class="explanations"></div>' in shell  # app.js fills it

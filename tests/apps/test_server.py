@@ -32,6 +32,7 @@ from saelab.server.live import (
 from tests.stores import STORE_CTX, STORE_D, STORE_D_SAE, STORE_HOOK, STORE_TEXT
 
 D, D_SAE, CTX, HOOK, TEXT = STORE_D, STORE_D_SAE, STORE_CTX, STORE_HOOK, STORE_TEXT
+STATS = ("idx", "density", "mean_act", "max_act", "n_active", "explanation")
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +71,10 @@ def test_list_pages_match_the_store(client, store, sort, order):
         body = r.json()
         assert body["total"] == D_SAE
         seen += body["items"]
-    assert seen == store.list_features(sort, order == "desc", 0, 1000)
+    rows = store.list_features(sort, order == "desc", 0, 1000)
+    assert [{k: f[k] for k in STATS} for f in seen] == [{k: r[k] for k in STATS} for r in rows]
+    display = client.app.state.saelab.display
+    assert seen == [display.summary(r).api() for r in rows]  # the store's rows through the shared view
     values = [f[sort] for f in seen]
     assert values == sorted(values, reverse=order == "desc")
 
@@ -88,7 +92,7 @@ def test_list_filters(client, store):
 @pytest.mark.parametrize(
     "params",
     [{"limit": 501}, {"limit": 0}, {"offset": -1}, {"sort": "nope"}, {"order": "up"}, {"min_density": "x"},
-     {"max_density": 2}],
+     {"max_density": 2}, {"min_score": "x"}, {"min_score": 1.5}, {"sort": "score", "min_score": "nan"}],
 )  # fmt: skip
 def test_list_limits_are_validated(client, params):
     assert client.get("/api/features", params=params).status_code == 422
@@ -276,14 +280,14 @@ def test_missing_store_fails_at_creation(tmp_path):
     [
         ("/", ["feature-table", "feature-rows", "sort-select", "order-select", "hide-dead", "hide-dense",
                "dense-threshold", "page-size", "prev-page", "next-page", "page-info", "total-count",
-               "goto-idx", "meta-summary", "error"]),
+               "goto-idx", "meta-summary", "error", "min-score"]),
         ("/feature/3", ["feature-title", "feature-stats", "explanation", "explanation-input",
                         "explanation-save", "act-hist", "logit-hist", "logits-pos", "logits-neg", "neighbours",
                         "coactivation", "test-text", "test-run", "test-tokens", "test-token-features",
                         "top-examples", "quantile-examples", "prev-feature", "next-feature", "steer-form",
                         "steer-prompt", "steer-mode", "steer-strength", "steer-strength-value", "steer-scope",
                         "steer-tokens", "steer-seed", "steer-run", "steer-spinner", "steer-error",
-                        "steer-unsteered", "steer-steered", "nav-vector"]),
+                        "steer-unsteered", "steer-steered", "nav-vector", "explanations"]),
         ("/search", ["token-query", "token-search", "token-results", "expl-query", "expl-search",
                      "expl-results", "text-query", "text-search", "text-results"]),
         ("/vector", ["vector-positive", "vector-negative", "vector-n", "vector-chat", "vector-run",
@@ -565,10 +569,11 @@ BAD_JSON = [-1, 0, 1.5, -0.0, 1e308, -1e308, None, True, False, "", " ", "abc", 
 RAW_JSON = ["NaN", "Infinity", "-Infinity", "1e400", "-1e400", "9" * 400, "-" + "9" * 5000, '"\\ud800"',
             '"x\\udfff"', "[" * 50 + "]" * 50]  # fmt: skip
 QUERIES = {
-    "/api/features": ["sort", "order", "offset", "limit", "min_density", "max_density", "include_dead"],
+    "/api/features": ["sort", "order", "offset", "limit", "min_density", "max_density", "include_dead",
+                      "min_score"],
     "/api/features/0/examples": ["kind"],
     "/api/search": ["q", "kind", "limit"],
-}
+}  # fmt: skip
 BODIES = {
     ("POST", "/api/activations"): {"text": TEXT, "feature": 3},
     ("POST", "/api/search/text"): {"text": TEXT, "limit": 5},
@@ -722,3 +727,39 @@ def test_concurrent_load_on_a_real_server(live_server):
         for idx in {int(url.split("/")[3]) for method, url, _ in plan if method == "PUT"}:
             assert http.get(f"/api/features/{idx}").json()["explanation"] == f"load {idx}"
     assert elapsed < 120, f"320 requests took {elapsed:.1f} s"
+
+
+def test_list_sorted_and_filtered_by_detection_score(store_copy):
+    """Auto labels scored on a third of the latents: sort=score pages agree with the store, best first,
+    unscored last; min_score filters the total; the detail page lists each label with its controls."""
+    rng = random.Random(0)
+    with FeatureStore(store_copy, create=False) as s:
+        scored = {}
+        for idx in range(0, D_SAE, 3):
+            scored[idx] = round(rng.uniform(0.3, 1.0), 3)
+            e = s.add_explanation(idx, f"auto label {idx}", "auto", {"explainer_model": "m", "seed": idx})
+            s.set_score(e, "detection", scored[idx], 0.5, 0.5 + (idx % 2) * 0.4, n=20)
+    with TestClient(create_app(store_copy)) as c:
+        for order in ("desc", "asc"):
+            seen = []
+            for offset in range(0, D_SAE, 25):
+                params = {"sort": "score", "order": order, "offset": offset, "limit": 25}
+                seen += c.get("/api/features", params=params).json()["items"]
+            with FeatureStore(store_copy, create=False) as s:
+                rows = s.list_features("score", order == "desc", 0, 1000)
+            assert seen == [c.app.state.saelab.display.summary(r).api() for r in rows]
+            ranked = sorted(scored.values(), reverse=order == "desc")
+            assert [f["score"] for f in seen] == ranked + [None] * (D_SAE - len(scored))
+            assert all(f["best"]["kind"] == "auto" and f["preview"] for f in seen[: len(scored)])
+            shuffled = {f["idx"]: 0.5 + (f["idx"] % 2) * 0.4 for f in seen}
+            flags = [f["best"]["detection"]["flagged"] for f in seen[: len(scored)]]
+            assert flags == [scored[f["idx"]] <= shuffled[f["idx"]] for f in seen[: len(scored)]] and any(
+                flags
+            )
+        body = c.get("/api/features", params={"min_score": 0.6, "limit": 500}).json()
+        assert body["total"] == sum(v >= 0.6 for v in scored.values()) == len(body["items"])
+        f = c.get("/api/features/3").json()
+        assert f["explanation"] == "auto label 3" and f["explanations"][0]["scores"]["detection"] == {
+            "score": scored[3], "chance": 0.5, "shuffled": 0.9, "ci_low": None, "ci_high": None, "n": 20,
+            "flagged": scored[3] <= 0.9,
+        }  # fmt: skip

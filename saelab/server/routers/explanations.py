@@ -13,7 +13,7 @@ router = APIRouter()
 
 @router.put("/api/features/{idx}/explanation")
 def api_set_explanation(idx: FeatureIdx, open_store: OpenStore, body: ExplanationRequest = Body()) -> dict:
-    """Set (or, with null/blank text, remove) a latent's explanation."""
+    """Set (or, with null/blank text, remove) a latent's human explanation; auto and self ones stay."""
     text = None if body.text is None or not body.text.strip() else body.text.strip()
     if text is not None and len(text) > MAX_EXPLANATION_CHARS:
         raise HTTPException(413, f"explanation has {len(text)} characters; at most {MAX_EXPLANATION_CHARS}")

@@ -26,27 +26,38 @@ def check_offset(offset: int, n: int) -> None:
 @router.get("/api/features")
 def api_features(
     state: State,
-    sort: Literal["density", "max_act", "mean_act", "n_active", "idx"] = "density",
+    sort: Literal["density", "max_act", "mean_act", "n_active", "idx", "score"] = "density",
     order: Literal["desc", "asc"] = "desc",
     offset: int = Query(0, ge=0, description="at most the number of latents"),
     limit: int = Query(100, ge=1, le=MAX_PAGE),
     min_density: float | None = Query(None, ge=0.0, le=1.0),
     max_density: float | None = Query(None, ge=0.0, le=1.0),
     include_dead: bool = True,
+    min_score: float | None = Query(
+        None, ge=0.0, le=1.0, description="keep latents whose best detection score is at least this"
+    ),
 ) -> dict:
-    """One page of latents sorted server-side: {total (matching the filters), offset, limit, items}."""
+    """One page of latents sorted server-side: {total (matching the filters), offset, limit, items}.
+
+    Each item has the latent's statistics, its label (`explanation`), its best explanation with the
+    detection score and both controls (`best`, `score`), and a one-line `preview` of its top example.
+    sort=score orders by the best detection score (unscored latents last)."""
     check_offset(offset, state.n_features)
     with state.open_store() as s:
-        filters = dict(min_density=min_density, max_density=max_density, include_dead=include_dead)
+        filters = dict(
+            min_density=min_density, max_density=max_density, include_dead=include_dead, min_score=min_score
+        )
         total = s.count_features(**filters)
-        items = s.list_features(sort, order == "desc", offset, limit, **filters)
+        rows = s.list_features(sort, order == "desc", offset, limit, **filters)
+    items = [state.display.summary(r).api() for r in rows]
     return {"total": total, "offset": offset, "limit": limit, "items": items}
 
 
 @router.get("/api/features/{idx}")
 def api_feature(idx: FeatureIdx, state: State) -> dict:
     """Stats, activation histogram (shared log bins), logit tables and histogram with token text,
-    decoder neighbours, co-firing latents and the explanation of one latent."""
+    decoder neighbours, co-firing latents, the label (`explanation`: newest human, else the best) and
+    every explanation best first with its scores beside their controls (`explanations`)."""
     with state.open_store() as s:
         row = s.feature(idx)
     if row is None:

@@ -20,7 +20,8 @@ def api_search(
     limit: int = Query(50, ge=1, le=MAX_PAGE),
 ) -> dict:
     """Latents whose top examples fire on a token containing `q` (kind=token, most matches first) or
-    whose explanation contains `q` (kind=explanation)."""
+    whose explanation of any kind contains `q` (kind=explanation; whole-word matches first, then by
+    detection score: see FeatureStore.search_explanations)."""
     with open_store() as s:
         if kind == "token":
             items = s.search_tokens(q, limit)

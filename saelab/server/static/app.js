@@ -125,6 +125,7 @@ function initIndex() {
     const q = new URLSearchParams({ sort: $("sort-select").value, order: $("order-select").value, offset: state.offset, limit });
     if ($("hide-dead").checked) q.set("include_dead", "false");
     if ($("hide-dense").checked) q.set("max_density", $("dense-threshold").value || "0.1");
+    if ($("min-score").value !== "") q.set("min_score", $("min-score").value);
     try {
       const data = await api(`/api/features?${q}`);
       showError("");
@@ -134,7 +135,9 @@ function initIndex() {
         el("td", { text: fmt(f.max_act) }),
         el("td", { text: fmt(f.mean_act) }),
         el("td", { text: String(f.n_active) }),
-        el("td", { class: "expl", text: f.explanation || "" })));
+        bestCell(f),
+        detectionCell(f.best && f.best.detection),
+        el("td", { class: "preview", title: f.preview, text: f.preview })));
       $("feature-rows").replaceChildren(...rows);
       const end = state.offset + data.items.length;
       $("page-info").textContent = data.total ? `${state.offset + 1}–${end} of ${data.total}` : "no features";
@@ -145,7 +148,7 @@ function initIndex() {
     } catch (e) { showError(e.message); }
   }
   const reset = () => { state.offset = 0; load(); };
-  for (const id of ["sort-select", "order-select", "hide-dead", "hide-dense", "dense-threshold", "page-size"]) $(id).addEventListener("change", reset);
+  for (const id of ["sort-select", "order-select", "hide-dead", "hide-dense", "dense-threshold", "min-score", "page-size"]) $(id).addEventListener("change", reset);
   $("prev-page").addEventListener("click", () => { state.offset = Math.max(0, state.offset - parseInt($("page-size").value, 10)); load(); });
   $("next-page").addEventListener("click", () => { state.offset += parseInt($("page-size").value, 10); load(); });
   $("list-controls").addEventListener("submit", (ev) => {
@@ -154,6 +157,51 @@ function initIndex() {
     if (idx !== "") location.href = `/feature/${parseInt(idx, 10)}`;
   });
   load();
+}
+
+// The list's best-explanation cell: its kind and text (or the human label when nothing is scored).
+function bestCell(f) {
+  const cell = el("td", { class: "expl" });
+  if (f.best) cell.append(el("span", { class: `kind kind-${f.best.kind}`, text: f.best.kind }), " " + f.best.text);
+  else cell.textContent = f.explanation || "";
+  return cell;
+}
+
+// A detection score with both controls; flagged when it does not beat the shuffled-label control.
+function detectionCell(d) {
+  const cell = el("td", { class: "score" });
+  if (!d) { cell.append(el("span", { class: "muted", text: "–" })); return cell; }
+  cell.append(el("span", { class: "score-value", text: fmt(d.score) }),
+    el("span", { class: "muted", text: ` (chance ${fmt(d.chance)}, shuffled ${fmt(d.shuffled)})` }));
+  if (d.flagged) cell.append(" ", el("span", { class: "flag", title: "does not beat a shuffled label", text: "\u26a0 not above shuffled" }));
+  return cell;
+}
+
+// Every explanation, best first, with its scores beside both controls (as macros.html renders it).
+function renderExplanations(container, explanations) {
+  container.replaceChildren();
+  if (!explanations.length) { container.append(el("p", { class: "muted", text: "no explanations" })); return; }
+  for (const e of explanations) {
+    const entry = el("div", { class: "expl-entry", "data-id": String(e.id), "data-kind": e.kind },
+      el("p", {}, el("span", { class: `kind kind-${e.kind}`, text: e.kind }), " ", el("span", { class: "expl-text", text: e.text })));
+    const names = Object.keys(e.scores);
+    if (names.length) {
+      const table = el("table", { class: "data scores" }, el("tr", {}, ...["Scorer", "Score", "Chance", "Shuffled label", "CI", "n", ""].map((h) => el("th", { text: h }))));
+      for (const name of names) {
+        const sc = e.scores[name];
+        const flag = el("td", {});
+        if (sc.flagged) flag.append(el("span", { class: "flag", title: "this score does not beat the same scorer on a shuffled (another latent's) label", text: "\u26a0 no better than a shuffled label" }));
+        const row = el("tr", { "data-scorer": name },
+          el("td", { text: name }), el("td", { text: fmt(sc.score) }), el("td", { text: fmt(sc.chance) }), el("td", { text: fmt(sc.shuffled) }),
+          el("td", { text: sc.ci_low === null ? "" : `${fmt(sc.ci_low)}–${fmt(sc.ci_high)}` }), el("td", { text: sc.n === null ? "" : String(sc.n) }), flag);
+        if (sc.flagged) row.className = "flagged";
+        table.append(row);
+      }
+      entry.append(table);
+    } else entry.append(el("p", { class: "muted", text: "not scored" }));
+    if (Object.keys(e.source || {}).length) entry.append(el("details", { class: "source" }, el("summary", { text: "source" }), el("code", { text: JSON.stringify(e.source) })));
+    container.append(entry);
+  }
 }
 
 // ---------------------------------------------------------------- one feature
@@ -197,6 +245,7 @@ async function initFeature() {
     $("explanation-input").value = text || "";
   };
   showExplanation(f.explanation);
+  renderExplanations($("explanations"), f.explanations);
   barChart($("act-hist"), f.hist.bins.map((b) => ({ label: `${fmt(b.lo)}–${b.hi === null ? "∞" : fmt(b.hi)}`, count: b.count })),
     f.hist.bins.length ? fmt(f.hist.bins[0].lo) : "", f.hist.bins.length ? (f.hist.bins[f.hist.bins.length - 1].hi === null ? "∞" : fmt(f.hist.bins[f.hist.bins.length - 1].hi)) : "");
   if (f.logit_hist) {
@@ -213,6 +262,7 @@ async function initFeature() {
     try {
       const r = await api(`/api/features/${idx}/explanation`, { method: "PUT", body: { text: $("explanation-input").value } });
       showExplanation(r.explanation); showError("");
+      renderExplanations($("explanations"), (await api(`/api/features/${idx}`)).explanations);
     } catch (e) { showError(e.message); }
   });
 
