@@ -1,0 +1,153 @@
+"""explain_features end to end on the tiny analysed store with the real LocalClient: what lands in the
+store (explanations with provenance, scores with controls), resume, redo, byte-identical reruns, and
+the recorded failures."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+from saelab.analysis.store import FeatureStore, flagged
+from saelab.errors import DataError
+from saelab.explain.clients import LocalClient
+from saelab.explain.explainer import PROMPT_VERSION
+from saelab.explain.pipeline import ExplainConfig, explain_features
+
+SMALL = dict(n_features=3, n_explain=4, n_test=4, n_random=4, n_hard=4, max_new_tokens=6, n_bootstrap=100)
+
+
+@pytest.fixture(scope="module")
+def client(analysed):
+    return LocalClient(lm=analysed[0], batch_size=8)
+
+
+def fresh(analysed, tmp_path, name="features.db"):
+    path = tmp_path / name
+    shutil.copy(analysed[2], path)
+    return path
+
+
+class Interrupting:
+    """The local client, failing on its `fail_at`-th logprobs call (a judge crashing mid-run)."""
+
+    def __init__(self, inner, fail_at):
+        self.inner, self.fail_at, self.calls = inner, fail_at, 0
+
+    def generate(self, *args, **kwargs):
+        return self.inner.generate(*args, **kwargs)
+
+    def logprobs(self, prompts, candidates):
+        self.calls += 1
+        if self.calls == self.fail_at:
+            raise KeyboardInterrupt
+        return self.inner.logprobs(prompts, candidates)
+
+    def embed(self, texts):
+        return self.inner.embed(texts)
+
+    def describe(self):
+        return self.inner.describe()
+
+
+class Junk:
+    """An explainer that answers nothing usable."""
+
+    def generate(self, prompts, *, max_new_tokens, temperature=0.0, seed=0):
+        return ["..." for _ in prompts]
+
+    def describe(self):
+        return {"kind": "junk"}
+
+
+def test_explain_features_writes_labels_and_controlled_scores(analysed, client, tmp_path):
+    lm, sae, _ = analysed
+    path = fresh(analysed, tmp_path)
+    cfg = ExplainConfig(**SMALL)
+    summary = explain_features(path, lm, sae, client, client, cfg, progress=True)
+    with FeatureStore(path) as store:
+        top = [r["idx"] for r in store.list_features(sort="density", limit=3, include_dead=False)]
+        assert summary["features"] == summary["explained"] == top and summary["skipped"] == []
+        assert summary["scored"] == 3 * 4 and summary["failures"] == []
+        for idx in top:
+            (e,) = store.explanations(idx)
+            assert e["kind"] == "auto" and e["text"].strip()
+            source = e["source"]
+            assert source["explainer"] == client.describe() and source["prompt_version"] == PROMPT_VERSION
+            assert source["config"] == cfg.to_dict() and source["seed"] == 0 and source["settings_key"]
+            assert source["example_ids"] == source["examples"]["explain"] and len(source["example_ids"]) == 4
+            assert set(e["scores"]) == {"detection", "fuzzing", "embedding", "surprisal"}
+            for name, s in e["scores"].items():
+                assert s["chance"] == 0.5 and 0 <= s["shuffled"] <= 1 and s["n"] > 0
+                assert s["flagged"] == flagged(s["score"], s["shuffled"], s["ci_low"])
+                assert s["flagged"] == summary["scores"][idx][0][name]["flagged"]
+                shuffled_text = s["details"]["shuffled_explanation"]
+                others = {store.explanations(o)[0]["text"] for o in top if o != idx}
+                assert shuffled_text in others
+        before = store.dump()
+    # a finished run is a no-op
+    again = explain_features(path, lm, sae, client, client, cfg, progress=False)
+    assert again["skipped"] == top and again["explained"] == [] and again["scored"] == 0
+    with FeatureStore(path) as store:
+        assert store.dump() == before
+    # the same seed on another copy gives byte-identical scores and labels
+    other = fresh(analysed, tmp_path, "other.db")
+    explain_features(other, lm, sae, client, client, cfg, progress=False)
+    with FeatureStore(other) as store:
+        dump = store.dump()
+    assert dump["scores"] == before["scores"]
+    labels = [r[:4] for r in dump["explanations"]]  # id, feature, kind, text (not the creation time)
+    assert labels == [r[:4] for r in before["explanations"]]
+    # redo explains and scores anew beside the old ones
+    redo = explain_features(path, lm, sae, client, client, cfg, redo=True, progress=False)
+    assert redo["explained"] == top and redo["scored"] == 12
+    with FeatureStore(path) as store:
+        assert all(len(store.explanations(i)) == 2 for i in top)
+
+
+def test_an_interrupted_run_resumes_to_the_same_scores(analysed, client, tmp_path):
+    lm, sae, _ = analysed
+    cfg = ExplainConfig(**SMALL, scorers=("detection", "surprisal"))
+    whole = fresh(analysed, tmp_path, "whole.db")
+    explain_features(whole, lm, sae, client, client, cfg, progress=False)
+    path = fresh(analysed, tmp_path)
+    with pytest.raises(KeyboardInterrupt):
+        explain_features(path, lm, sae, client, Interrupting(client, fail_at=4), cfg, progress=False)
+    with FeatureStore(path) as store:
+        partial = len(store.dump()["scores"])
+    assert 0 < partial < 6
+    resumed = explain_features(path, lm, sae, client, client, cfg, progress=False)
+    assert resumed["explained"] == [] and resumed["scored"] == 6 - partial
+    with FeatureStore(path) as a, FeatureStore(whole) as b:
+        assert a.dump()["scores"] == b.dump()["scores"]
+
+
+def test_chosen_features_failures_and_refusals(analysed, client, tmp_path):
+    lm, sae, _ = analysed
+    path = fresh(analysed, tmp_path)
+    with FeatureStore(path) as store:
+        live = [
+            r["idx"] for r in store.list_features(sort="idx", descending=False, limit=2, include_dead=False)
+        ]
+    junk = explain_features(
+        path, lm, sae, Junk(), client, ExplainConfig(**SMALL, features=live), progress=False
+    )
+    assert [f["feature"] for f in junk["failures"]] == live and junk["scored"] == 0
+    assert all(f["stage"] == "explain" and f["raw"] == "..." for f in junk["failures"])
+    with FeatureStore(path) as store:
+        assert store.dump()["explanations"] == []
+    with pytest.raises(DataError, match="at least two latents"):
+        explain_features(
+            path, lm, sae, client, client, ExplainConfig(**SMALL, features=live[:1]), progress=False
+        )
+    with pytest.raises(DataError, match="latent 4096"):
+        explain_features(path, lm, sae, client, client, ExplainConfig(features=[4096]), progress=False)
+    with pytest.raises(DataError, match="unknown scorer"):
+        ExplainConfig(scorers=("detection", "simulation"))
+    with pytest.raises(DataError, match="n_test"):
+        ExplainConfig(n_test=0)
+    # scoring only (no scorers): labels are written, nothing scored, one latent is enough
+    only = explain_features(
+        path, lm, sae, client, client, ExplainConfig(**SMALL, features=live[:1], scorers=()), progress=False
+    )
+    assert only["explained"] == live[:1] and only["scored"] == 0
