@@ -145,9 +145,14 @@ def _encoded(row: dict, columns: tuple[str, ...]) -> tuple:
     return tuple(values)
 
 
-def flagged(score: float, shuffled: float, ci_low: float | None = None) -> bool:
-    """Whether a score fails to beat its shuffled-label control: it is at or below the shuffled score,
-    or its confidence interval reaches down to it (another latent's label would do as well)."""
+def flagged(
+    score: float, shuffled: float, ci_low: float | None = None, chance: float | None = None
+) -> bool:
+    """Whether a score fails to beat its controls: it is at or below the shuffled score, or its
+    confidence interval reaches down to it (another latent's label would do as well), or it is at or
+    below chance (a constant judge at 0.5 would otherwise "beat" a shuffled 0.495)."""
+    if chance is not None and score <= chance:
+        return True
     return score <= shuffled or (ci_low is not None and ci_low <= shuffled)
 
 
@@ -485,7 +490,7 @@ class FeatureStore:
             for r in rows:
                 entry = {k: r[k] for k in _SCORE_FIELDS}
                 entry["details"] = None if r["details_json"] is None else json.loads(r["details_json"])
-                entry["flagged"] = flagged(r["score"], r["shuffled"], r["ci_low"])
+                entry["flagged"] = flagged(r["score"], r["shuffled"], r["ci_low"], r["chance"])
                 out[r["explanation_id"]][r["scorer"]] = entry
         return out
 

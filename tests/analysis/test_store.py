@@ -294,6 +294,8 @@ def test_numpy_numbers_are_taken_and_stored_as_python_ones(tmp_path):
 
 def test_flagged_means_not_beating_the_shuffled_control():
     assert flagged(0.5, 0.5) and flagged(0.4, 0.5) and not flagged(0.6, 0.5)
+    # at chance is flagged even above a worse shuffled score; above both is not
+    assert flagged(0.5, 0.495, 0.5, chance=0.5) and not flagged(0.6, 0.5, 0.55, chance=0.5)
     assert (
         flagged(0.6, 0.5, ci_low=0.5)
         and flagged(0.6, 0.5, ci_low=0.45)

@@ -79,7 +79,7 @@ def test_explain_features_writes_labels_and_controlled_scores(analysed, client, 
             assert set(e["scores"]) == {"detection", "fuzzing", "embedding", "surprisal"}
             for name, s in e["scores"].items():
                 assert s["chance"] == 0.5 and 0 <= s["shuffled"] <= 1 and s["n"] > 0
-                assert s["flagged"] == flagged(s["score"], s["shuffled"], s["ci_low"])
+                assert s["flagged"] == flagged(s["score"], s["shuffled"], s["ci_low"], s["chance"])
                 assert s["flagged"] == summary["scores"][idx][0][name]["flagged"]
                 shuffled_text = s["details"]["shuffled_explanation"]
                 others = {store.explanations(o)[0]["text"] for o in top if o != idx}

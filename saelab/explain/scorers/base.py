@@ -46,7 +46,7 @@ class ScoreResult:
 
     @property
     def flagged(self) -> bool:
-        return flagged(self.score, self.shuffled, self.ci_low)
+        return flagged(self.score, self.shuffled, self.ci_low, self.chance)
 
     def store_kwargs(self) -> dict:
         """The keyword arguments of `FeatureStore.set_score` (with `scorer`)."""
