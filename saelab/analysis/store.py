@@ -145,9 +145,7 @@ def _encoded(row: dict, columns: tuple[str, ...]) -> tuple:
     return tuple(values)
 
 
-def flagged(
-    score: float, shuffled: float, ci_low: float | None = None, chance: float | None = None
-) -> bool:
+def flagged(score: float, shuffled: float, ci_low: float | None = None, chance: float | None = None) -> bool:
     """Whether a score fails to beat its controls: it is at or below the shuffled score, or its
     confidence interval reaches down to it (another latent's label would do as well), or it is at or
     below chance (a constant judge at 0.5 would otherwise "beat" a shuffled 0.495)."""
