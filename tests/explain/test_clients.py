@@ -142,6 +142,35 @@ def test_logprobs_equal_a_direct_forward_pass(lm, local):
     assert torch.allclose(torch.tensor(got), torch.tensor(one_by_one), atol=1e-5)
 
 
+def test_logprobs_equal_the_echo_path_with_shared_contexts_run_once(lm, local):
+    """logprobs runs each distinct context once (one-token candidates after one prompt share it) and
+    gives what summing `score_tokens` over the candidate gives."""
+    prompts, candidates = PLAIN + [PLAIN[0]], [" w50", " w51", " w51 w52"]
+    expected = [
+        [
+            candidate_logprob(s, len(p), len(p + c), "test")
+            for s, c in zip(local.score_tokens([p + c for c in candidates]), candidates, strict=True)
+        ]
+        for p in prompts
+    ]
+    whole = LocalClient(lm=lm, batch_size=3)
+    whole._head_parts = None  # the whole-model path (logits at every position) agrees too
+    rows = []
+    hook = lm.model.get_decoder().register_forward_pre_hook(
+        lambda _module, _args, kwargs: rows.append(kwargs["input_ids"].shape[0]), with_kwargs=True
+    )
+    try:
+        got = local.logprobs(prompts, candidates)
+    finally:
+        hook.remove()
+    for values in (got, whole.logprobs(prompts, candidates)):
+        assert torch.allclose(
+            torch.tensor(values, dtype=torch.float64), torch.tensor(expected, dtype=torch.float64), atol=1e-4
+        )
+    # distinct contexts: per distinct prompt one shared by " w50" / " w51", one for " w51 w52"
+    assert sum(rows) == 2 * len(set(prompts))
+
+
 def test_a_token_that_straddles_the_boundary_counts_for_the_candidate(lm, local):
     """'w5 w6' + 'w7' tokenises as w5, <unk> ('w6w7'): the merged token is the candidate's."""
     (value,) = local.logprobs(["w5 w6"], ["w7"])[0]

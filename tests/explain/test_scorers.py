@@ -200,3 +200,35 @@ def test_the_real_local_client_runs_every_scorer():
             assert len(set(margins)) > 1, name  # a real model's margins vary by item
         else:  # the word-level test vocabulary has no "Yes" or "No" (both <unk>): a constant judge
             assert set(margins) == {0.0} and a.score == a.shuffled == a.chance, name
+
+
+class EchoLocalClient(LocalClient):
+    """The local client's logprobs as they were before batching: one echo pass per prompt + candidate."""
+
+    def logprobs(self, prompts, candidates):
+        from saelab.explain.clients import candidate_logprob
+
+        texts = [p + c for p in prompts for c in candidates]
+        scores = self.score_tokens(texts)
+        flat = [
+            candidate_logprob(s, len(p), len(t), "echo")
+            for s, p, t in zip(scores, [p for p in prompts for _ in candidates], texts, strict=True)
+        ]
+        n = len(candidates)
+        return [flat[i * n : (i + 1) * n] for i in range(len(prompts))]
+
+
+def test_batched_judge_calls_give_the_unbatched_scores():
+    from saelab.core.models import HookedLM
+
+    lm = HookedLM(make_model("llama", n_layers=2, hidden=32, seed=3, initializer_range=0.3),
+                  make_tokenizer(), name="tiny")  # fmt: skip
+    fast, echo = LocalClient(lm=lm, batch_size=4), EchoLocalClient(lm=lm, batch_size=1)
+    for name, scorer in SCORERS.items():
+        a = scorer.score("w7", example_set(), fast, "w150", seed=1, n_bootstrap=100)
+        b = scorer.score("w7", example_set(), echo, "w150", seed=1, n_bootstrap=100)
+        assert a.score == pytest.approx(b.score, abs=1e-4) and a.shuffled == pytest.approx(
+            b.shuffled, abs=1e-4
+        )
+        for x, y in zip(a.details["items"], b.details["items"], strict=True):
+            assert x[:2] == y[:2] and x[2:] == pytest.approx(y[2:], abs=1e-4), name

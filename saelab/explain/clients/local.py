@@ -124,16 +124,95 @@ class LocalClient:
         return out
 
     def logprobs(self, prompts: Sequence[str], candidates: Sequence[str]) -> list[list[float]]:
+        """log P(candidate | prompt) for every prompt and candidate, as `candidate_logprob` sums it over
+        `score_tokens`, computed with fewer forwards: the context of each text (its tokens but the last)
+        runs once however many texts share it (a one-token " Yes" and " No" after the same prompt share
+        one), batches are grouped by length and left-padded (position ids count real tokens only),
+        and the unembedding and softmax run on the candidate's positions only."""
         prompts, candidates = check_scoring(prompts, candidates)
         texts = [p + c for p in prompts for c in candidates]
-        scores = self.score_tokens(texts)
+        encoded = [self._tokens(t) for t in texts]
+        cuts = []  # per text: the index of its first token that covers a candidate character
+        for (ids, offsets), p in zip(encoded, [p for p in prompts for _ in candidates], strict=True):
+            cuts.append(next((i for i, (_, end) in enumerate(offsets) if end > len(p)), len(ids)))
+        # One context per distinct ids[:-1], with the (position from its end, token) log-probs it needs.
+        wanted: dict[tuple[int, ...], set[tuple[int, int]]] = {}
+        for (ids, _), cut in zip(encoded, cuts, strict=True):
+            context = tuple(ids[:-1])
+            if context and cut < len(ids):
+                need = wanted.setdefault(context, set())
+                need.update((i - len(ids), ids[i]) for i in range(max(cut, 1), len(ids)))
+        tails = self._tail_logprobs(wanted)
         where = f"the local model {self.lm.name}"
-        flat = [
-            candidate_logprob(s, len(p), len(t), where)
-            for s, p, t in zip(scores, [p for p in prompts for _ in candidates], texts, strict=True)
-        ]
+        flat = []
+        for text, (ids, offsets), cut, p in zip(
+            texts, encoded, cuts, [p for p in prompts for _ in candidates], strict=True
+        ):
+            logprobs: list[float | None] = [None] * len(ids)
+            context = tuple(ids[:-1])
+            if context in tails:
+                table = tails[context]  # {(position from the end, token): log-prob}
+                for i in range(max(cut, 1), len(ids)):
+                    logprobs[i] = table[i - len(ids), ids[i]]
+            scores = TokenScores(
+                tokens=[text[a:b] for a, b in offsets], starts=[a for a, _ in offsets],
+                ends=[b for _, b in offsets], logprobs=logprobs,
+            )  # fmt: skip
+            flat.append(candidate_logprob(scores, len(p), len(text), where))
         n = len(candidates)
         return [flat[i * n : (i + 1) * n] for i in range(len(prompts))]
+
+    @torch.no_grad()
+    def _tail_logprobs(self, wanted: dict[tuple[int, ...], set[tuple[int, int]]]) -> dict:
+        """{context: {(position from its end, token): log P(token)}} for the wanted pairs of each
+        context (position -1: the token after the context), run in left-padded batches of similar
+        length; only the log-probs asked for leave the device."""
+        order = sorted(wanted, key=len)
+        out: dict[tuple[int, ...], dict[tuple[int, int], float]] = {}
+        model = self.lm.model
+        for start in range(0, len(order), self.batch_size):
+            chunk = order[start : start + self.batch_size]
+            k = max(-pos for c in chunk for pos, _ in wanted[c])
+            ids, mask = pad_rows(chunk, pad_token_id(self.tokenizer), left=True)
+            inputs = self.lm.prepare(ids, mask)
+            parts = self._split_head()
+            if parts is not None:  # the unembedding on the last k positions only
+                decoder, head = parts
+                logits = head(decoder(**inputs).last_hidden_state[:, -k:].contiguous())
+            else:
+                logits = model(**inputs).logits
+            logits = logits[:, -k:].float()
+            norm = logits.logsumexp(-1)  # [batch, k]
+            pairs = [(row, pos, tok) for row, c in enumerate(chunk) for pos, tok in sorted(wanted[c])]
+            r, q, t = (torch.tensor(x, device=logits.device) for x in zip(*pairs, strict=True))
+            values = (logits[r, k + q, t] - norm[r, k + q]).tolist()
+            for (row, pos, tok), value in zip(pairs, values, strict=True):
+                out.setdefault(chunk[row], {})[pos, tok] = value
+        return out
+
+    def _split_head(self):
+        """(decoder, unembedding) when the logits are exactly unembedding(decoder output), else None (a
+        model that scales or soft-caps its logits runs whole). `logits_to_keep` is not used: on CPU it
+        slices the hidden states non-contiguously, which made bfloat16 forwards twice as slow."""
+        if not hasattr(self, "_head_parts"):
+            model, parts = self.lm.model, None
+            config = getattr(model, "config", None)
+            plain = not any(
+                getattr(config, name, None) not in (None, 1, 1.0)
+                for name in ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier")
+            )
+            get_decoder, get_head = (
+                getattr(model, n, None) for n in ("get_decoder", "get_output_embeddings")
+            )
+            if plain and callable(get_decoder) and callable(get_head):
+                try:
+                    decoder, head = get_decoder(), get_head()
+                except (AttributeError, NotImplementedError):
+                    decoder = head = None
+                if isinstance(decoder, torch.nn.Module) and isinstance(head, torch.nn.Linear):
+                    parts = (decoder, head)
+            self._head_parts = parts
+        return self._head_parts
 
     @torch.no_grad()
     def embed(self, texts: Sequence[str]) -> torch.Tensor:

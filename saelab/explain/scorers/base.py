@@ -201,3 +201,14 @@ class Scorer(ABC):
             for item, a, b in zip(real.items, real.margins, control.margins, strict=True)
         ]  # [example id, label, margin, shuffled margin]
         return ScoreResult(self.name, score, 0.5, shuffled, ci[0], ci[1], len(real.labels), details)
+
+
+def activating_and_not(examples: ExampleSet, what: str) -> list:
+    """The items a scorer compares: the held-out activating examples, then the non-activating ones;
+    both kinds are needed for an AUC or a balanced accuracy to mean anything."""
+    if not examples.test or not examples.non_activating:
+        raise DataError(
+            f"{what} of latent {examples.feature} needs activating and non-activating examples; "
+            f"it has {len(examples.test)} and {len(examples.non_activating)}."
+        )
+    return examples.test + examples.non_activating

@@ -9,10 +9,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from saelab.errors import DataError
 from saelab.explain.clients.base import LMClient
 from saelab.explain.examples import ExampleSet
-from saelab.explain.scorers.base import Measurement, Scorer, judge_text, yes_no_logprobs
+from saelab.explain.scorers.base import Measurement, Scorer, activating_and_not, judge_text, yes_no_logprobs
 
 PROMPT = (
     "A feature of a language model fires on some texts. Its explanation: {explanation}\n\n"
@@ -28,12 +27,7 @@ class Detection(Scorer):
     def measure(
         self, explanations: list[str], examples: ExampleSet, client: LMClient, seed: int
     ) -> list[Measurement]:
-        items = examples.test + examples.non_activating
-        if not examples.test or not examples.non_activating:
-            raise DataError(
-                f"detection of latent {examples.feature} needs activating and non-activating examples; "
-                f"it has {len(examples.test)} and {len(examples.non_activating)}."
-            )
+        items = activating_and_not(examples, "detection")
         labels = np.array([e.activating for e in items])
         prompts = [
             judge_text(client, [{"role": "user", "content": PROMPT.format(explanation=x, text=e.text)}])

@@ -11,10 +11,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from saelab.errors import DataError
 from saelab.explain.clients.base import LMClient
 from saelab.explain.examples import ExampleSet
-from saelab.explain.scorers.base import Measurement, Scorer
+from saelab.explain.scorers.base import Measurement, Scorer, activating_and_not
 
 
 class Embedding(Scorer):
@@ -24,12 +23,7 @@ class Embedding(Scorer):
     def measure(
         self, explanations: list[str], examples: ExampleSet, client: LMClient, seed: int
     ) -> list[Measurement]:
-        items = examples.test + examples.non_activating
-        if not examples.test or not examples.non_activating:
-            raise DataError(
-                f"the embedding score of latent {examples.feature} needs activating and non-activating "
-                f"examples; it has {len(examples.test)} and {len(examples.non_activating)}."
-            )
+        items = activating_and_not(examples, "the embedding score")
         vectors = client.embed([e.text for e in items] + list(explanations)).float()
         vectors = torch.nn.functional.normalize(vectors, dim=-1)
         texts, queries = vectors[: len(items)], vectors[len(items) :]

@@ -13,7 +13,7 @@ import numpy as np
 from saelab.errors import DataError
 from saelab.explain.clients.base import LMClient
 from saelab.explain.examples import ExampleSet
-from saelab.explain.scorers.base import Measurement, Scorer
+from saelab.explain.scorers.base import Measurement, Scorer, activating_and_not
 
 PREFIX = "The following text is an example of {explanation}.\nText:"
 NEUTRAL = "The following text is an example of text.\nText:"
@@ -26,12 +26,7 @@ class Surprisal(Scorer):
     def measure(
         self, explanations: list[str], examples: ExampleSet, client: LMClient, seed: int
     ) -> list[Measurement]:
-        items = examples.test + examples.non_activating
-        if not examples.test or not examples.non_activating:
-            raise DataError(
-                f"the surprisal score of latent {examples.feature} needs activating and non-activating "
-                f"examples; it has {len(examples.test)} and {len(examples.non_activating)}."
-            )
+        items = activating_and_not(examples, "the surprisal score")
         texts = [" " + e.text.strip() for e in items]
         if any(t == " " for t in texts):
             raise DataError(f"latent {examples.feature} has an example window with no text to score.")
