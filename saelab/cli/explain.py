@@ -83,9 +83,9 @@ def explain(
 
 def _print_summary(name: str, store: Path, summary: dict) -> None:
     rows = [(idx, e) for idx, labels in summary["scores"].items() for e in labels]
-    done = summary["explained"]
-    count = len(done) if isinstance(done, (list, tuple, set)) else int(done)
-    table = Table(title=f"{name}: {len(summary['features'])} latents ({count} explained now)")
+    table = Table(
+        title=f"{name}: {len(summary['features'])} latents ({len(summary['explained'])} explained now)"
+    )
     for column in ("latent", "label", "scorer", "score", "chance", "shuffled", "flag"):
         table.add_column(column)
     for idx, entry in rows:
