@@ -1,8 +1,8 @@
 """The feature store: one SQLite file per analysed dictionary, and the only module of saelab with SQL.
 
 Dashboards and search read this file instead of re-running the model. Schema (version
-`SCHEMA_VERSION`; a version 1 file is upgraded in place when opened, see `_migrate_1_to_2`; any other
-version is refused, re-run the analysis to rebuild it):
+`SCHEMA_VERSION`; an older file is upgraded in place when opened, in one transaction, see `_MIGRATIONS`;
+a newer version is refused):
 
 * ``meta(key TEXT PRIMARY KEY, value TEXT)``: JSON values. ``format`` (always ``FORMAT``),
   ``schema_version``, and what the analysis wrote: ``dictionary``, ``model``, ``hook_name``,
@@ -26,6 +26,11 @@ version is refused, re-run the analysis to rebuild it):
   score of another latent's label). A score is *flagged* (see `flagged`) when it does not beat
   ``shuffled``. The *best* explanation of a latent is the one with the highest detection score; with
   none scored, the newest human one; else the newest.
+* ``dreams(id INTEGER PRIMARY KEY, feature, tokens_json, text, activation, cross_entropy, lam, run_key,
+  source_json, created)``: prompts optimised to make a latent fire (fluent dreaming, EPO): one row per
+  prompt on a run's Pareto front of activation against cross-entropy; ``run_key`` names the run's
+  settings (a rerun with the same key replaces its rows), ``source_json`` holds the run's config,
+  target, seed and timing. Kept when an analysis is re-written. (Added in schema 3.)
 * ``progress(id = 0, status, batches, contexts, tokens, state_file)``: 'running' while an
   analysis is under way (its accumulator state lives in ``state_file``), 'complete' after.
 
@@ -48,7 +53,7 @@ from pathlib import Path
 from saelab.errors import FeatureStoreError
 
 FORMAT = "saelab-feature-store"
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 SORT_KEYS = ("density", "max_act", "mean_act", "n_active", "idx", "score")
 KINDS = ("human", "auto", "self")
 DETECTION = "detection"  # the scorer that ranks explanations ("best") and sorts the feature list
@@ -95,7 +100,16 @@ CREATE TABLE IF NOT EXISTS scores (
 );
 CREATE INDEX IF NOT EXISTS scores_scorer ON scores (scorer, score, explanation_id);
 """
-_SCHEMA += _V2_TABLES
+# What schema 3 added to version 2.
+_V3_TABLES = """
+CREATE TABLE IF NOT EXISTS dreams (
+    id INTEGER PRIMARY KEY, feature INTEGER NOT NULL, tokens_json TEXT NOT NULL, text TEXT NOT NULL,
+    activation REAL NOT NULL, cross_entropy REAL NOT NULL, lam REAL, run_key TEXT NOT NULL,
+    source_json TEXT NOT NULL, created TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS dreams_feature ON dreams (feature, run_key);
+"""
+_SCHEMA += _V2_TABLES + _V3_TABLES
 
 # The best explanation first: highest detection score, then human before others, then newest.
 _BEST_ORDER = "s.score IS NULL, s.score DESC, e.kind = 'human' DESC, e.created DESC, e.id DESC"
@@ -163,12 +177,16 @@ def _set_version(db: sqlite3.Connection, version: int) -> None:
     db.execute("INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)", (json.dumps(version),))
 
 
+def _run_script(db: sqlite3.Connection, script: str) -> None:
+    for statement in script.split(";"):
+        if statement.strip():
+            db.execute(statement)
+
+
 def _migrate_1_to_2(db: sqlite3.Connection) -> None:
     """Schema 1 -> 2 inside the caller's transaction: each v1 label becomes a 'human' explanation."""
     db.execute("ALTER TABLE explanations RENAME TO explanations_v1")
-    for statement in _V2_TABLES.split(";"):
-        if statement.strip():
-            db.execute(statement)
+    _run_script(db, _V2_TABLES)
     db.execute(
         "INSERT INTO explanations (feature, kind, text, source_json, created) "
         "SELECT feature, 'human', text, ?, ? FROM explanations_v1 ORDER BY feature",
@@ -176,6 +194,17 @@ def _migrate_1_to_2(db: sqlite3.Connection) -> None:
     )
     db.execute("DROP TABLE explanations_v1")
     _set_version(db, 2)
+
+
+def _migrate_2_to_3(db: sqlite3.Connection) -> None:
+    """Schema 2 -> 3 inside the caller's transaction: the dreams table (nothing else changes)."""
+    _run_script(db, _V3_TABLES)
+    _set_version(db, 3)
+
+
+# version -> the step to the next one; an old file runs every step from its version, in one transaction.
+_MIGRATIONS = {1: _migrate_1_to_2, 2: _migrate_2_to_3}
+_WHAT_CHANGES = {1: "its explanations become 'human' ones", 2: "a table for dreamed prompts is added"}
 
 
 def _finite(name: str, value, optional: bool = False) -> float | None:
@@ -236,31 +265,34 @@ class FeatureStore:
         if meta.get("format") != json.dumps(FORMAT):
             raise self._foreign(f"its meta table names format {meta.get('format')}")
         version = json.loads(meta.get("schema_version", "null"))
-        if version == 1:
-            self._upgrade_from_1()
+        if version in _MIGRATIONS:
+            self._upgrade(version)
         elif version != SCHEMA_VERSION:
             raise FeatureStoreError(
                 f"{self.path} is a feature store of schema version {version}, but this saelab reads version "
                 f"{SCHEMA_VERSION}. Re-run the feature analysis to rebuild it (or use the saelab that wrote it)."
             )
 
-    def _upgrade_from_1(self) -> None:
-        """Upgrade a schema 1 file in place, in one transaction: on any failure the file stays version 1."""
+    def _upgrade(self, version: int) -> None:
+        """Upgrade an older file in place, every step in one transaction: on any failure it stays as it was."""
+        changes = "; ".join(_WHAT_CHANGES[v] for v in range(version, SCHEMA_VERSION))
         warnings.warn(
-            f"{self.path} is a schema version 1 feature store: upgrading it in place to version "
-            f"{SCHEMA_VERSION} (its explanations become 'human' ones; nothing is lost).",
+            f"{self.path} is a schema version {version} feature store: upgrading it in place to version "
+            f"{SCHEMA_VERSION} ({changes}; nothing is lost).",
             UserWarning,
             stacklevel=4,
         )
         try:
             with self.transaction() as db:
                 current = db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
-                if json.loads(current[0]) == 1:  # another process may have upgraded it meanwhile
-                    _migrate_1_to_2(db)
+                start = json.loads(current[0])  # another process may have upgraded it meanwhile
+                while start in _MIGRATIONS:
+                    _MIGRATIONS[start](db)
+                    start += 1
         except sqlite3.Error as e:
             raise FeatureStoreError(
-                f"Could not upgrade {self.path} from schema version 1 to {SCHEMA_VERSION} ({e}); the file is "
-                "unchanged. Make it writable (or copy it somewhere writable) and open it again."
+                f"Could not upgrade {self.path} from schema version {version} to {SCHEMA_VERSION} ({e}); the "
+                "file is unchanged. Make it writable (or copy it somewhere writable) and open it again."
             ) from None
 
     def _foreign(self, why: str) -> FeatureStoreError:
@@ -436,6 +468,56 @@ class FeatureStore:
                 "INSERT OR REPLACE INTO scores VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (explanation_id, scorer, *values, lo, hi, None if n is None else int(n), details_json),
             )
+
+    def set_dreams(self, idx: int, dreams: list[dict], run_key: str, source: dict | None = None) -> list[int]:
+        """Store one dreaming run of a latent: `dreams` are {token_ids, text, activation, cross_entropy,
+        lam} rows (its Pareto front). Rows of an earlier run with the same `run_key` are replaced, in one
+        transaction; returns the new rows' ids."""
+        if not isinstance(run_key, str) or not run_key.strip():
+            raise FeatureStoreError(f"run_key must be a non-blank string, got {run_key!r}")
+        source_json = _json_text("source", source or {})
+        rows = []
+        for i, d in enumerate(dreams):
+            tokens = d.get("token_ids")
+            if not isinstance(tokens, (list, tuple)) or not all(
+                isinstance(t, numbers.Integral) and not isinstance(t, bool) for t in tokens
+            ):
+                raise FeatureStoreError(f"dream {i}: token_ids must be a list of integers, got {tokens!r}")
+            if not isinstance(d.get("text"), str):
+                raise FeatureStoreError(f"dream {i}: text must be a string, got {d.get('text')!r}")
+            rows.append((
+                json.dumps([int(t) for t in tokens]), d["text"],
+                _finite(f"dream {i} activation", d.get("activation")),
+                _finite(f"dream {i} cross_entropy", d.get("cross_entropy")),
+                _finite(f"dream {i} lam", d.get("lam"), optional=True),
+            ))  # fmt: skip
+        with self.transaction() as db:
+            idx = self._require_feature(db, idx)
+            db.execute("DELETE FROM dreams WHERE feature = ? AND run_key = ?", (idx, run_key))
+            created = _now()
+            return [
+                int(db.execute(
+                    "INSERT INTO dreams (feature, tokens_json, text, activation, cross_entropy, lam, run_key, "
+                    "source_json, created) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (idx, *row, run_key, source_json, created),
+                ).lastrowid)
+                for row in rows
+            ]  # fmt: skip
+
+    def dreams(self, idx: int, run_key: str | None = None) -> list[dict]:
+        """A latent's dreamed prompts (those of one run with `run_key`), newest run first, then by
+        cross-entropy: {id, token_ids, text, activation, cross_entropy, lam, run_key, source, created}."""
+        where, params = ("feature = ?", (idx,)) if run_key is None else (
+            "feature = ? AND run_key = ?", (idx, run_key))  # fmt: skip
+        rows = self._db.execute(
+            f"SELECT * FROM dreams WHERE {where} ORDER BY created DESC, run_key, cross_entropy, id", params
+        )
+        return [
+            {"id": r["id"], "token_ids": json.loads(r["tokens_json"]), "text": r["text"],
+             "activation": r["activation"], "cross_entropy": r["cross_entropy"], "lam": r["lam"],
+             "run_key": r["run_key"], "source": json.loads(r["source_json"]), "created": r["created"]}
+            for r in rows
+        ]  # fmt: skip
 
     # -- reading --------------------------------------------------------------------------------
     def meta(self) -> dict:
@@ -654,7 +736,7 @@ class FeatureStore:
         """Every table's rows in a fixed order: for comparing two stores row by row."""
         order = {
             "examples": "feature, kind, quantile, rank", "coactivation": "feature, other",
-            "scores": "explanation_id, scorer",
+            "scores": "explanation_id, scorer", "dreams": "feature, id",
         }  # fmt: skip
         tables = (
             "meta",
@@ -664,6 +746,7 @@ class FeatureStore:
             "vocab",
             "explanations",
             "scores",
+            "dreams",
             "progress",
         )
         return {

@@ -217,11 +217,11 @@ def test_a_v1_store_is_upgraded_in_place_and_keeps_everything(tmp_path):
     _v1_store(path)
     before = _raw(path)
     with pytest.warns(
-        UserWarning, match=r"schema version 1 feature store: upgrading it in place to version 2"
+        UserWarning, match=r"schema version 1 feature store: upgrading it in place to version 3"
     ):
         store = FeatureStore(path, create=False)
     with store:
-        assert store.meta()["schema_version"] == SCHEMA_VERSION == 2
+        assert store.meta()["schema_version"] == SCHEMA_VERSION == 3
         assert store.meta()["hook_name"] == "blocks.0.hook_resid_post"
         after = _raw(path)
         for table in ("features", "examples", "vocab", "coactivation", "progress"):
@@ -242,7 +242,7 @@ def test_a_v1_store_is_upgraded_in_place_and_keeps_everything(tmp_path):
         store.set_explanation(0, "dog tokens")  # the v1 API still works on the upgraded file
         assert [e["text"] for e in store.explanations(0)] == ["dog tokens"]
     with warnings.catch_warnings():
-        warnings.simplefilter("error")  # a second open is silent: the file is version 2 now
+        warnings.simplefilter("error")  # a second open is silent: the file is version 3 now
         with FeatureStore(path, create=False) as again:
             assert again.feature(0)["explanation"] == "dog tokens"
 
@@ -267,16 +267,107 @@ def test_a_failed_upgrade_leaves_the_v1_file_as_it_was(tmp_path, monkeypatch, er
     assert _raw(path) == before  # still schema 1, the old explanations table, no scores table
     monkeypatch.undo()
     with pytest.warns(UserWarning, match="upgrading"), FeatureStore(path, create=False) as store:
-        assert store.feature(0)["explanation"] == "dogs" and store.meta()["schema_version"] == 2
+        assert store.feature(0)["explanation"] == "dogs" and store.meta()["schema_version"] == 3
+
+
+# saelab/analysis/store.py's tables added at schema version 2, verbatim (what a v2 file holds beside v1's).
+V2_TABLES = """
+CREATE TABLE IF NOT EXISTS explanations (
+    id INTEGER PRIMARY KEY, feature INTEGER NOT NULL,
+    kind TEXT NOT NULL CHECK (kind IN ('human', 'auto', 'self')), text TEXT NOT NULL,
+    source_json TEXT NOT NULL, created TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS explanations_feature ON explanations (feature, kind, created);
+CREATE TABLE IF NOT EXISTS scores (
+    explanation_id INTEGER NOT NULL, scorer TEXT NOT NULL, score REAL NOT NULL, chance REAL NOT NULL,
+    shuffled REAL NOT NULL, ci_low REAL, ci_high REAL, n INTEGER, details_json TEXT,
+    PRIMARY KEY (explanation_id, scorer)
+);
+CREATE INDEX IF NOT EXISTS scores_scorer ON scores (scorer, score, explanation_id);
+"""
+
+
+def _v2_store(path) -> None:
+    """A schema 2 file written with the v2 SQL: the v1 content, an auto label with a score."""
+    _v1_store(path)
+    with sqlite3.connect(path) as db:
+        db.execute("DROP TABLE explanations")
+        db.executescript(V2_TABLES)
+        db.execute("UPDATE meta SET value = '2' WHERE key = 'schema_version'")
+        db.execute(
+            "INSERT INTO explanations VALUES (7, 0, 'auto', 'dog words', '{\"seed\": 0}', '2026-01-01T00:00:00')"
+        )
+        db.execute("INSERT INTO scores VALUES (7, 'detection', 0.8, 0.5, 0.55, 0.7, 0.9, 20, NULL)")
+
+
+def test_a_v2_store_gains_the_dreams_table_and_keeps_everything(tmp_path):
+    path = tmp_path / "v2.db"
+    _v2_store(path)
+    before = _raw(path)
+    with pytest.warns(UserWarning, match=r"schema version 2 feature store: upgrading it in place to version 3 "
+                      r"\(a table for dreamed prompts is added; nothing is lost\)"):  # fmt: skip
+        store = FeatureStore(path, create=False)
+    with store:
+        after = _raw(path)
+        for table in ("features", "examples", "vocab", "coactivation", "progress", "explanations", "scores"):
+            assert after[table] == before[table], table
+        assert store.meta()["schema_version"] == 3 and store.dreams(0) == []
+        assert store.best_explanation(0)["scores"]["detection"]["score"] == 0.8
+        store.set_dreams(0, [{"token_ids": [5, 6], "text": "dog s", "activation": 2.5, "cross_entropy": 3.0,
+                              "lam": 1.0}], run_key="k")  # fmt: skip
+        assert [d["text"] for d in store.dreams(0)] == ["dog s"]
+
+
+def test_a_failed_v2_upgrade_leaves_the_file_as_it_was(tmp_path, monkeypatch):
+    path = tmp_path / "v2.db"
+    _v2_store(path)
+    before = _raw(path)
+
+    def crash(db, version):
+        raise sqlite3.OperationalError("disk full")
+
+    monkeypatch.setattr(store_module, "_set_version", crash)
+    with pytest.warns(UserWarning, match="upgrading"), pytest.raises(FeatureStoreError, match="unchanged"):
+        FeatureStore(path, create=False)
+    assert _raw(path) == before
+
+
+def test_dreams_are_stored_per_run_and_a_rerun_replaces_its_own(tmp_path):
+    with _filled(tmp_path / "f.db") as store:
+        front = [
+            {"token_ids": [1, 2], "text": "a b", "activation": 3.0, "cross_entropy": 5.0, "lam": 0.1},
+            {"token_ids": [3], "text": "c", "activation": 1.0, "cross_entropy": 2.0, "lam": 10.0},
+        ]
+        ids = store.set_dreams(1, front, run_key="run-a", source={"seed": 0})
+        assert len(ids) == 2
+        got = store.dreams(1)
+        assert [d["text"] for d in got] == ["c", "a b"]  # by cross-entropy within a run
+        assert got[0]["source"] == {"seed": 0} and got[0]["token_ids"] == [3] and got[0]["run_key"] == "run-a"
+        store.set_dreams(1, front[:1], run_key="run-a")  # the same run again: replaces
+        assert [d["text"] for d in store.dreams(1)] == ["a b"]
+        store.set_dreams(1, front[1:], run_key="run-b")  # another run: kept beside
+        assert {d["run_key"] for d in store.dreams(1)} == {"run-a", "run-b"}
+        assert [d["text"] for d in store.dreams(1, run_key="run-b")] == ["c"]
+        assert store.dreams(2) == []
+        for bad, message in [
+            ({"token_ids": "ab", "text": "x", "activation": 1.0, "cross_entropy": 1.0}, "token_ids"),
+            ({"token_ids": [1], "text": None, "activation": 1.0, "cross_entropy": 1.0}, "text"),
+            ({"token_ids": [1], "text": "x", "activation": float("nan"), "cross_entropy": 1.0}, "activation"),
+        ]:
+            with pytest.raises(FeatureStoreError, match=message):
+                store.set_dreams(1, [bad], run_key="run-c")
+        with pytest.raises(FeatureStoreError, match="does not exist"):
+            store.set_dreams(10_000, front, run_key="run-a")
+        assert store.dreams(1, run_key="run-c") == []  # a refused write leaves nothing
 
 
 def test_a_newer_store_is_refused(tmp_path):
     path = tmp_path / "new.db"
     FeatureStore(path).close()
     with sqlite3.connect(path) as db:
-        db.execute("UPDATE meta SET value = '3' WHERE key = 'schema_version'")
+        db.execute("UPDATE meta SET value = '4' WHERE key = 'schema_version'")
     before = _raw(path)
-    with pytest.raises(FeatureStoreError, match="schema version 3, but this saelab reads version 2"):
+    with pytest.raises(FeatureStoreError, match="schema version 4, but this saelab reads version 3"):
         FeatureStore(path)
     assert _raw(path) == before
 
