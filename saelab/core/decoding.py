@@ -26,7 +26,12 @@ def _parameters(model) -> set[str]:
         return set()
 
 
-def _returned_cache(output):
+def cache_keyword(module) -> str:
+    """The forward keyword that takes a KV cache: `cache` since transformers 5.24, `past_key_values` before."""
+    return "cache" if "cache" in _parameters(module) else "past_key_values"
+
+
+def returned_cache(output):
     """The KV cache a forward pass returned: `cache` since transformers 5.24, `past_key_values` before."""
     for key in ("cache", "past_key_values"):
         if key in output and output[key] is not None:
@@ -85,7 +90,7 @@ def generate_tokens(
     """
     model, pad = lm.model, pad_token_id(lm.tokenizer)
     params = _parameters(model)
-    cache_key = "cache" if "cache" in params else "past_key_values"
+    cache_key = cache_keyword(model)
     keep_key = next((k for k in ("logits_to_keep", "num_logits_to_keep") if k in params), None)
     stop = torch.tensor(stop_ids(lm), device=input_ids.device, dtype=torch.long)
     ids, mask = input_ids, attention_mask.long()
@@ -106,7 +111,7 @@ def generate_tokens(
         if keep_key is not None:
             inputs[keep_key] = 1
         output = model(**inputs)
-        cache = _returned_cache(output) if use_cache else None
+        cache = returned_cache(output) if use_cache else None
         token = next_tokens(output.logits[:, -1], temperature, top_p, top_k)
         token = torch.where(done, torch.full_like(token, pad), token)
         new.append(token)

@@ -428,3 +428,34 @@ def test_bad_specs_list_the_forms(spec, options, message):
         make_client(spec, **options)
     if "use one of" in message:
         assert "openai:<model>@<base_url>" in str(err.value)
+
+
+LONG = ["w60 w61 w62 w63 w64 " + tail for tail in ("w70 w71", "w72", "w73 w74 w75", "w70 w76")] + ["w80 w81"]
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2", "gpt_neox", "gemma", "gemma2", "olmo2"])
+def test_a_shared_prefix_runs_once_and_changes_no_log_prob(kind):
+    """Contexts that begin alike run their common prefix once (then the rest on its key/value cache);
+    every log-prob equals the one of the whole context run from scratch."""
+    model = make_model(kind, n_layers=2, hidden=32, seed=3, initializer_range=0.3)
+    lm = HookedLM(model, make_tokenizer(), name=f"tiny-{kind}")
+    shared = LocalClient(lm=lm, batch_size=4, min_prefix=2)
+    whole = LocalClient(lm=lm, batch_size=4, min_prefix=10_000)
+    sharing = shared._prefix_cache_ok()
+    tokens = []
+    hook = lm.model.get_decoder().register_forward_pre_hook(
+        lambda _module, _args, kwargs: tokens.append(kwargs["input_ids"].numel()), with_kwargs=True
+    )
+    try:
+        got = shared.logprobs(LONG, CANDIDATES)
+        run_shared = sum(tokens)
+        tokens.clear()
+        expected = whole.logprobs(LONG, CANDIDATES)
+        run_whole = sum(tokens)
+    finally:
+        hook.remove()
+    assert torch.allclose(torch.tensor(got), torch.tensor(expected), atol=1e-5)
+    if sharing:
+        assert run_shared < run_whole
+    else:  # a cache that cannot be shared (a sliding window) runs whole
+        assert kind == "gemma2" and run_shared == run_whole

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 import torch
 
-from saelab.core.decoding import decode_new, generate_tokens, stop_ids
+from saelab.core.decoding import cache_keyword, decode_new, generate_tokens, returned_cache, stop_ids
 from saelab.core.models import HookedLM, load_model
 from saelab.core.prompts import encode_left_padded, pad_rows, pad_token_id, prompt_token_ids
 from saelab.errors import ClientError, DataError
@@ -44,15 +44,19 @@ class LocalClient:
         batch_size: int = 16,
         top_p: float = 1.0,
         top_k: int = 0,
+        min_prefix: int = 16,
     ):
         if not (isinstance(batch_size, int) and batch_size >= 1):
             raise DataError(f"batch_size is {batch_size!r}; use a whole number >= 1.")
         if not (0 < top_p <= 1):
             raise DataError(f"top_p is {top_p!r}; use a value in (0, 1] (1 keeps every token).")
+        if not (isinstance(min_prefix, int) and min_prefix >= 1):
+            raise DataError(f"min_prefix is {min_prefix!r}; use a whole number >= 1 (tokens).")
         if not (isinstance(top_k, int) and top_k >= 0):
             raise DataError(f"top_k is {top_k!r}; use a whole number >= 0 (0 keeps every token).")
         self.lm = lm if lm is not None else load_model(model, device=device, dtype=dtype)
         self.batch_size, self.top_p, self.top_k = batch_size, float(top_p), top_k
+        self.min_prefix = min_prefix
 
     @property
     def tokenizer(self):
@@ -165,30 +169,95 @@ class LocalClient:
     @torch.no_grad()
     def _tail_logprobs(self, wanted: dict[tuple[int, ...], set[tuple[int, int]]]) -> dict:
         """{context: {(position from its end, token): log P(token)}} for the wanted pairs of each
-        context (position -1: the token after the context), run in left-padded batches of similar
-        length; only the log-probs asked for leave the device."""
-        order = sorted(wanted, key=len)
+        context (position -1: the token after the context); only the log-probs asked for leave the
+        device.
+
+        Contexts run in batches of `batch_size`, sorted so that contexts sharing a beginning sit
+        together (every judge prompt about one explanation starts with the same chat template,
+        instructions and explanation). When a batch's contexts share a prefix of at least
+        `min_prefix` tokens (and the model keeps a plain key/value cache), the prefix runs once and
+        only the rest of each context runs, on a copy of the prefix's cache, right-padded so every
+        token keeps its position; otherwise the batch runs whole, left-padded."""
         out: dict[tuple[int, ...], dict[tuple[int, int], float]] = {}
-        model = self.lm.model
+        order = sorted(wanted)  # lexicographic: shared beginnings are neighbours
         for start in range(0, len(order), self.batch_size):
             chunk = order[start : start + self.batch_size]
-            k = max(-pos for c in chunk for pos, _ in wanted[c])
-            ids, mask = pad_rows(chunk, pad_token_id(self.tokenizer), left=True)
-            inputs = self.lm.prepare(ids, mask)
-            parts = self._split_head()
-            if parts is not None:  # the unembedding on the last k positions only
-                decoder, head = parts
-                logits = head(decoder(**inputs).last_hidden_state[:, -k:].contiguous())
+            depth = {c: max(-pos for pos, _ in wanted[c]) for c in chunk}  # positions needed from the end
+            shared = _common_prefix(chunk, limit=min(len(c) - depth[c] for c in chunk))
+            if shared >= self.min_prefix and self._prefix_cache_ok():
+                hidden, ends = self._run_after_prefix(chunk, shared)
             else:
-                logits = model(**inputs).logits
-            logits = logits[:, -k:].float()
-            norm = logits.logsumexp(-1)  # [batch, k]
+                hidden, ends = self._run_whole(chunk)
             pairs = [(row, pos, tok) for row, c in enumerate(chunk) for pos, tok in sorted(wanted[c])]
-            r, q, t = (torch.tensor(x, device=logits.device) for x in zip(*pairs, strict=True))
-            values = (logits[r, k + q, t] - norm[r, k + q]).tolist()
+            rows = torch.tensor([r for r, _, _ in pairs], device=hidden.device)
+            cols = torch.tensor([ends[r] + pos for r, pos, _ in pairs], device=hidden.device)
+            tokens = torch.tensor([t for _, _, t in pairs], device=hidden.device)
+            logits = self._logits(hidden[rows, cols]).float()  # [pairs, vocab]
+            values = (logits.gather(-1, tokens[:, None])[:, 0] - logits.logsumexp(-1)).tolist()
             for (row, pos, tok), value in zip(pairs, values, strict=True):
                 out.setdefault(chunk[row], {})[pos, tok] = value
         return out
+
+    def _run_whole(self, chunk: list[tuple[int, ...]]) -> tuple[torch.Tensor, list[int]]:
+        """Left-padded contexts run whole: (hidden states or logits [batch, T, *], each row's end index)."""
+        ids, mask = pad_rows(chunk, pad_token_id(self.tokenizer), left=True)
+        inputs = self.lm.prepare(ids, mask)
+        parts = self._split_head()
+        states = parts[0](**inputs).last_hidden_state if parts else self.lm.model(**inputs).logits
+        return states, [ids.shape[1]] * len(chunk)
+
+    def _run_after_prefix(self, chunk: list[tuple[int, ...]], shared: int) -> tuple[torch.Tensor, list[int]]:
+        """The first `shared` tokens (common to the chunk) once, then each row's rest on a copy of their
+        key/value cache, right-padded: (hidden states or logits [batch, S, *], each row's end index)."""
+        model, parts = self.lm.model, self._split_head()
+        runner = parts[0] if parts else model
+        key = cache_keyword(runner)
+        prefix = torch.tensor([chunk[0][:shared]], device=self.lm.device)
+        first = runner(input_ids=prefix, use_cache=True, return_dict=True)
+        cache = returned_cache(first)
+        rests = [c[shared:] for c in chunk]
+        ids, mask = pad_rows(rests, pad_token_id(self.tokenizer), left=False)
+        ids, mask = ids.to(self.lm.device), mask.to(self.lm.device)
+        cache.batch_repeat_interleave(len(chunk))
+        width = ids.shape[1]
+        inputs = {
+            "input_ids": ids,
+            "attention_mask": torch.cat([torch.ones_like(mask[:, :1]).expand(-1, shared), mask], 1),
+            "position_ids": (shared + torch.arange(width, device=ids.device)).expand(len(chunk), -1),
+            "use_cache": True,
+            "return_dict": True,
+            key: cache,
+        }
+        output = runner(**inputs)
+        states = output.last_hidden_state if parts else output.logits
+        return states, [len(r) for r in rests]
+
+    def _logits(self, states: torch.Tensor) -> torch.Tensor:
+        """Logits of gathered hidden states (the split path), or the gathered logits themselves."""
+        parts = self._split_head()
+        return parts[1](states) if parts else states
+
+    def _prefix_cache_ok(self) -> bool:
+        """Whether a prefix's key/value cache can be shared: the model returns a cache whose layers all
+        keep every token (no sliding window, no recurrent state) and can be repeated over a batch."""
+        if not hasattr(self, "_prefix_ok"):
+            ok = False
+            parts = self._split_head()
+            runner = parts[0] if parts else self.lm.model
+            try:
+                probe = torch.tensor([[self.tokenizer.bos_token_id or 0] * 2], device=self.lm.device)
+                cache = returned_cache(runner(input_ids=probe, use_cache=True, return_dict=True))
+                layers = getattr(cache, "layers", None)
+                ok = (
+                    cache is not None
+                    and callable(getattr(cache, "batch_repeat_interleave", None))
+                    and cache.get_seq_length() == 2
+                    and (layers is None or all(type(layer).__name__ == "DynamicLayer" for layer in layers))
+                )
+            except (TypeError, ValueError, AttributeError):
+                ok = False
+            self._prefix_ok = ok
+        return self._prefix_ok
 
     def _split_head(self):
         """(decoder, unembedding) when the logits are exactly unembedding(decoder output), else None (a
@@ -243,3 +312,12 @@ class LocalClient:
             "top_p": self.top_p,
             "top_k": self.top_k,
         }
+
+
+def _common_prefix(rows: Sequence[Sequence[int]], limit: int) -> int:
+    """How many leading tokens all `rows` share, at most `limit`."""
+    first, n = rows[0], max(0, limit)
+    for row in rows[1:]:
+        n = min(n, len(row))
+        n = next((i for i in range(n) if row[i] != first[i]), n)
+    return n
