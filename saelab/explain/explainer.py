@@ -105,28 +105,37 @@ class Explainer:
 
     def explain(self, examples: Sequence[Example], n: int = 1, seed: int = 0) -> list[ExplanationResult]:
         """`n` explanations from the same prompt, sample i seeded by seed + i."""
+        return self.explain_many([examples], n, seed)[0]
+
+    def explain_many(
+        self, example_lists: Sequence[Sequence[Example]], n: int = 1, seed: int = 0
+    ) -> list[list[ExplanationResult]]:
+        """`explain` for several latents at once: their prompts go to the client in one `generate` call per
+        sample, so a local model decodes them as one batch. Each result is the one `explain` would give
+        (greedy decoding is batch-independent up to float rounding; samples are seeded per prompt)."""
         if not (isinstance(n, int) and n >= 1):
             raise DataError(f"n (explanations per latent) is {n!r}; use a whole number >= 1.")
         settings = self.settings(n)
         if n > 1 and settings["temperature"] == 0:
             raise DataError("several explanations per latent need a temperature above 0 (greedy gives one).")
-        prompt = build_prompt(examples, self.show_values)
+        prompts = [build_prompt(examples, self.show_values) for examples in example_lists]
         describe = self.client.describe()
-        out = []
+        out: list[list[ExplanationResult]] = [[] for _ in prompts]
         for i in range(n):
-            raw = self.client.generate(
-                [prompt],
+            raws = self.client.generate(
+                prompts,
                 max_new_tokens=self.max_new_tokens,
                 temperature=settings["temperature"],
                 seed=seed + i,
-            )[0]
-            source = {
-                "explainer": describe, "prompt_version": PROMPT_VERSION,
-                "example_ids": [e.id for e in examples], "seed": seed + i, "sample": i,
-                "settings": settings, "raw": raw,
-            }  # fmt: skip
-            try:
-                out.append(ExplanationResult(parse_label(raw, self.max_chars), source, raw))
-            except DataError as e:
-                out.append(ExplanationResult(None, source, raw, str(e)))
+            )
+            for results, examples, raw in zip(out, example_lists, raws, strict=True):
+                source = {
+                    "method": "auto", "explainer": describe, "prompt_version": PROMPT_VERSION,
+                    "example_ids": [e.id for e in examples], "seed": seed + i, "sample": i,
+                    "settings": settings, "raw": raw,
+                }  # fmt: skip
+                try:
+                    results.append(ExplanationResult(parse_label(raw, self.max_chars), source, raw))
+                except DataError as e:
+                    results.append(ExplanationResult(None, source, raw, str(e)))
         return out

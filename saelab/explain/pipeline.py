@@ -3,18 +3,25 @@
 `explain_features` runs in two passes over the chosen latents (by default the `n_features` most
 frequent live ones):
 
-1. explain: build each latent's example sets (`build_examples`), ask the explainer for
-   `n_explanations` labels, and add each as an 'auto' explanation whose source records the explainer,
-   the prompt version, the example ids, the seed, the whole `ExplainConfig` and a settings key;
-2. score: each explanation with every chosen scorer, beside its controls; the shuffled label is a
-   seeded choice among the first explanations of the OTHER chosen latents, so it needs at least two.
+1. explain: an explanation method writes `n_explanations` labels per latent, each added to the store
+   with its provenance (the method's own record, the whole `ExplainConfig`, the example ids, a settings
+   key). Method "auto" is the explainer LM reading each latent's activating examples (`build_examples`;
+   latents are sent to it in groups, so a local model decodes several prompts in one batch); method
+   "self" is the model describing the latent's decoder direction injected into its own residual stream
+   (`SelfExplainer`), which needs no examples to explain, only to score;
+2. score: each new label with every chosen scorer, beside its controls (`score_latents`).
 
-Every write is one store transaction (`add_explanation`, `set_score`). Resume: a latent whose 'auto'
-explanations carry this run's settings key is not explained again, and an explanation already scored by a
-scorer with the same scoring key (judge, scorer version, seed, bootstrap) is not scored again, so an
-interrupted run picks up where it stopped and a finished one is a no-op. `redo=True` explains and scores
-anew (the old explanations stay, newest last). Junk completions are recorded in the summary's
-``failures``, never written.
+`score_explanations` runs the second pass alone on labels already in the store (human ones, say, or a
+planted dictionary's true labels), so every kind of label is measured the same way.
+
+The shuffled control of a label is a seeded choice among the first labels (of the same kinds) of the
+OTHER latents in the run, so a run needs at least two. Every write is one store transaction
+(`add_explanation`, `set_score`). Resume: a latent whose labels of this kind carry this run's settings
+key is not explained again, and a label already scored by a scorer with the same scoring key (judge,
+scorer version, seed, bootstrap, example settings) is not scored again, so an interrupted run picks up
+where it stopped and a finished one is a no-op. `redo=True` explains and scores anew (the old labels
+stay, newest last). Junk completions and latents that cannot be explained or scored (no stored
+examples, no non-activating window) are recorded in the summary's ``failures``, never written.
 """
 
 from __future__ import annotations
@@ -22,19 +29,32 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Protocol
 
+import torch
 from tqdm.auto import tqdm
 
-from saelab.analysis.store import FeatureStore
+from saelab.analysis.store import KINDS, FeatureStore
 from saelab.core.models import HookedLM
 from saelab.dictionaries import Dictionary
 from saelab.errors import DataError
 from saelab.explain.clients.base import LMClient
 from saelab.explain.examples import ExampleSet, build_examples, live_latents
-from saelab.explain.explainer import PROMPT_VERSION, Explainer
+from saelab.explain.explainer import PROMPT_VERSION, Explainer, ExplanationResult
 from saelab.explain.scorers import SCORER_VERSION, get_scorer
+
+GROUP = 8  # latents whose explainer prompts go to the client together (one batch on a local model)
+
+
+class DirectionExplainer(Protocol):
+    """What method "self" needs: labels of a decoder direction (`SelfExplainer` is one)."""
+
+    def settings(self) -> dict: ...
+
+    def explain(self, direction: torch.Tensor, n: int, seed: int) -> list[ExplanationResult]: ...
 
 
 @dataclass
@@ -74,6 +94,10 @@ class ExplainConfig:
         out["scorers"] = list(self.scorers)
         return out
 
+    def example_settings(self) -> dict:
+        """What decides a latent's example sets (and so its scores)."""
+        return {k: getattr(self, k) for k in ("n_explain", "n_test", "n_random", "n_hard", "seed")}
+
 
 _NOT_PER_LATENT = ("features", "n_features", "scorers", "n_bootstrap")  # do not change a latent's labels
 _SUMMARY_FIELDS = ("score", "chance", "shuffled", "ci_low", "ci_high", "flagged")
@@ -94,22 +118,44 @@ class _Latent:
     explanations: list[dict] = field(default_factory=list)  # {"id", "text"}
 
 
-def _choose(store: FeatureStore, cfg: ExplainConfig) -> list[int]:
-    if cfg.features is not None:
-        chosen = list(dict.fromkeys(int(i) for i in cfg.features))
+def choose_latents(store: FeatureStore, features: Sequence[int] | None, n_features: int) -> list[int]:
+    """`features` (each checked to exist), or the `n_features` most frequent live latents."""
+    if features is not None:
+        chosen = list(dict.fromkeys(int(i) for i in features))
         for i in chosen:
             if store.feature(i) is None:
                 raise DataError(f"latent {i} is not in the feature store {store.path}.")
         return chosen
-    rows = store.list_features(sort="density", descending=True, limit=cfg.n_features, include_dead=False)
+    rows = store.list_features(sort="density", descending=True, limit=n_features, include_dead=False)
     return [r["idx"] for r in rows]
+
+
+def _new_summary() -> dict:
+    return {"features": [], "explained": [], "skipped": [], "scored": 0, "failures": [], "scores": {}}
+
+
+class _Examples:
+    """Each latent's example sets, built once on first use (explaining and scoring share them)."""
+
+    def __init__(self, store: FeatureStore, lm: HookedLM, dictionary: Dictionary, cfg: ExplainConfig):
+        self.store, self.lm, self.dictionary, self.cfg = store, lm, dictionary, cfg
+        self.live, self.vocab = live_latents(store), store.vocab()
+
+    def __call__(self, latent: _Latent) -> ExampleSet:
+        if latent.examples is None:
+            cfg = self.cfg
+            latent.examples = build_examples(
+                self.store, latent.idx, self.lm, self.dictionary, cfg.n_explain, cfg.n_test, cfg.n_random,
+                cfg.n_hard, cfg.seed, vocab=self.vocab, batch_size=cfg.batch_size, live=self.live,
+            )  # fmt: skip
+        return latent.examples
 
 
 def explain_features(
     store_path: str | Path,
     lm: HookedLM,
     dictionary: Dictionary,
-    explainer: LMClient | Explainer,
+    explainer: LMClient | Explainer | DirectionExplainer,
     judge: LMClient,
     cfg: ExplainConfig | None = None,
     redo: bool = False,
@@ -117,109 +163,175 @@ def explain_features(
 ) -> dict:
     """Explain and score the chosen latents into the store at `store_path` (see the module docstring).
 
+    `explainer` is an LM client or `Explainer` (method "auto"), or a `DirectionExplainer` such as
+    `saelab.explain.self_explain.SelfExplainer` (method "self").
     Returns {"features", "explained", "skipped", "scored", "failures", "scores": {idx: [{"id", "text",
     scorer: {score, chance, shuffled, ci_low, ci_high, flagged}}]}}."""
     cfg = cfg or ExplainConfig()
-    if not isinstance(explainer, Explainer):
-        explainer = Explainer(
-            explainer, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-            show_values=cfg.show_values,
-        )  # fmt: skip
+    if not isinstance(explainer, Explainer) and not hasattr(explainer, "generate"):
+        method, record = "self", {"self_explainer": explainer.settings()}
+    else:
+        if not isinstance(explainer, Explainer):
+            explainer = Explainer(
+                explainer, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+                show_values=cfg.show_values,
+            )  # fmt: skip
+        method = "auto"
+        record = {"prompt": PROMPT_VERSION, "explainer": explainer.client.describe(),
+                  "settings": explainer.settings(cfg.n_explanations)}  # fmt: skip
     dictionary = dictionary.to(lm.device).eval()
-    # What makes a stored explanation (or score) the same as this run's: its resume keys.
+    # What makes a stored explanation the same as this run's: its resume key.
     per_latent = {k: v for k, v in cfg.to_dict().items() if k not in _NOT_PER_LATENT}
-    explain_key = _key(
-        {"prompt": PROMPT_VERSION, "explainer": explainer.client.describe(),
-         "settings": explainer.settings(cfg.n_explanations), "config": per_latent}
-    )  # fmt: skip
-    score_key = _key(
-        {"judge": judge.describe(), "version": SCORER_VERSION, "seed": cfg.seed,
-         "n_bootstrap": cfg.n_bootstrap, "examples": explain_key}
-    )  # fmt: skip
-    summary: dict = {
-        "features": [],
-        "explained": [],
-        "skipped": [],
-        "scored": 0,
-        "failures": [],
-        "scores": {},
-    }
+    explain_key = _key(record | {"method": method, "config": per_latent})
+    summary = _new_summary()
     with FeatureStore(store_path, create=False) as store:
-        chosen = _choose(store, cfg)
+        chosen = choose_latents(store, cfg.features, cfg.n_features)
         if cfg.scorers and len(chosen) < 2:
             raise DataError(_TWO)
         summary["features"] = chosen
-        live, vocab = live_latents(store), store.vocab()
+        examples_of = _Examples(store, lm, dictionary, cfg)
         latents = [_Latent(i) for i in chosen]
-
-        def examples_of(latent: _Latent) -> ExampleSet:
-            if latent.examples is None:
-                latent.examples = build_examples(
-                    store, latent.idx, lm, dictionary, cfg.n_explain, cfg.n_test, cfg.n_random, cfg.n_hard,
-                    cfg.seed, vocab=vocab, batch_size=cfg.batch_size, live=live,
-                )  # fmt: skip
-            return latent.examples
-
-        # 1. explain
-        for latent in tqdm(latents, desc="explain", unit="latent", disable=not progress):
+        pending = []
+        for latent in latents:
             done = [
                 e for e in store.explanations(latent.idx)
-                if e["kind"] == "auto" and e["source"].get("settings_key") == explain_key
+                if e["kind"] == method and e["source"].get("settings_key") == explain_key
             ]  # fmt: skip
             if done and not redo:
                 latent.explanations = [
                     {"id": e["id"], "text": e["text"]} for e in sorted(done, key=lambda e: e["id"])
                 ]
                 summary["skipped"].append(latent.idx)
-                continue
-            examples = examples_of(latent)
-            if not examples.explain:
-                summary["failures"].append({"feature": latent.idx, "stage": "examples",
-                                            "error": "no activating examples stored"})  # fmt: skip
-                continue
-            for result in explainer.explain(examples.explain, cfg.n_explanations, cfg.seed):
+            else:
+                pending.append(latent)
+
+        def write(latent: _Latent, results: list[ExplanationResult], examples: ExampleSet | None) -> None:
+            for result in results:
                 if result.text is None:
                     summary["failures"].append(
                         {"feature": latent.idx, "stage": "explain", "error": result.error,
-                         "sample": result.source["sample"], "raw": result.raw}
+                         "sample": result.source.get("sample"), "raw": result.raw}
                     )  # fmt: skip
                     continue
-                source = result.source | {"config": cfg.to_dict(), "settings_key": explain_key,
-                                           "examples": examples.ids()}  # fmt: skip
-                eid = store.add_explanation(latent.idx, result.text, "auto", source)
+                source = result.source | {"config": cfg.to_dict(), "settings_key": explain_key}
+                if examples is not None:
+                    source["examples"] = examples.ids()
+                eid = store.add_explanation(latent.idx, result.text, method, source)
                 latent.explanations.append({"id": eid, "text": result.text})
             summary["explained"].append(latent.idx)
 
-        # 2. score, each explanation beside its controls
-        labelled = [lat for lat in latents if lat.explanations] if cfg.scorers else []
-        if len(labelled) == 1:
-            raise DataError(_TWO)
-        for latent in tqdm(labelled, desc="score", unit="latent", disable=not progress):
-            others = [lat.explanations[0]["text"] for lat in labelled if lat.idx != latent.idx]
-            rng = random.Random(cfg.seed * 1_000_003 + latent.idx)
-            stored = {e["id"]: e["scores"] for e in store.explanations(latent.idx)}
-            rows = []
-            for k, explanation in enumerate(latent.explanations):
-                shuffled = others[rng.randrange(len(others))]
-                row = {"id": explanation["id"], "text": explanation["text"]}
-                for name in cfg.scorers:
-                    old = stored.get(explanation["id"], {}).get(name)
-                    if old is not None and not redo and (old["details"] or {}).get("score_key") == score_key:
-                        row[name] = {f: old[f] for f in _SUMMARY_FIELDS}
-                        continue
-                    try:
-                        result = get_scorer(name).score(
-                            explanation["text"], examples_of(latent), judge, shuffled,
-                            seed=cfg.seed + k, n_bootstrap=cfg.n_bootstrap,
-                        )  # fmt: skip
-                    except DataError as e:
-                        summary["failures"].append({"feature": latent.idx, "stage": name, "error": str(e),
-                                                    "explanation_id": explanation["id"]})  # fmt: skip
-                        continue
-                    result.details["score_key"] = score_key
-                    store.set_score(explanation["id"], **result.store_kwargs())
-                    summary["scored"] += 1
-                    row[name] = {f: getattr(result, f) for f in _SUMMARY_FIELDS}
-                rows.append(row)
-            summary["scores"][latent.idx] = rows
+        bar = tqdm(total=len(pending), desc=f"explain ({method})", unit="latent", disable=not progress)
+        if method == "self":
+            for latent in pending:
+                direction = dictionary.W_dec[latent.idx].detach()
+                write(latent, explainer.explain(direction, cfg.n_explanations, cfg.seed), None)
+                bar.update()
+        else:
+            for start in range(0, len(pending), GROUP):
+                group, sets = [], []
+                for latent in pending[start : start + GROUP]:
+                    examples = examples_of(latent)
+                    if examples.explain:
+                        group.append(latent)
+                        sets.append(examples)
+                    else:
+                        summary["failures"].append({"feature": latent.idx, "stage": "examples",
+                                                    "error": "no activating examples stored"})  # fmt: skip
+                results = explainer.explain_many([s.explain for s in sets], cfg.n_explanations, cfg.seed)
+                for latent, examples, found in zip(group, sets, results, strict=True):
+                    write(latent, found, examples)
+                bar.update(len(pending[start : start + GROUP]))
+        bar.close()
+
+        if cfg.scorers:
+            labelled = [lat for lat in latents if lat.explanations]
+            _score(store, labelled, judge, cfg, examples_of, {"explained_by": explain_key}, summary, redo,
+                   progress)  # fmt: skip
     return summary
+
+
+def score_explanations(
+    store_path: str | Path,
+    lm: HookedLM,
+    dictionary: Dictionary,
+    judge: LMClient,
+    cfg: ExplainConfig | None = None,
+    kinds: Sequence[str] = KINDS,
+    redo: bool = False,
+    progress: bool = True,
+) -> dict:
+    """Score the labels of `kinds` already stored for the chosen latents (every scorer of `cfg`, each
+    beside chance and another latent's label of the same kinds); resumable like `explain_features`.
+    Returns the same summary (nothing in "explained")."""
+    cfg = cfg or ExplainConfig()
+    unknown = sorted(set(kinds) - set(KINDS))
+    if unknown or not kinds:
+        raise DataError(f"kinds must be some of {', '.join(KINDS)}, got {list(kinds)!r}.")
+    if not cfg.scorers:
+        raise DataError("no scorers chosen; name at least one of detection, fuzzing, embedding, surprisal.")
+    dictionary = dictionary.to(lm.device).eval()
+    summary = _new_summary()
+    with FeatureStore(store_path, create=False) as store:
+        chosen = choose_latents(store, cfg.features, cfg.n_features)
+        summary["features"] = chosen
+        latents = []
+        for idx in chosen:
+            found = sorted((e for e in store.explanations(idx) if e["kind"] in kinds), key=lambda e: e["id"])
+            latent = _Latent(idx, explanations=[{"id": e["id"], "text": e["text"]} for e in found])
+            if latent.explanations:
+                latents.append(latent)
+            else:
+                summary["skipped"].append(idx)
+        if len(latents) < 2:
+            raise DataError(_TWO)
+        _score(store, latents, judge, cfg, _Examples(store, lm, dictionary, cfg), {"kinds": sorted(kinds)},
+               summary, redo, progress)  # fmt: skip
+    return summary
+
+
+def _score(
+    store: FeatureStore,
+    latents: list[_Latent],
+    judge: LMClient,
+    cfg: ExplainConfig,
+    examples_of: Callable[[_Latent], ExampleSet],
+    extra_key: dict,
+    summary: dict,
+    redo: bool,
+    progress: bool,
+) -> None:
+    """Score every explanation of `latents` with each scorer, beside chance and a shuffled label."""
+    if len(latents) == 1:
+        raise DataError(_TWO)
+    score_key = _key(
+        {"judge": judge.describe(), "version": SCORER_VERSION, "seed": cfg.seed,
+         "n_bootstrap": cfg.n_bootstrap, "examples": cfg.example_settings()} | extra_key
+    )  # fmt: skip
+    for latent in tqdm(latents, desc="score", unit="latent", disable=not progress):
+        others = [lat.explanations[0]["text"] for lat in latents if lat.idx != latent.idx]
+        rng = random.Random(cfg.seed * 1_000_003 + latent.idx)
+        stored = {e["id"]: e["scores"] for e in store.explanations(latent.idx)}
+        rows = []
+        for k, explanation in enumerate(latent.explanations):
+            shuffled = others[rng.randrange(len(others))]
+            row = {"id": explanation["id"], "text": explanation["text"]}
+            for name in cfg.scorers:
+                old = stored.get(explanation["id"], {}).get(name)
+                if old is not None and not redo and (old["details"] or {}).get("score_key") == score_key:
+                    row[name] = {f: old[f] for f in _SUMMARY_FIELDS}
+                    continue
+                try:
+                    result = get_scorer(name).score(
+                        explanation["text"], examples_of(latent), judge, shuffled,
+                        seed=cfg.seed + k, n_bootstrap=cfg.n_bootstrap,
+                    )  # fmt: skip
+                except DataError as e:
+                    summary["failures"].append({"feature": latent.idx, "stage": name, "error": str(e),
+                                                "explanation_id": explanation["id"]})  # fmt: skip
+                    continue
+                result.details["score_key"] = score_key
+                store.set_score(explanation["id"], **result.store_kwargs())
+                summary["scored"] += 1
+                row[name] = {f: getattr(result, f) for f in _SUMMARY_FIELDS}
+            rows.append(row)
+        summary["scores"][latent.idx] = rows

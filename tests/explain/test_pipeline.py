@@ -5,6 +5,7 @@ the recorded failures."""
 from __future__ import annotations
 
 import shutil
+import sqlite3
 
 import pytest
 
@@ -12,7 +13,7 @@ from saelab.analysis.store import FeatureStore, flagged
 from saelab.errors import DataError
 from saelab.explain.clients import LocalClient
 from saelab.explain.explainer import PROMPT_VERSION
-from saelab.explain.pipeline import ExplainConfig, explain_features
+from saelab.explain.pipeline import ExplainConfig, explain_features, score_explanations
 
 SMALL = dict(n_features=3, n_explain=4, n_test=4, n_random=4, n_hard=4, max_new_tokens=6, n_bootstrap=100)
 
@@ -151,3 +152,71 @@ def test_chosen_features_failures_and_refusals(analysed, client, tmp_path):
         path, lm, sae, client, client, ExplainConfig(**SMALL, features=live[:1], scorers=()), progress=False
     )
     assert only["explained"] == live[:1] and only["scored"] == 0
+
+
+def test_explaining_latents_together_gives_what_one_at_a_time_gives(analysed, client):
+    """The pipeline sends a group of latents' prompts in one generate call; each label is the one a
+    call of its own gives (greedy decoding of left-padded prompts on a float32 model)."""
+    from saelab.explain.examples import build_examples
+    from saelab.explain.explainer import Explainer
+
+    lm, sae, store_path = analysed
+    explainer = Explainer(client, max_new_tokens=6)
+    with FeatureStore(store_path) as store:
+        idxs = [r["idx"] for r in store.list_features(sort="density", limit=3, include_dead=False)]
+        sets = [build_examples(store, i, lm, sae, 4, 4, 2, 2, seed=0).explain for i in idxs]
+    together = explainer.explain_many(sets, n=1, seed=0)
+    alone = [explainer.explain(s, n=1, seed=0) for s in sets]
+    assert [[r.raw for r in rs] for rs in together] == [[r.raw for r in rs] for rs in alone]
+    assert [rs[0].source for rs in together] == [rs[0].source for rs in alone]
+    assert together[0][0].source["method"] == "auto"
+
+
+def test_stored_labels_of_any_kind_are_scored_beside_the_same_controls(analysed, client, tmp_path):
+    lm, sae, _ = analysed
+    path = fresh(analysed, tmp_path)
+    with FeatureStore(path) as store:
+        top = [r["idx"] for r in store.list_features(sort="density", limit=3, include_dead=False)]
+        for i, idx in enumerate(top):
+            store.add_explanation(idx, f"w{10 + i} words", "human", {"by": "test"})
+    cfg = ExplainConfig(**SMALL, scorers=("detection", "embedding"))
+    summary = score_explanations(path, lm, sae, client, cfg, kinds=("human",), progress=False)
+    assert summary["features"] == top and summary["scored"] == 6 and summary["explained"] == []
+    with FeatureStore(path) as store:
+        for idx in top:
+            (e,) = store.explanations(idx)
+            assert set(e["scores"]) == {"detection", "embedding"}
+            shuffled = e["scores"]["detection"]["details"]["shuffled_explanation"]
+            assert shuffled != e["text"] and shuffled.endswith(" words")
+        before = store.dump()
+    again = score_explanations(path, lm, sae, client, cfg, kinds=("human",), progress=False)
+    assert again["scored"] == 0  # resumable: nothing to redo
+    with FeatureStore(path) as store:
+        assert store.dump() == before
+    # auto labels are not touched when only human ones are asked for, and vice versa
+    explain_features(path, lm, sae, client, client, ExplainConfig(**SMALL, scorers=()), progress=False)
+    only_human = score_explanations(path, lm, sae, client, cfg, kinds=("human",), progress=False)
+    assert only_human["scored"] == 0
+    with pytest.raises(DataError, match="kinds must be"):
+        score_explanations(path, lm, sae, client, cfg, kinds=("robot",), progress=False)
+    with pytest.raises(DataError, match="at least two latents"):
+        score_explanations(path, lm, sae, client, ExplainConfig(**SMALL, features=top[:1]), kinds=("human",))
+
+
+def test_a_latent_with_no_examples_is_a_recorded_failure_and_writes_nothing(analysed, client, tmp_path):
+    lm, sae, _ = analysed
+    path = fresh(analysed, tmp_path)
+    with FeatureStore(path) as store:
+        live = [r["idx"] for r in store.list_features(sort="density", limit=3, include_dead=False)]
+    dead, live = live[0], live[1:]
+    with sqlite3.connect(path) as db:  # a latent whose examples were never stored
+        db.execute("DELETE FROM examples WHERE feature = ?", (dead,))
+    summary = explain_features(
+        path, lm, sae, client, client, ExplainConfig(**SMALL, features=[dead, *live]), progress=False
+    )
+    assert {"feature": dead, "stage": "examples", "error": "no activating examples stored"} in summary[
+        "failures"
+    ]
+    assert summary["explained"] == live
+    with FeatureStore(path) as store:
+        assert store.explanations(dead) == [] and all(store.explanations(i) for i in live)
