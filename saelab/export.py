@@ -33,9 +33,13 @@ def _activation_record(window: ExampleWindow) -> dict:
 
 
 def _first(mapping: dict | None, *keys: str) -> str | None:
+    """The first of `keys` that `mapping` holds (a dotted key reads a nested dict), as text."""
     for key in keys:
-        if (mapping or {}).get(key):
-            return str(mapping[key])
+        value = mapping
+        for part in key.split("."):
+            value = value.get(part) if isinstance(value, dict) else None
+        if value:
+            return str(value)
     return None
 
 
@@ -44,22 +48,25 @@ def _neuronpedia_explanation(e: Explanation) -> dict:
     (hijohnnylin/neuronpedia, its Prisma schema: description, typeName, explanationModelName, scores of
     value / explanationScoreTypeName / explanationScoreModelName / jsonDetails as a JSON string).
 
-    typeName is source["method"] if given, else "saelab_<kind>"; explanationModelName is the source's
-    "explainer_model" (or "model"), None for a human label; a score's model is its details' "scorer_model"
-    (or "model"). Both controls, the interval, n and the flag go in jsonDetails."""
+    typeName is "saelab_" + the source's "method" if given, else "saelab_<kind>"; explanationModelName is
+    the source's "explainer_model", "model" or "explainer.model" (what `saelab explain` records), None for
+    a human label; a score's model is its details' "scorer_model", "model" or "judge.model". Both
+    controls, the interval, n and the flag go in jsonDetails."""
     scores = []
     for name, s in e.scores.items():
         details = {"chance": s.chance, "shuffled": s.shuffled, "ci_low": s.ci_low, "ci_high": s.ci_high,
                    "n": s.n, "flagged": s.flagged}  # fmt: skip
         scores.append({
             "value": s.score, "explanationScoreTypeName": name,
-            "explanationScoreModelName": _first(s.details, "scorer_model", "model"),
+            "explanationScoreModelName": _first(s.details, "scorer_model", "model", "judge.model"),
             "jsonDetails": json.dumps(details),
         })  # fmt: skip
     return {
         "description": e.text,
-        "typeName": _first(e.source, "method") or f"saelab_{e.kind}",
-        "explanationModelName": None if e.kind == "human" else _first(e.source, "explainer_model", "model"),
+        "typeName": f"saelab_{_first(e.source, 'method') or e.kind}",
+        "explanationModelName": None
+        if e.kind == "human"
+        else _first(e.source, "explainer_model", "model", "explainer.model"),
         "scores": scores,
     }
 

@@ -205,3 +205,22 @@ def test_html_shows_explanations_and_scores_like_the_feature_page(tmp_path):
     )
     assert '<p class="muted">no explanations</p>' in dead
     assert "<script" not in text and "http://" not in text and "https://" not in text
+
+
+def test_neuronpedia_model_names_come_from_what_saelab_explain_records(tmp_path):
+    """`saelab explain` records the explainer and judge as describe() dicts; their model names are the
+    Neuronpedia explanationModelName and explanationScoreModelName."""
+    with write_tiny_store(tmp_path / "tiny.db") as store:
+        e = store.add_explanation(
+            0, "the word cat", "auto", {"method": "auto", "explainer": {"kind": "local", "model": "smol"}}
+        )
+        store.set_score(e, "detection", 0.9, 0.5, 0.55, 0.8, 0.97, 40, {"judge": {"model": "smol-judge"}})
+        s = store.add_explanation(0, "cats", "self", {"method": "self", "explainer": {"model": "smol"}})
+        data = neuronpedia_feature(store, 0, "smollm2", "blocks.0.hook_resid_post")
+    by_text = {x["description"]: x for x in data["explanations"]}
+    assert (by_text["the word cat"]["typeName"], by_text["the word cat"]["explanationModelName"]) == (
+        "saelab_auto", "smol",
+    )  # fmt: skip
+    assert by_text["the word cat"]["scores"][0]["explanationScoreModelName"] == "smol-judge"
+    assert (by_text["cats"]["typeName"], by_text["cats"]["explanationModelName"]) == ("saelab_self", "smol")
+    assert s > e
