@@ -534,13 +534,15 @@ class FeatureStore:
         """Everything stored about one latent (examples excluded: see `examples`), or None.
 
         ``explanation`` is its newest human label, else its best explanation's text (what v1 called
-        the explanation); ``explanations`` all of them, best first, each with its scores."""
+        the explanation); ``explanations`` all of them, best first, each with its scores; ``dreams`` its
+        dreamed prompts (see `dreams`)."""
         row = self._db.execute("SELECT * FROM features WHERE idx = ?", (idx,)).fetchone()
         if row is None:
             return None
         out = _decode_row(row)
         out["explanations"] = self.explanations(idx)
         out["explanation"] = self._label(out["explanations"])
+        out["dreams"] = self.dreams(idx)
         out["coactivation"] = [
             {"other": r["other"], "count": r["count"]}
             for r in self._db.execute(

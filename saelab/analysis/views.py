@@ -242,6 +242,32 @@ class Explanation:
 
 
 @dataclass(frozen=True)
+class Dream:
+    """One dreamed prompt (fluent dreaming): its tokens' texts, the latent's activation on it against the
+    latent's dataset maximum, and the prompt's cross-entropy under the model (lower: more fluent)."""
+
+    id: int
+    tokens: list[str]
+    activation: float
+    cross_entropy: float
+    lam: float | None
+    of_max: float | None  # activation / the dataset maximum (None for a latent that never fired)
+    run_key: str
+    source: dict
+
+    @property
+    def text(self) -> str:
+        return "".join(self.tokens)
+
+    def api(self) -> dict:
+        return {
+            "id": self.id, "text": self.text, "tokens": self.tokens, "activation": self.activation,
+            "cross_entropy": self.cross_entropy, "lam": self.lam, "of_max": self.of_max,
+            "run_key": self.run_key,
+        }  # fmt: skip
+
+
+@dataclass(frozen=True)
 class FeatureSummary:
     """One row of the feature list: statistics, the label, the best explanation with its detection score
     and controls, and a one-line preview of the strongest top example."""
@@ -289,6 +315,7 @@ class FeatureView:
     neighbours: list[Neighbour]
     coactivation: list[CoFiring]
     explanations: list[Explanation] = field(default_factory=list)  # best first
+    dreams: list[Dream] = field(default_factory=list)  # newest run first, each by cross-entropy
 
     @property
     def dead(self) -> bool:
@@ -319,6 +346,7 @@ class FeatureView:
             "neighbours": [{"idx": n.idx, "cosine": n.cosine} for n in self.neighbours],
             "coactivation": [{"idx": c.idx, "count": c.count} for c in self.coactivation],
             "explanations": [e.api() for e in self.explanations],
+            "dreams": [d.api() for d in self.dreams],
         }
 
 
@@ -376,7 +404,15 @@ class DisplayContext:
             neighbours=[Neighbour(o, c) for o, c in row.get("neighbours") or []],
             coactivation=[CoFiring(c["other"], c["count"]) for c in row.get("coactivation") or []],
             explanations=[Explanation.of(e) for e in row.get("explanations") or []],
+            dreams=[self.dream(d, row["max_act"]) for d in row.get("dreams") or []],
         )
+
+    def dream(self, row: dict, max_act: float) -> Dream:
+        """A `FeatureStore.dreams` row as a view, its activation against the latent's dataset maximum."""
+        return Dream(
+            row["id"], [self.token_text(t) for t in row["token_ids"]], row["activation"], row["cross_entropy"],
+            row["lam"], row["activation"] / max_act if max_act > 0 else None, row["run_key"], row["source"],
+        )  # fmt: skip
 
     def summary(self, row: dict) -> FeatureSummary:
         """A `FeatureStore.list_features` row as a list row."""

@@ -30,7 +30,7 @@ import hashlib
 import json
 import random
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Protocol
 
@@ -131,7 +131,15 @@ def choose_latents(store: FeatureStore, features: Sequence[int] | None, n_featur
 
 
 def _new_summary() -> dict:
-    return {"features": [], "explained": [], "skipped": [], "scored": 0, "failures": [], "scores": {}}
+    return {
+        "features": [],
+        "explained": [],
+        "skipped": [],
+        "scored": 0,
+        "failures": [],
+        "scores": {},
+        "new": [],
+    }
 
 
 class _Examples:
@@ -218,6 +226,7 @@ def explain_features(
                     source["examples"] = examples.ids()
                 eid = store.add_explanation(latent.idx, result.text, method, source)
                 latent.explanations.append({"id": eid, "text": result.text})
+                summary["new"].append({"id": eid, "text": result.text})
             summary["explained"].append(latent.idx)
 
         bar = tqdm(total=len(pending), desc=f"explain ({method})", unit="latent", disable=not progress)
@@ -289,6 +298,62 @@ def score_explanations(
     return summary
 
 
+LIVE = ExplainConfig(
+    n_explain=20, n_test=10, n_random=5, n_hard=5, scorers=("detection", "embedding", "surprisal"),
+    n_bootstrap=500,
+)  # fmt: skip
+
+
+def explain_now(
+    store_path: str | Path,
+    lm: HookedLM,
+    dictionary: Dictionary,
+    explainer: LMClient | Explainer | DirectionExplainer,
+    judge: LMClient,
+    idx: int,
+    cfg: ExplainConfig = LIVE,
+    n_controls: int = 64,
+) -> dict:
+    """Explain latent `idx` now (new labels beside any old ones) and score the new labels, each beside
+    chance and a label another latent already has in the store (the best label of up to `n_controls`
+    others, best-scored first). With no other label stored yet, the most frequent other live latent is
+    explained first (same method) to serve as the control. Returns the summary of `explain_features`."""
+    cfg = replace(cfg, features=[int(idx)])
+    with FeatureStore(store_path, create=False) as store:
+        if store.feature(int(idx)) is None:
+            raise DataError(f"latent {idx} is not in the feature store {store.path}.")
+        rows = store.list_features(sort="score", limit=n_controls + 1, include_dead=False)
+        controls = {r["idx"]: r["best"]["text"] for r in rows if r["best"] and r["idx"] != idx}
+        if not controls:
+            other = next((r["idx"] for r in store.list_features(sort="density", limit=2, include_dead=False)
+                          if r["idx"] != idx), None)  # fmt: skip
+            if other is None:
+                raise DataError(
+                    f"latent {idx} is the only live latent in {store.path}: a score needs another latent's "
+                    "label as its shuffled control."
+                )
+    if not controls:
+        first = explain_features(store_path, lm, dictionary, explainer, judge, replace(cfg, features=[other],
+                                 scorers=()), progress=False)  # fmt: skip
+        with FeatureStore(store_path, create=False) as store:
+            found = store.explanations(other)
+        controls = {other: found[0]["text"]} if found else {}
+        if not controls:
+            raise DataError(
+                f"no label could be made for latent {other} to serve as the shuffled control "
+                f"({'; '.join(f['error'] for f in first['failures']) or 'no reason given'})."
+            )
+    summary = explain_features(store_path, lm, dictionary, explainer, judge, replace(cfg, scorers=()),
+                               redo=True, progress=False)  # fmt: skip
+    labelled = [_Latent(int(idx), explanations=list(summary["new"]))]
+    if cfg.scorers and labelled[0].explanations:
+        with FeatureStore(store_path, create=False) as store:
+            dictionary = dictionary.to(lm.device).eval()
+            _score(store, labelled, judge, cfg, _Examples(store, lm, dictionary, cfg),
+                   {"live": True, "controls": sorted(controls)}, summary, False, False, controls)  # fmt: skip
+    return summary
+
+
 def _score(
     store: FeatureStore,
     latents: list[_Latent],
@@ -299,16 +364,23 @@ def _score(
     summary: dict,
     redo: bool,
     progress: bool,
+    controls: dict[int, str] | None = None,
 ) -> None:
-    """Score every explanation of `latents` with each scorer, beside chance and a shuffled label."""
-    if len(latents) == 1:
+    """Score every explanation of `latents` with each scorer, beside chance and a shuffled label: one of
+    `controls` ({latent: label} of other latents) if given, else the first label of another of `latents`."""
+    if controls is None and len(latents) == 1:
         raise DataError(_TWO)
     score_key = _key(
         {"judge": judge.describe(), "version": SCORER_VERSION, "seed": cfg.seed,
          "n_bootstrap": cfg.n_bootstrap, "examples": cfg.example_settings()} | extra_key
     )  # fmt: skip
     for latent in tqdm(latents, desc="score", unit="latent", disable=not progress):
-        others = [lat.explanations[0]["text"] for lat in latents if lat.idx != latent.idx]
+        if controls is None:
+            others = [lat.explanations[0]["text"] for lat in latents if lat.idx != latent.idx]
+        else:
+            others = [text for idx, text in sorted(controls.items()) if idx != latent.idx]
+        if not others:
+            raise DataError(_TWO)
         rng = random.Random(cfg.seed * 1_000_003 + latent.idx)
         stored = {e["id"]: e["scores"] for e in store.explanations(latent.idx)}
         rows = []

@@ -65,6 +65,7 @@ class LiveModel:
         self.exclude_bos = bool(data.get("exclude_bos", True))
         self.exclude_special = bool(data.get("exclude_special", True))
         self._lock = threading.Lock()
+        self._clients: dict[str, object] = {}  # the explainer/judge and the self-explainer, made on first use
 
     def tokenize(self, text: str) -> list[int]:
         """Token ids as the analysis saw them: BOS first (if its data config prepended one), no other specials."""
@@ -161,3 +162,27 @@ class LiveModel:
         vector = directions.get(hook, -1)
         weights = self.dictionary.W_dec
         return decompose(self.dictionary, vector.to(weights.device, weights.dtype), n_features, method)
+
+    def explain(self, store_path, idx: int, method: str = "auto") -> dict:
+        """Explain latent `idx` now on this model ("auto": it reads the stored examples; "self": its decoder
+        direction injected into the model) and score the new labels (`saelab.explain.pipeline.explain_now`)."""
+        from saelab.explain.pipeline import explain_now
+
+        with self._lock:
+            judge = self._client("local")
+            explainer = judge if method == "auto" else self._client(method)
+            return explain_now(store_path, self.lm, self.dictionary, explainer, judge, idx)
+
+    def _client(self, method: str):
+        if method not in self._clients:
+            if method == "local":
+                from saelab.explain.clients import LocalClient
+
+                self._clients[method] = LocalClient(lm=self.lm)
+            elif method == "self":
+                from saelab.explain.selfexplain import SelfExplainer
+
+                self._clients[method] = SelfExplainer(self.lm)
+            else:
+                raise InterventionError(f"unknown explanation method {method!r}; use 'auto' or 'self'.")
+        return self._clients[method]

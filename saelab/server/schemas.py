@@ -52,6 +52,10 @@ class ExplanationRequest(BaseModel):
     text: Text | None = Field(None, description="the explanation; null or blank removes it")
 
 
+class ExplainRequest(BaseModel):
+    method: Literal["auto", "self"] = Field("auto", description="auto-interp or self-explanation")
+
+
 class SteerRequest(BaseModel):
     feature: int = Field(description="latent to steer with (0 .. d_sae-1)")
     strength: float = Field(

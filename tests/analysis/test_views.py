@@ -92,7 +92,7 @@ def test_feature_view_carries_token_text_and_the_api_shape(tiny):
     api = f.api()
     assert list(api) == ["idx", "density", "mean_act", "max_act", "n_active", "dead", "explanation",
                          "quantile_edges", "hist", "logits_pos", "logits_neg", "logit_hist", "neighbours",
-                         "coactivation", "explanations"]  # fmt: skip
+                         "coactivation", "explanations", "dreams"]  # fmt: skip
     assert api["logits_neg"] == [{"token_id": 2, "token": "cat", "value": -0.5}]
     assert (
         api["hist"]["bins"] == hist_bins([0, 2, 1, 0], EDGES)
@@ -160,3 +160,25 @@ def test_explanations_and_list_rows_as_views(tiny):
     )
     assert rows[1]["best"]["detection"]["flagged"] is True  # its interval reaches down to the shuffled score
     assert rows[2] == {**rows[2], "score": None, "best": None, "explanation": None, "preview": ""}
+
+
+def test_dreams_are_views_against_the_dataset_maximum(tiny):
+    max_act = tiny.feature(0)["max_act"]
+    tiny.set_dreams(0, [
+        {"token_ids": [1, 2], "text": "thecat", "activation": 2 * max_act, "cross_entropy": 6.0, "lam": 0.1},
+        {"token_ids": [3, 99], "text": "", "activation": max_act / 2, "cross_entropy": 3.5, "lam": 10.0},
+    ], run_key="r", source={"seed": 0})  # fmt: skip
+    tiny.set_dreams(2, [{"token_ids": [1], "text": "the", "activation": 0.5, "cross_entropy": 4.0, "lam": None}],
+                    run_key="r")  # fmt: skip
+    context = DisplayContext.of(tiny)
+    f = context.page(tiny, 0).feature
+    assert [(d.tokens, d.of_max, d.lam) for d in f.dreams] == [
+        (["a\nb", "<99>"], 0.5, 10.0),
+        (["the", "cat"], 2.0, 0.1),
+    ]
+    assert f.dreams[1].text == "thecat"
+    api = f.api()["dreams"]
+    assert api[0] == {"id": api[0]["id"], "text": "a\nb<99>", "tokens": ["a\nb", "<99>"], "activation": max_act / 2,
+                      "cross_entropy": 3.5, "lam": 10.0, "of_max": 0.5, "run_key": "r"}  # fmt: skip
+    (dead,) = context.page(tiny, 2).feature.dreams  # a latent that never fired has no share of a maximum
+    assert dead.of_max is None

@@ -59,6 +59,8 @@ def explained_url(tmp_path_factory):
     path = tmp_path_factory.mktemp("explained") / "tiny.db"
     with write_tiny_store(path) as store:
         explain_tiny_store(store)
+        store.set_dreams(0, [{"token_ids": [1, 2], "text": "thecat", "activation": 3.0, "cross_entropy": 4.25,
+                              "lam": 0.5}], run_key="r")  # fmt: skip
     yield from _serve(create_app(path))
 
 
@@ -244,6 +246,12 @@ def test_explanations_scores_and_flags_on_the_list_feature_and_search_pages(page
         "tabby cats"
     )
     assert page.locator("#explanations .expl-entry").count() == 3  # the other kinds stay
+    dream = page.locator("#dreams tr.dream")
+    assert dream.count() == 1 and dream.locator("td").nth(0).inner_text() == "thecat"
+    assert dream.locator("td").nth(3).inner_text() == "4.25" and dream.locator(
+        ".of-max"
+    ).inner_text().endswith("%")
+    assert page.is_disabled("#explain-now")  # this server has no model
     page.screenshot(path=tmp_path / "feature-explanations.png", full_page=True)
 
     page.goto(explained_url + "/search")
@@ -252,4 +260,20 @@ def test_explanations_scores_and_flags_on_the_list_feature_and_search_pages(page
     page.wait_for_selector("#expl-results li a.feature-link")
     links = page.locator("#expl-results a.feature-link")
     assert [links.nth(i).get_attribute("data-idx") for i in range(links.count())] == ["0", "1"]  # by score
+    assert not page.js_errors
+
+
+def test_explain_now_adds_a_scored_label_to_the_page(page, base_url, tmp_path):
+    page.goto(base_url + "/feature/3")
+    page.wait_for_selector("#feature-stats dt")
+    assert page.inner_text("#dreams").startswith("no dreamed prompts")
+    before = page.locator("#explanations .expl-entry[data-kind='auto']").count()
+    page.select_option("#explain-now-method", "auto")
+    page.click("#explain-now")
+    autos = page.locator("#explanations .expl-entry[data-kind='auto']")
+    sync_api.expect(autos).to_have_count(before + 1, timeout=120_000)
+    entry = page.locator("#explanations .expl-entry[data-kind='auto']").first
+    assert entry.locator("tr[data-scorer]").count() == 3 and entry.locator(".expl-text").inner_text().strip()
+    assert page.is_hidden("#explain-now-spinner") and page.is_enabled("#explain-now")
+    page.screenshot(path=tmp_path / "explain-now.png", full_page=True)
     assert not page.js_errors

@@ -104,6 +104,8 @@ def test_pages_router_alone(state):
 
 def test_feature_template_renders_a_view_server_side(state):
     with state.open_store() as store:
+        store.set_dreams(0, [{"token_ids": [1, 3], "text": "the a\nb", "activation": 1.5, "cross_entropy": 3.25,
+                              "lam": 1.0}], run_key="r")  # fmt: skip
         view = state.display.page(store, 0)
     html = TEMPLATES.get_template("feature.html").render(
         view=view, idx=0, live=False, title="t", max_strength=1, max_new_tokens=1
@@ -115,6 +117,9 @@ def test_feature_template_renders_a_view_server_side(state):
     assert "a↵b" in html and "&lt;i&gt;" in html and "&#39;&lt;99&gt;&#39;" in html
     assert html.count('class="bar"') == 2 + 4 and '<h3 class="quantile">Quantile 0</h3>' in html
     assert '<a href="/feature/1" class="feature-link" data-idx="1">#1</a>' in html
+    dreams = html[html.index('id="dreams"') :]
+    assert dreams.count('<tr class="dream"') == 1 and "<td>3.250</td>" in dreams and "a↵b" in dreams
+    assert f"{round(100 * 1.5 / view.feature.max_act)}%" in dreams
 
 
 @pytest.fixture

@@ -243,6 +243,8 @@ def test_live_endpoints_answer_503_without_a_model(offline):
     assert "--no-live" in r.json()["detail"]
     r = offline.post("/api/vector", json={"positive": [TEXT], "negative": ["w5"]})
     assert r.status_code == 503 and r.json()["detail"].startswith("building vectors is off")
+    r = offline.post("/api/features/0/explain", json={"method": "auto"})
+    assert r.status_code == 503 and r.json()["detail"].startswith("explaining is off")
     assert offline.get("/vector").status_code == 200
     assert offline.get("/api/meta").json()["live"] is False
     assert offline.get("/api/features/0").status_code == 200
@@ -287,7 +289,8 @@ def test_missing_store_fails_at_creation(tmp_path):
                         "top-examples", "quantile-examples", "prev-feature", "next-feature", "steer-form",
                         "steer-prompt", "steer-mode", "steer-strength", "steer-strength-value", "steer-scope",
                         "steer-tokens", "steer-seed", "steer-run", "steer-spinner", "steer-error",
-                        "steer-unsteered", "steer-steered", "nav-vector", "explanations"]),
+                        "steer-unsteered", "steer-steered", "nav-vector", "explanations", "explain-now",
+                        "explain-now-method", "explain-now-spinner", "explain-now-error", "dreams"]),
         ("/search", ["token-query", "token-search", "token-results", "expl-query", "expl-search",
                      "expl-results", "text-query", "text-search", "text-results"]),
         ("/vector", ["vector-positive", "vector-negative", "vector-n", "vector-chat", "vector-run",
@@ -763,3 +766,42 @@ def test_list_sorted_and_filtered_by_detection_score(store_copy):
             "score": scored[3], "chance": 0.5, "shuffled": 0.9, "ci_low": None, "ci_high": None, "n": 20,
             "flagged": scored[3] <= 0.9,
         }  # fmt: skip
+
+
+def test_explain_now_adds_scored_labels_beside_their_controls(analysed, tmp_path):
+    """The "explain now" button: the live model labels a latent and scores the new label beside chance and
+    another latent's label (with none stored yet, the most frequent other latent is labelled first)."""
+    import shutil
+
+    lm, sae, path = analysed
+    copy = tmp_path / "features.db"
+    shutil.copy(path, copy)
+    with FeatureStore(copy, create=False) as s:
+        first, second = [r["idx"] for r in s.list_features(sort="density", limit=3, include_dead=False)][1:]
+        before = len(s.dump()["explanations"])
+    with TestClient(create_app(copy, lm, sae)) as c:
+        r = c.post(f"/api/features/{first}/explain", json={"method": "auto"})
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["idx"] == first and body["method"] == "auto" and len(body["explanations"]) == 1
+        (new,) = body["explanations"]
+        assert new["kind"] == "auto" and set(new["scores"]) == {"detection", "embedding", "surprisal"}
+        for sc in new["scores"].values():
+            assert sc["chance"] == 0.5 and 0 <= sc["shuffled"] <= 1
+        page = c.get(f"/api/features/{first}").json()
+        assert new["id"] in [e["id"] for e in page["explanations"]]
+        again = c.post(f"/api/features/{second}/explain", json={})  # method auto by default
+        assert again.status_code == 200 and again.json()["explanations"][0]["kind"] == "auto"
+        bad = c.post(f"/api/features/{first}/explain", json={"method": "dream"})
+        assert bad.status_code == 422 and "method" in bad.text
+        assert c.post("/api/features/99999/explain", json={}).status_code == 404
+    with FeatureStore(copy, create=False) as s:
+        rows = s.dump()["explanations"]
+        shuffled = s.explanations(second)[0]["scores"]["detection"]["details"]["shuffled_explanation"]
+    assert len(rows) >= before + 2
+    assert shuffled in {e["text"] for e in [r for r in s_explanations(copy) if r["feature"] != second]}
+
+
+def s_explanations(path):
+    with FeatureStore(path, create=False) as s:
+        return [e for i in range(s.count_features()) for e in s.explanations(i)]

@@ -204,6 +204,29 @@ function renderExplanations(container, explanations) {
   }
 }
 
+// Dreamed prompts, each with its activation as a share of the dataset maximum (as macros.html renders it).
+function renderDreams(container, dreams) {
+  container.replaceChildren();
+  if (!dreams.length) {
+    container.append(el("p", { class: "muted" }, "no dreamed prompts (", el("code", { text: "saelab explain --method dream" }), ")"));
+    return;
+  }
+  const table = el("table", { class: "data dreams-table" },
+    el("tr", {}, ...["Dreamed prompt", "Activation", "Of dataset max", "Cross-entropy", "\u03bb"].map((h) => el("th", { text: h }))));
+  for (const d of dreams) {
+    const text = el("td", { class: "dream-text" }, ...d.tokens.map((t) => el("span", { class: "tok", text: t.replace(/\n/g, "\u21b5") })));
+    const share = el("td", {});
+    if (d.of_max !== null) {
+      const bar = el("span", { class: "of-max", text: `${Math.round(100 * d.of_max)}%` });
+      bar.style.setProperty("--share", String(Math.max(0, Math.min(1, d.of_max))));
+      share.append(bar);
+    }
+    table.append(el("tr", { class: "dream", "data-id": String(d.id) }, text, el("td", { text: fmt(d.activation) }), share,
+      el("td", { text: fmt(d.cross_entropy) }), el("td", { text: d.lam === null ? "" : fmt(d.lam) })));
+  }
+  container.append(table);
+}
+
 // ---------------------------------------------------------------- one feature
 function renderExamples(container, items, kind) {
   container.replaceChildren();
@@ -246,6 +269,7 @@ async function initFeature() {
   };
   showExplanation(f.explanation);
   renderExplanations($("explanations"), f.explanations);
+  renderDreams($("dreams"), f.dreams);
   barChart($("act-hist"), f.hist.bins.map((b) => ({ label: `${fmt(b.lo)}–${b.hi === null ? "∞" : fmt(b.hi)}`, count: b.count })),
     f.hist.bins.length ? fmt(f.hist.bins[0].lo) : "", f.hist.bins.length ? (f.hist.bins[f.hist.bins.length - 1].hi === null ? "∞" : fmt(f.hist.bins[f.hist.bins.length - 1].hi)) : "");
   if (f.logit_hist) {
@@ -289,7 +313,19 @@ async function initFeature() {
       }));
     } catch (e) { showError(e.message); }
   });
+  $("explain-now-form").addEventListener("submit", (ev) => {
+    ev.preventDefault();
+    busy("explain-now", "explain-now-spinner", "explain-now-error", async () => {
+      const r = await api(`/api/features/${idx}/explain`, { method: "POST", body: { method: $("explain-now-method").value } });
+      const g = await api(`/api/features/${idx}`);
+      showExplanation(g.explanation);
+      renderExplanations($("explanations"), g.explanations);
+      if (r.failures.length) panelError("explain-now-error", r.failures.map((x) => `${x.stage}: ${x.error}`).join("; "));
+    });
+  });
   if (document.body.dataset.live !== "true") {
+    $("explain-now").disabled = true;
+    $("explain-now").title = "explaining runs the server's model; this server runs without one";
     $("test-run").disabled = true;
     $("test-text").placeholder = "live encoding is off: the server runs without a model";
   }
