@@ -4,7 +4,7 @@
 set; each sample seeded by `seed + i`), each with its full provenance: the client's `describe()`, the
 prompt version, the ids of the examples shown, the seed and the settings, and the raw completion.
 
-Parsing (`parse_label`): the first non-empty line, with a leading "Explanation:" / "Label:" / "Answer:"
+Parsing (`parse_label`): the `<<` `>>` marks dropped, then the first non-empty line, with a leading "Explanation:" / "Label:" / "Answer:"
 (and similar) prefix, bullets, markdown emphasis, surrounding quotes and a trailing period removed, cut
 at `max_chars` on a word boundary. A completion with no letter or digit left is junk: `parse_label`
 raises DataError, and `explain` records it as a failure (``text`` None, ``error`` set) rather than
@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 from saelab.errors import DataError
 from saelab.explain.clients.base import LMClient
-from saelab.explain.examples import Example, format_example
+from saelab.explain.examples import CLOSE, OPEN, Example, format_example
 
 PROMPT_VERSION = "explain-v1"
 
@@ -56,7 +56,9 @@ def build_prompt(examples: Sequence[Example], show_values: bool = False) -> list
 
 def parse_label(completion: str, max_chars: int = 120) -> str:
     """A short label from a completion (see the module docstring); DataError for junk or nothing."""
-    lines = [line.strip() for line in (completion or "").splitlines() if line.strip()]
+    # The examples' marks are not part of a label (small models copy them): drop them first.
+    completion = (completion or "").replace(OPEN, "").replace(CLOSE, "")
+    lines = [line.strip() for line in completion.splitlines() if line.strip()]
     text = ""
     for line in lines:
         text = _PREFIX.sub("", line.lstrip("-*•# ").strip())

@@ -153,6 +153,9 @@ def test_parse_label_and_prompt():
     assert parse_label('Explanation: "the word cat".') == "the word cat"
     assert parse_label("\n**Label:** numbers in lists\nmore text") == "numbers in lists"
     assert parse_label("- Feature: `w7 tokens`") == "w7 tokens"
+    assert parse_label("<<The feature>> fires on <<cat>>") == "The feature fires on cat"
+    with pytest.raises(DataError):
+        parse_label("<<*>>\n\n<<*>>")
     long = parse_label("word " * 100, max_chars=30)
     assert len(long) <= 30 and long.endswith("word")
     for junk in ("", "   \n ", '"..."', "**"):
