@@ -233,7 +233,8 @@ def _non_activating(
         seen.add(kept)
         budget -= 1
         pending.append({**row, "kept": kept})
-        if len(pending) >= batch_size:
+        # check about twice as many as are still missing at a time: a few windows, not a whole batch
+        if len(pending) >= min(batch_size, 2 * (n - len(found))):
             flush()
     if pending and len(found) < n:
         flush()

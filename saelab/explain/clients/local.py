@@ -296,7 +296,11 @@ class LocalClient:
                 rows[start : start + self.batch_size], pad_token_id(self.tokenizer), left=False
             )
             inputs = self.lm.prepare(ids, mask)
-            hidden = self.lm.model(**inputs, output_hidden_states=True).hidden_states[-1].float()
+            parts = self._split_head()
+            if parts is not None:  # the decoder alone: no logits over the vocabulary at every position
+                hidden = parts[0](**inputs).last_hidden_state.float()
+            else:
+                hidden = self.lm.model(**inputs, output_hidden_states=True).hidden_states[-1].float()
             weights = inputs["attention_mask"].to(hidden.dtype)[..., None]
             out.append(((hidden * weights).sum(1) / weights.sum(1)).cpu())
         return torch.cat(out) if out else torch.zeros(0, self.lm.d_model)
