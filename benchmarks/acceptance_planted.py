@@ -1,6 +1,6 @@
 """Planted features: do true labels beat shuffled ones when the embedded model judges them?
 
-    python benchmarks/acceptance_planted.py OUT_DIR [--tokens 262144] [--n-test 30] [--n-neg 15]
+    python benchmarks/acceptance_planted.py OUT_DIR [--tokens 262144] [--n-test 20] [--n-neg 10]
 
 1. plants a dictionary whose latents are known token indicators on the embedded corpus
    (`saelab.toy.planted`: digits, animal words, closing brackets, capitalised words, `self`, Python
@@ -92,8 +92,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out", type=Path)
     parser.add_argument("--tokens", type=int, default=262_144, help="tokens analysed (and counted)")
-    parser.add_argument("--n-test", type=int, default=30, help="activating test examples per latent")
-    parser.add_argument("--n-neg", type=int, default=15, help="random and hard non-activating examples each")
+    parser.add_argument("--n-test", type=int, default=20, help="activating test examples per latent")
+    parser.add_argument("--n-neg", type=int, default=10, help="random and hard non-activating examples each")
     parser.add_argument("--no-auto", action="store_true", help="skip step 4 (the model's own labels)")
     args = parser.parse_args()
 

