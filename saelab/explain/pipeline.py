@@ -172,7 +172,7 @@ def explain_features(
     """Explain and score the chosen latents into the store at `store_path` (see the module docstring).
 
     `explainer` is an LM client or `Explainer` (method "auto"), or a `DirectionExplainer` such as
-    `saelab.explain.self_explain.SelfExplainer` (method "self").
+    `saelab.explain.selfexplain.SelfExplainer` (method "self").
     Returns {"features", "explained", "skipped", "scored", "failures", "scores": {idx: [{"id", "text",
     scorer: {score, chance, shuffled, ci_low, ci_high, flagged}}]}}."""
     cfg = cfg or ExplainConfig()
@@ -296,6 +296,27 @@ def score_explanations(
         _score(store, latents, judge, cfg, _Examples(store, lm, dictionary, cfg), {"kinds": sorted(kinds)},
                summary, redo, progress)  # fmt: skip
     return summary
+
+
+def score_means(summary: dict) -> dict[str, dict]:
+    """Per scorer, over the labels a summary scored: the mean score, shuffled control and chance, how many
+    labels, and the share that beat their controls (not flagged)."""
+    out: dict[str, dict] = {}
+    for rows in summary["scores"].values():
+        for row in rows:
+            for name, s in row.items():
+                if isinstance(s, dict):
+                    out.setdefault(name, []).append(s)
+    return {
+        name: {
+            "score": sum(s["score"] for s in found) / len(found),
+            "shuffled": sum(s["shuffled"] for s in found) / len(found),
+            "chance": sum(s["chance"] for s in found) / len(found),
+            "n": len(found),
+            "beat_controls": sum(not s["flagged"] for s in found) / len(found),
+        }
+        for name, found in out.items()
+    }
 
 
 LIVE = ExplainConfig(

@@ -170,19 +170,41 @@ class LiveModel:
 
         with self._lock:
             judge = self._client("local")
-            explainer = judge if method == "auto" else self._client(method)
+            explainer = judge if method == "auto" else self._client(method, store_path)
             return explain_now(store_path, self.lm, self.dictionary, explainer, judge, idx)
 
-    def _client(self, method: str):
+    def _client(self, method: str, store_path=None):
         if method not in self._clients:
             if method == "local":
                 from saelab.explain.clients import LocalClient
 
                 self._clients[method] = LocalClient(lm=self.lm)
             elif method == "self":
-                from saelab.explain.selfexplain import SelfExplainer
+                from saelab.explain.selfexplain import SelfExplainer, default_layer, typical_residual_norm
 
-                self._clients[method] = SelfExplainer(self.lm)
+                layer = default_layer(self.lm.n_layers)
+                norm = typical_residual_norm(self.lm, layer, [self._stored_windows(store_path)])
+                self._clients[method] = SelfExplainer(self.lm, norm=norm)
             else:
                 raise InterventionError(f"unknown explanation method {method!r}; use 'auto' or 'self'.")
         return self._clients[method]
+
+    def _stored_windows(self, store_path, n_latents: int = 64) -> torch.Tensor:
+        """Unpadded top-example windows of the most frequent latents, a BOS first: the analysed text, on
+        which the self-explainer measures the typical residual norm (its unit of scale)."""
+        from saelab.analysis.store import FeatureStore
+
+        bos = self.lm.tokenizer.bos_token_id
+        with FeatureStore(store_path, create=False) as store:
+            rows = [
+                r["tokens"]
+                for f in store.list_features(sort="density", limit=n_latents, include_dead=False)
+                for r in store.examples(f["idx"], "top")
+            ]
+        width = max((len(r) for r in rows), default=0)
+        full = [([bos] if bos is not None else []) + r for r in rows if len(r) == width and min(r) >= 0]
+        if not full:
+            raise InterventionError(
+                "the feature store holds no example windows to measure a residual norm on."
+            )
+        return torch.tensor(full[:256])

@@ -60,3 +60,55 @@ def test_explain_refuses_bad_input(analysed_sae, tmp_path):
         "--features", 2, "--db", analysed_sae / "features.db", "--redo", *SMALL,
     )  # fmt: skip
     assert "127.0.0.1:9" in message
+
+
+def test_self_explanations_are_stored_and_scored(analysed_sae):
+    code, out, err = run(
+        "explain", analysed_sae, "--method", "self", "--features", 2, "--scorer", "embedding",
+        "--explanations", 2, "--self-layer", 0, "--self-scale", 1, "--self-scale", 4, *SMALL,
+    )  # fmt: skip
+    assert code == 0, err
+    with FeatureStore(analysed_sae / "features.db", create=False) as store:
+        labels = [e for i in range(32) for e in store.explanations(i) if e["kind"] == "self"]
+    failures = out.count("(explain)")
+    assert len(labels) + failures == 4  # two samples for each of two latents, junk ones recorded
+    for label in labels:
+        source = label["source"]
+        assert source["method"] == "self" and source["layer"] == 0 and source["scale"] in (1.0, 4.0)
+        assert [p["scale"] for p in source["sweep"]] == [0.0, 1.0, 4.0]
+        assert "embedding" in label["scores"] and label["scores"]["embedding"]["chance"] == 0.5
+
+
+def test_human_labels_are_scored(analysed_sae):
+    with FeatureStore(analysed_sae / "features.db", create=False) as store:
+        live = [r["idx"] for r in store.list_features(sort="density", limit=2, include_dead=False)]
+        for i, idx in enumerate(live):
+            store.set_explanation(idx, f"w{i} and w{i + 1}")
+    code, out, err = run("explain", analysed_sae, "--method", "human", "--features", 2, "--scorer", "detection",
+                         *SMALL)  # fmt: skip
+    assert code == 0, err
+    with FeatureStore(analysed_sae / "features.db", create=False) as store:
+        for idx in live:
+            (human,) = [e for e in store.explanations(idx) if e["kind"] == "human"]
+            assert human["scores"]["detection"]["chance"] == 0.5
+
+
+def test_dreams_are_stored_and_shown(analysed_sae):
+    code, out, err = run(
+        "explain", analysed_sae, "--method", "dream", "--features", 2, "--dream-iterations", 2,
+        "--dream-children", 2, "--dream-length", 4, "--dtype", "float32",
+    )  # fmt: skip
+    assert code == 0, err
+    assert "2 latents dreamed (2 now)" in out and "dataset max" in out
+    with FeatureStore(analysed_sae / "features.db", create=False) as store:
+        dreamed = [i for i in range(32) if store.dreams(i)]
+        assert len(dreamed) == 2 and all(len(d["token_ids"]) == 4 for i in dreamed for d in store.dreams(i))
+    code, out, err = run(
+        "explain", analysed_sae, "--method", "dream", "--features", 2, "--dream-iterations", 2,
+        "--dream-children", 2, "--dream-length", 4, "--dtype", "float32",
+    )  # fmt: skip
+    assert code == 0 and "(0 now)" in out  # resumed: nothing redone
+    assert "--method 'robot' is unknown" in refused("explain", analysed_sae, "--method", "robot")
+    assert "--dream-position 'first'" in refused(
+        "explain", analysed_sae, "--method", "dream", "--dream-position", "first"
+    )

@@ -792,6 +792,12 @@ def test_explain_now_adds_scored_labels_beside_their_controls(analysed, tmp_path
         assert new["id"] in [e["id"] for e in page["explanations"]]
         again = c.post(f"/api/features/{second}/explain", json={})  # method auto by default
         assert again.status_code == 200 and again.json()["explanations"][0]["kind"] == "auto"
+        own = c.post(f"/api/features/{first}/explain", json={"method": "self"})
+        assert own.status_code == 200, own.text
+        made = own.json()
+        assert len(made["explanations"]) + len(made["failures"]) == 1  # one label, or its junk recorded
+        for e in made["explanations"]:
+            assert e["kind"] == "self" and e["source"]["method"] == "self" and "detection" in e["scores"]
         bad = c.post(f"/api/features/{first}/explain", json={"method": "dream"})
         assert bad.status_code == 422 and "method" in bad.text
         assert c.post("/api/features/99999/explain", json={}).status_code == 404
