@@ -29,6 +29,12 @@ HARVEST_LOOP_COST = 1.15
 EVAL_OVERHEAD = 1.3  # the SAE's encoding, the KL terms and the batching around the timed forward
 ANALYSIS_COST, ANALYSIS_FIXED_S = 1.35, 10.0
 CE_FORWARDS = 3  # clean, with the SAE spliced in, zero-ablated
+# The explanation stage (`saelab.cli.demo.demo_explain_config`) costs about as much per latent as this many
+# tokens of early-exit harvest: its example sets, the explainer's prompt and reply, and the judge's
+# detection and embedding passes over 12 windows with two labels (measured in CPU time on one thread of an
+# AVX2 EPYC in float32: 9.1 s a latent against 585 harvested tokens a second), plus a fixed model load.
+EXPLAIN_TOKENS_PER_LATENT = 5500
+EXPLAIN_FIXED_S = 5.0
 SAFETY = 0.9  # plan to 90% of the time left: speeds drift as the machine warms or shares its cores
 
 
@@ -47,6 +53,7 @@ class DemoPlan:
     budget_s: float
     estimate_s: float
     reason: str
+    explain_latents: int = 0
 
     @property
     def epochs(self) -> float:
@@ -66,6 +73,7 @@ def stage_seconds(
     analyze_tokens: int,
     forward_tok_s: float | None = None,
     context_size: int = 128,
+    explain_latents: int = 0,
 ) -> dict[str, float]:
     """Estimated seconds of each stage at the measured speeds (forward_tok_s: full forward + loss)."""
     forward_tok_s = forward_tok_s or harvest_tok_s / 6.0
@@ -76,6 +84,9 @@ def stage_seconds(
         "eval": EVAL_OVERHEAD
         * (eval_tokens / harvest_tok_s + CE_FORWARDS * ce_contexts * context_size / forward_tok_s),
         "analyze": analysis,
+        "explain": (EXPLAIN_TOKENS_PER_LATENT * explain_latents / harvest_tok_s + EXPLAIN_FIXED_S)
+        if explain_latents
+        else 0.0,
     }
 
 
@@ -90,6 +101,7 @@ def plan_demo(
     min_harvest: int = 262_144,
     fixed_tokens: int | None = None,
     forward_tok_s: float | None = None,
+    explain_latents: int = 0,
 ) -> DemoPlan:
     """The largest demo that fits `budget_s` at these speeds.
 
@@ -98,7 +110,8 @@ def plan_demo(
     harvested (3.8 epochs) gave EV 0.950 and CE loss score 0.984, 163,840 (6.1) 0.944 and 0.976,
     131,072 (7.6) 0.941 and 0.969; (2) halve, then quarter, the evaluation and analysis tokens and the CE contexts (their
     figures get noisier, not worse); (3) harvest down to half `min_harvest`; (4) fewer training
-    tokens. `fixed_tokens` (the user's --tokens) disables the sizing.
+    tokens. The `explain_latents` most frequent latents are always explained: their time is set aside
+    first. `fixed_tokens` (the user's --tokens) disables the sizing.
     """
     full = dict(eval_tokens=eval_tokens, ce_contexts=ce_contexts, analyze_tokens=analyze_tokens)
     usable = SAFETY * budget_s
@@ -106,7 +119,13 @@ def plan_demo(
     def cost(harvest: int, train: int, **stages) -> float:
         return sum(
             stage_seconds(
-                harvest_tok_s, train_tok_s, harvest, train, **stages, forward_tok_s=forward_tok_s
+                harvest_tok_s,
+                train_tok_s,
+                harvest,
+                train,
+                **stages,
+                forward_tok_s=forward_tok_s,
+                explain_latents=explain_latents,
             ).values()
         )
 
@@ -114,6 +133,7 @@ def plan_demo(
         return DemoPlan(
             harvest, train, stages["eval_tokens"], stages["ce_contexts"], stages["analyze_tokens"],
             harvest_tok_s, train_tok_s, forward_tok_s, budget_s, cost(harvest, train, **stages), reason,
+            explain_latents,
         )  # fmt: skip
 
     if fixed_tokens is not None:

@@ -79,3 +79,18 @@ def test_tokens_given_disable_the_sizing():
 def test_measure_train_step_returns_a_rate():
     rate = measure_train_step(DictionaryConfig(architecture="topk", d_in=16, d_sae=64, k=4), batch_size=64)
     assert rate > 0
+
+
+def test_the_explanation_stage_is_set_aside_before_the_other_stages_are_sized():
+    without = plan_demo(*EMULATED_AVX2[:2], budget_s=12 * 60, forward_tok_s=EMULATED_AVX2[2])
+    plan = plan_demo(*EMULATED_AVX2[:2], budget_s=12 * 60, forward_tok_s=EMULATED_AVX2[2], explain_latents=64)
+    assert plan.explain_latents == 64 and without.explain_latents == 0
+    assert plan.harvest_tokens < without.harvest_tokens  # the 64 latents' time came out of the harvest
+    stages = stage_seconds(
+        EMULATED_AVX2[0], EMULATED_AVX2[1], plan.harvest_tokens, plan.train_tokens, plan.eval_tokens,
+        plan.ce_contexts, plan.analyze_tokens, forward_tok_s=EMULATED_AVX2[2], explain_latents=64,
+    )  # fmt: skip
+    assert stages["explain"] > 0 and plan.estimate_s == pytest.approx(sum(stages.values()))
+    assert plan.estimate_s <= SAFETY * 12 * 60 + 1
+    old = {k: v for k, v in plan.to_dict().items() if k != "explain_latents"}  # a plan file from before
+    assert type(plan)(**old).explain_latents == 0

@@ -44,7 +44,7 @@ class LocalClient:
         batch_size: int = 16,
         top_p: float = 1.0,
         top_k: int = 0,
-        min_prefix: int = 16,
+        min_prefix: int = 8,
     ):
         if not (isinstance(batch_size, int) and batch_size >= 1):
             raise DataError(f"batch_size is {batch_size!r}; use a whole number >= 1.")
