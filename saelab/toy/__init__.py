@@ -6,6 +6,8 @@
   of `saelab.training` reads like any other.
 - `recovery`: how well a dictionary recovered the known features (MMCS, recovered share, ...).
 - `bench`: every dictionary family against the ground truth (`saelab toy bench`).
+- `planted`: a dictionary of a real model whose latents are known token indicators (digits, animal
+  words, ...), whose true labels measure explainers and judges (`benchmarks/acceptance_planted.py`).
 """
 
 from saelab.toy.recovery import max_cosines, recovery_scores
