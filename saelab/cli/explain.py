@@ -78,6 +78,8 @@ def explain(
 
     if method not in METHODS:
         raise SaelabError(f"--method {method!r} is unknown; use one of {', '.join(METHODS)}.")
+    if dream_position not in ("last", "max"):
+        raise SaelabError(f"--dream-position {dream_position!r} is unknown; use one of last, max.")
     n_features = features if features is not None else (10 if method == "dream" else 100)
     chosen = list(feature or []) or None
     cfg = ExplainConfig(
@@ -147,10 +149,8 @@ def _self_explainer(lm, layer, scales, user, prefill, seed, norm_source):
 
 def _dream(store, folder, lm, dictionary, cfg, iterations, children, length, position, reference, seed, redo):
     from saelab.explain.dream_latents import dream_latents
-    from saelab.explain.dreaming import POSITIONS, DreamConfig
+    from saelab.explain.dreaming import DreamConfig
 
-    if position not in POSITIONS:
-        raise SaelabError(f"--dream-position {position!r} is unknown; use one of {', '.join(POSITIONS)}.")
     changes = {k: v for k, v in (("iterations", iterations), ("children", children), ("seq_len", length))
                if v is not None}  # fmt: skip
     dream_cfg = (
