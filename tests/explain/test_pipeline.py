@@ -220,3 +220,39 @@ def test_a_latent_with_no_examples_is_a_recorded_failure_and_writes_nothing(anal
     assert summary["explained"] == live
     with FeatureStore(path) as store:
         assert store.explanations(dead) == [] and all(store.explanations(i) for i in live)
+
+
+@pytest.mark.parametrize("fault", ["unreachable", "bad_key", "empty", "junk", "no_logprobs"])
+def test_a_failing_endpoint_is_a_clear_error_that_leaves_the_store_whole(
+    analysed, client, tmp_path, fault, monkeypatch
+):
+    """An endpoint that cannot be reached, refuses the key, or answers nothing or junk stops the run with
+    a ClientError; what was written before (whole labels, whole scores) stays, nothing is half-written,
+    and a rerun with a working judge finishes with what an uninterrupted run writes."""
+    from saelab.errors import ClientError
+    from saelab.explain.clients import make_client
+    from tests.openai_server import closed_port, serve
+
+    lm, sae, _ = analysed
+    cfg = ExplainConfig(**SMALL, scorers=("detection", "embedding"))
+    whole = fresh(analysed, tmp_path, "whole.db")
+    explain_features(whole, lm, sae, client, client, cfg, progress=False)
+    path = fresh(analysed, tmp_path)
+    with serve(client, model="tiny", api_key="sk-right") as server:
+        url = f"http://127.0.0.1:{closed_port()}/v1" if fault == "unreachable" else server.url
+        if fault in ("empty", "junk", "no_logprobs"):
+            server.faults.mode = fault
+        monkeypatch.setenv("SAELAB_TEST_JUDGE_KEY", "sk-wrong" if fault == "bad_key" else "sk-right")
+        judge = make_client(
+            f"openai:tiny@{url}", api_key_env="SAELAB_TEST_JUDGE_KEY", max_retries=0, timeout=10
+        )
+        with pytest.raises(ClientError):
+            explain_features(path, lm, sae, client, judge, cfg, progress=False)
+    with FeatureStore(path) as store:  # opens: a valid store
+        dump = store.dump()
+    assert len(dump["explanations"]) == 3  # the labels were written whole before the judge was called
+    assert all(row[3] for row in dump["explanations"])
+    resumed = explain_features(path, lm, sae, client, client, cfg, progress=False)
+    assert resumed["explained"] == []  # nothing explained twice
+    with FeatureStore(path) as a, FeatureStore(whole) as b:
+        assert a.dump()["scores"] == b.dump()["scores"]
