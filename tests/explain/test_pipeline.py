@@ -256,3 +256,28 @@ def test_a_failing_endpoint_is_a_clear_error_that_leaves_the_store_whole(
     assert resumed["explained"] == []  # nothing explained twice
     with FeatureStore(path) as a, FeatureStore(whole) as b:
         assert a.dump()["scores"] == b.dump()["scores"]
+
+
+def test_the_http_client_gives_the_labels_and_scores_the_local_one_gives(analysed, client, tmp_path):
+    """Explainer and judge through an OpenAI-compatible server that wraps the same local model: the
+    same labels and, up to the server's float rounding, the same scores and controls."""
+    from saelab.explain.clients import make_client
+    from tests.openai_server import serve
+
+    lm, sae, _ = analysed
+    cfg = ExplainConfig(**SMALL)
+    local_db, http_db = fresh(analysed, tmp_path, "local.db"), fresh(analysed, tmp_path, "http.db")
+    explain_features(local_db, lm, sae, client, client, cfg, progress=False)
+    with serve(client, model="tiny") as server:
+        http = make_client(f"openai:tiny@{server.url}", max_retries=0, timeout=30)
+        explain_features(http_db, lm, sae, http, http, cfg, progress=False)
+    with FeatureStore(local_db) as a, FeatureStore(http_db) as b:
+        n = a.count_features()
+        left = [e for i in range(n) for e in a.explanations(i)]
+        right = [e for i in range(n) for e in b.explanations(i)]
+    assert [(e["feature"], e["text"]) for e in left] == [(e["feature"], e["text"]) for e in right] != []
+    for x, y in zip(left, right, strict=True):
+        assert set(x["scores"]) == set(y["scores"]) == set(cfg.scorers)
+        for name, s in x["scores"].items():
+            for field in ("score", "shuffled", "chance"):
+                assert s[field] == pytest.approx(y["scores"][name][field], abs=1e-3), (name, field)
