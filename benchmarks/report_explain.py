@@ -104,7 +104,8 @@ def main() -> int:
 
     lines = [
         f"{len(rows)} of {len(chosen)} latents labelled ({len(summary['failures'])} failures), "
-        f"{seconds / 60:.1f} min on {report['machine']} ({report['model_dtype']})",
+        f"{seconds / 60:.1f} min in this invocation (work a previous, interrupted one stored is not "
+        f"timed again) on {report['machine']} ({report['model_dtype']})",
         "",
         "| scorer | labels | mean score | chance | shuffled label | labels beating both controls |",
         "|---|---|---|---|---|---|",
