@@ -33,6 +33,9 @@ CE_FORWARDS = 3  # clean, with the SAE spliced in, zero-ablated
 # tokens of early-exit harvest: its example sets, the explainer's prompt and reply, and the judge's
 # detection and embedding passes over 12 windows with two labels (measured in CPU time on one thread of an
 # AVX2 EPYC in float32: 9.1 s a latent against 585 harvested tokens a second), plus a fixed model load.
+# In a whole fresh-clone demo on that EPYC at 2 threads it cost more, 6,200 (387 s for 64 latents at
+# 1,034 tok/s): the planner's 10% margin absorbed it (880 s of 900). Planning with 6,200 there would
+# cut training from 3.6 epochs of 131,072 tokens to one, for 40 s, so the one-thread figure is kept.
 EXPLAIN_TOKENS_PER_LATENT = 5500
 EXPLAIN_FIXED_S = 5.0
 SAFETY = 0.9  # plan to 90% of the time left: speeds drift as the machine warms or shares its cores

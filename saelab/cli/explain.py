@@ -7,6 +7,7 @@ already stored) and ``dream`` (fluent dreaming: EPO's Pareto front of activation
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 
 import typer
@@ -194,8 +195,15 @@ def _print_summary(name: str, store: Path, summary: dict, brief: bool = False) -
         shown = [(idx, rows[0]["text"]) for idx, rows in summary["scores"].items() if rows][:5]
         for idx, text in shown:
             console.print(f"  latent {idx}: {text}")
-        failures = len(summary["failures"])
-        console.print(f"explanations and scores in {store}" + (f" ({failures} failures)" if failures else ""))
+        console.print(f"explanations and scores in {store}")
+        failures = summary["failures"]
+        if failures:
+            stages = Counter(str(f.get("stage")) for f in failures)
+            first = failures[0]
+            console.print(
+                f"{len(failures)} failures ({', '.join(f'{n} in {stage}' for stage, n in stages.items())}), "
+                f"e.g. latent {first.get('feature')}: {first.get('error')}"
+            )
         return
     rows = [(idx, e) for idx, labels in summary["scores"].items() for e in labels]
     table = Table(title=title)

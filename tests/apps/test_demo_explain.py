@@ -31,3 +31,24 @@ def test_the_demo_explains_and_scores_the_most_frequent_latents(analysed, tmp_pa
     demo._explain(folder, store, 3, "cpu", "float32")  # resumable: nothing is redone
     with FeatureStore(store) as s:
         assert s.dump()["explanations"] == before["explanations"]
+
+
+def test_the_brief_summary_says_where_the_failures_were(capsys):
+    from saelab.cli.explain import _print_summary
+
+    score = {"score": 0.6, "shuffled": 0.5, "chance": 0.5, "flagged": False}
+    summary = {
+        "features": [1, 2, 3],
+        "explained": [1, 2, 3],
+        "scores": {1: [{"id": 1, "text": "digits", "detection": score}]},
+        "failures": [
+            {"feature": 2, "stage": "explain", "error": "the reply held no label"},
+            {"feature": 3, "stage": "detection", "error": "latent 3 has no non-activating examples"},
+            {"feature": 3, "stage": "embedding", "error": "latent 3 has no non-activating examples"},
+        ],
+    }
+    _print_summary("sae", "store.db", summary, brief=True)
+    out = " ".join(capsys.readouterr().out.split())
+    assert "latent 1: digits" in out
+    assert "3 failures (1 in explain, 1 in detection, 1 in embedding)" in out
+    assert "latent 2: the reply held no label" in out
