@@ -1,6 +1,7 @@
 """Planted features: do true labels beat shuffled ones when the embedded model judges them?
 
     python benchmarks/acceptance_planted.py OUT_DIR [--tokens 262144] [--n-test 20] [--n-neg 10]
+        [--scorer surprisal ...] [--no-repeat] [--no-auto]
 
 1. plants a dictionary whose latents are known token indicators on the embedded corpus
    (`saelab.toy.planted`: digits, animal words, closing brackets, capitalised words, `self`, Python
@@ -95,6 +96,9 @@ def main() -> int:
     parser.add_argument("--n-test", type=int, default=20, help="activating test examples per latent")
     parser.add_argument("--n-neg", type=int, default=10, help="random and hard non-activating examples each")
     parser.add_argument("--no-auto", action="store_true", help="skip step 4 (the model's own labels)")
+    parser.add_argument("--no-repeat", action="store_true", help="skip step 3 (the same-seed repeat)")
+    parser.add_argument("--scorer", action="append", choices=["detection", "fuzzing", "embedding", "surprisal"],
+                        help="score with these only (default: all four)")  # fmt: skip
     args = parser.parse_args()
 
     import torch
@@ -145,7 +149,7 @@ def main() -> int:
     copy = args.out / "repeat.db"
     shutil.copy(store_path, copy)
 
-    scorers = ["detection", "fuzzing", "embedding", "surprisal"]
+    scorers = args.scorer or ["detection", "fuzzing", "embedding", "surprisal"]
     cfg = ExplainConfig(
         features=list(range(len(planted.concepts))), n_test=args.n_test, n_random=args.n_neg,
         n_hard=args.n_neg, n_explain=20, scorers=tuple(scorers), n_bootstrap=1000, seed=0,
@@ -156,9 +160,10 @@ def main() -> int:
     first = score_explanations(store_path, lm, planted.dictionary, judge, cfg, kinds=("human",))
     report["score_seconds"] = time.perf_counter() - clock
     report["failures"] = first["failures"]
-    score_explanations(copy, lm, planted.dictionary, judge, cfg, kinds=("human",), progress=False)
-    with FeatureStore(store_path) as a, FeatureStore(copy) as b:
-        report["repeat_byte_identical"] = a.dump()["scores"] == b.dump()["scores"]
+    if not args.no_repeat:
+        score_explanations(copy, lm, planted.dictionary, judge, cfg, kinds=("human",), progress=False)
+        with FeatureStore(store_path) as a, FeatureStore(copy) as b:
+            report["repeat_byte_identical"] = a.dump()["scores"] == b.dump()["scores"]
     report["true_labels"] = collect(store_path, "human", scorers)
 
     if not args.no_auto:
@@ -168,7 +173,8 @@ def main() -> int:
         report["auto_labels"] = collect(store_path, "auto", scorers)
 
     print(f"\njudge: {judge.describe()['model']} ({report['dtype']}); {report['machine']}")
-    print(f"same seed, second run: score rows byte-identical = {report['repeat_byte_identical']}")
+    if "repeat_byte_identical" in report:
+        print(f"same seed, second run: score rows byte-identical = {report['repeat_byte_identical']}")
     for title, key in (("true labels", "true_labels"), ("the model's own labels", "auto_labels")):
         if key not in report:
             continue
