@@ -23,6 +23,10 @@ class DictionaryFileError(SaelabError):
     """A dictionary file that is missing, corrupt, truncated, foreign or unsafe to load."""
 
 
+class DictionarySetError(SaelabError):
+    """A dictionary set with a missing layer, or a member at the wrong hook, layer or width."""
+
+
 class DataError(SaelabError):
     """A dataset that is empty, too short, unreadable or of an unknown format."""
 
