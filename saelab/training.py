@@ -27,6 +27,7 @@ from saelab.core.fileio import atomic_folder, atomic_write_json, atomic_write_te
 from saelab.core.sources import ActivationSource
 from saelab.dictionaries import Dictionary, DictionaryConfig, StepContext, build_dictionary, family
 from saelab.dictionaries.io import save_dictionary
+from saelab.dictionaries.sets import DictionarySet, split_hook, write_set_index
 from saelab.errors import RunFolderError, UnknownHookError
 
 if TYPE_CHECKING:
@@ -78,6 +79,12 @@ class TrainConfig:
     evaluate_after: bool = True
     harvest_batch_contexts: int = 32
     buffer_tokens: int = 131072
+    # Streaming: at most this many bytes of shuffle buffer over all hooks (None: buffer_tokens rows).
+    # A run over many hooks (one dictionary per layer) shrinks its buffer to stay within it.
+    buffer_bytes: int | None = None
+    # One dictionary per layer (`saelab train --layers`): names carry the layer, and each sweep point's
+    # dictionaries are written as a dictionary set (run_dir/sets/<name>/set.json).
+    layered: bool = False
 
     def to_dict(self) -> dict:
         out = dataclasses.asdict(self)
@@ -105,11 +112,22 @@ class TrainConfig:
         return list(dict.fromkeys(names))
 
 
-def dictionary_name(cfg: DictionaryConfig, index: int, names: set[str]) -> str:
-    """A readable, unique folder name: topk-k32-w4608, relu-l1_5-w4608, ... (the family's tag)."""
+def buffer_rows(cfg: TrainConfig, dims: dict[str, int]) -> int:
+    """Rows of the streaming shuffle buffer: buffer_tokens, fewer if buffer_bytes (float32) says so."""
+    if cfg.buffer_bytes is None:
+        return cfg.buffer_tokens
+    per_row = 4 * sum(dims.values())
+    return min(cfg.buffer_tokens, max(4 * cfg.batch_size, cfg.buffer_bytes // per_row))
+
+
+def dictionary_name(cfg: DictionaryConfig, index: int, names: set[str], layered: bool = False) -> str:
+    """A readable, unique folder name: topk-k32-w4608, relu-l1_5-w4608, ... (the family's tag); with
+    `layered` (one dictionary per layer) prefixed by the layer: L3-transcoder-jumprelu-l0_32-w1024."""
     name = f"{cfg.architecture}-{family(cfg.architecture).tag(cfg)}-w{cfg.d_sae}"
     if cfg.is_transcoder:
         name = "transcoder-" + name
+    if layered:
+        name = f"L{split_hook(cfg.hook_name)[0]}-{name}"
     return name if name not in names else f"{name}-{index}"
 
 
@@ -257,7 +275,7 @@ def build_source(
             cfg.hooks,
             cfg.batch_size,
             n_tokens=None,
-            buffer_tokens=cfg.buffer_tokens,
+            buffer_tokens=buffer_rows(cfg, {hook: lm.hook_dim(hook) for hook in cfg.hooks}),
             batch_contexts=cfg.harvest_batch_contexts,
             seed=cfg.seed,
             progress=progress,
@@ -336,6 +354,7 @@ def train(
     names: set[str] = set()
     members: list[_Member] = []
     init_rows = None
+    layered = cfg.layered
     for index, dcfg in enumerate(cfg.dictionaries):
         dictionary = build_dictionary(dcfg).to(cfg.device)
         if not resume:
@@ -345,7 +364,7 @@ def train(
             dictionary.init_from_data(
                 init_rows[dcfg.hook_name].to(cfg.device), init_rows[y_hook].to(cfg.device)
             )
-        name = dictionary_name(dcfg, index, names)
+        name = dictionary_name(dcfg, index, names, layered)
         names.add(name)
         members.append(_Member(name, dictionary, cfg, total_steps))
 
@@ -399,6 +418,8 @@ def train(
         try:
             for member in members:
                 saved[member.name] = _save_member(member, cfg, run_dir)
+            if layered:
+                _write_sets(run_dir, members, saved)
             _write_checkpoint(run_dir, members, sources, step, metrics_path)
             atomic_write_json(
                 run_dir / DONE,
@@ -587,3 +608,16 @@ def _save_member(member: _Member, cfg: TrainConfig, run_dir: Path) -> Path:
     return save_dictionary(
         member.dictionary, run_dir / "saes" / member.name, sparsity=sparsity, training_config=cfg.to_dict()
     )
+
+
+def _write_sets(run_dir: Path, members: list[_Member], saved: dict[str, Path]) -> None:
+    """One dictionary set per sweep point (the same settings at every layer): run_dir/sets/<name>/."""
+    groups: dict[str, dict[int, _Member]] = {}
+    for member in members:
+        layer, _ = split_hook(member.dictionary.cfg.hook_name)
+        groups.setdefault(member.name.split("-", 1)[1], {})[layer] = member
+    for name, by_layer in groups.items():
+        dset = DictionarySet({layer: m.dictionary for layer, m in by_layer.items()})  # checks the layers
+        write_set_index(
+            run_dir / "sets" / name, {layer: saved[m.name] for layer, m in by_layer.items()}, dset
+        )

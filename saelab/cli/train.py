@@ -24,6 +24,36 @@ from saelab.cli.evaluate import evaluate_folders, print_results
 from saelab.errors import SaelabError
 
 
+def parse_layers(spec: str | None, hook: str, output_hook: str | None) -> list[int]:
+    """`--layers 0-29` / `0,4,8` / `3` -> [layers]; checks that the hooks say where the layer goes."""
+    templated = "{i}" in hook or (output_hook is not None and "{i}" in output_hook)
+    if spec is None:
+        if templated:
+            raise SaelabError(
+                f"--hook {hook!r} has {{i}} but no --layers says which layers; add e.g. --layers 0-29."
+            )
+        return []
+    layers: list[int] = []
+    try:
+        for part in spec.split(","):
+            low, _, high = part.strip().partition("-")
+            layers += list(range(int(low), int(high or low) + 1))
+    except ValueError:
+        raise SaelabError(f"--layers {spec!r} is not a layer list; write e.g. 0-29, 0,4,8 or 5.") from None
+    if not layers or min(layers) < 0 or len(set(layers)) != len(layers):
+        raise SaelabError(f"--layers {spec!r} must list each layer (0 or more) once, e.g. 0-29.")
+    if "{i}" not in hook or (output_hook is not None and "{i}" not in output_hook):
+        raise SaelabError(
+            "--layers trains one dictionary per layer, so --hook (and --output-hook) must say where the layer "
+            "goes with {i}, e.g. --hook blocks.{i}.ln2.hook_normalized --output-hook blocks.{i}.hook_mlp_out."
+        )
+    return sorted(layers)
+
+
+def at_layer(hook: str | None, layer: int | None) -> str | None:
+    return hook if hook is None or layer is None else hook.replace("{i}", str(layer))
+
+
 def sweep_configs(architecture, width, k, l1, target_l0, hook, output_hook, d_in, seed, encoder_dtype="auto"):
     """The cartesian product of the sweep options: each family's knob takes the values of its flag."""
     from saelab.dictionaries import FAMILIES, DictionaryConfig
@@ -65,9 +95,19 @@ def train(
     model: str = typer.Option(
         None, help="HF hub id, local folder or .gguf; default: embedded SmolLM2-135M-Instruct."
     ),
-    hook: str = typer.Option(DEFAULT_HOOK, help="Input hook point."),
+    hook: str = typer.Option(DEFAULT_HOOK, help="Input hook point; with --layers, {i} stands for the layer."),
     output_hook: str = typer.Option(
         None, help="Train transcoders: predict this hook from --hook (e.g. blocks.15.hook_mlp_out)."
+    ),
+    layers: str = typer.Option(
+        None,
+        help="One dictionary per layer from one pass over the data, e.g. 0-29 or 0,4,8 with "
+        "--hook blocks.{i}.ln2.hook_normalized --output-hook blocks.{i}.hook_mlp_out; streams the "
+        "activations (no cache) unless --activations is given, and writes a dictionary set per sweep "
+        "point to run-dir/sets/.",
+    ),
+    buffer_gib: float = typer.Option(
+        2.0, min=0.0001, help="With --layers: the streaming shuffle buffer's memory over all hooks, GiB."
     ),
     architecture: list[str] = typer.Option(
         ["topk"],
@@ -134,15 +174,37 @@ def train(
             f"--tokens {tokens:,} is fewer than one batch (--batch-size {batch_size:,}), so no step would run. "
             "Ask for more tokens or a smaller batch size."
         )
+    layer_list = parse_layers(layers, hook, output_hook)
+    dictionaries = [
+        config
+        for layer in layer_list or [None]
+        for config in sweep_configs(
+            architecture,
+            width,
+            k,
+            l1,
+            target_l0,
+            at_layer(hook, layer),
+            at_layer(output_hook, layer),
+            0,
+            seed,
+            encoder_dtype,
+        )  # fmt: skip
+    ]
+    layered = len(layer_list) > 1
+    if layered and not activations and not stream:
+        stream = True  # a cache of every layer's hooks would be n_layers times one hook's
+        console.print(f"--layers: streaming {len(layer_list)} layers' activations (no cache) through a "
+                      f"{buffer_gib:g} GiB shuffle buffer")  # fmt: skip
     cfg = TrainConfig(
         run_dir=str(run_dir),
         model=resolve_model(model),
         data=data_config(data, "train", text_field, context_size, exclude_bos, exclude_special),
-        dictionaries=sweep_configs(
-            architecture, width, k, l1, target_l0, hook, output_hook, 0, seed, encoder_dtype
-        ),
+        dictionaries=dictionaries,
         activations=str(activations) if activations else None,
         stream=stream,
+        buffer_bytes=int(buffer_gib * 2**30) if layered else None,
+        layered=layered,
         n_tokens=tokens,
         harvest_tokens=harvest_tokens,
         batch_size=batch_size,

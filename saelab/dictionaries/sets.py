@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -38,7 +39,7 @@ from saelab.errors import DictionaryFileError, DictionarySetError
 SET_INDEX = "set.json"
 TRANSCODER_SET_INDEX = "config.yaml"
 SET_FORMAT = 1
-_LAYER_HOOK = re.compile(r"^blocks\.(\d+)\.(.+)$")
+LAYER_HOOK = re.compile(r"^blocks\.(\d+)\.(.+)$")
 # circuit-tracer's in-block hook names -> saelab's (TransformerLens) ones.
 _TRACER_HOOKS = {"mlp.hook_in": "ln2.hook_normalized", "mlp.hook_out": "hook_mlp_out"}
 _SAELAB_HOOKS = {v: k for k, v in _TRACER_HOOKS.items()}
@@ -47,7 +48,7 @@ _THRESHOLD = "activation_function.threshold"
 
 def split_hook(hook: str) -> tuple[int, str]:
     """`blocks.3.ln2.hook_normalized` -> (3, `ln2.hook_normalized`)."""
-    match = _LAYER_HOOK.match(hook)
+    match = LAYER_HOOK.match(hook)
     if not match:
         raise DictionarySetError(
             f"hook {hook!r} names no layer; a dictionary set holds one dictionary per layer, at hooks "
@@ -165,6 +166,17 @@ def dictionary_set(dictionaries: Mapping[int, Dictionary] | list[Dictionary], mo
 
 
 # ---- saelab layout -----------------------------------------------------------------------------
+def _set_index(dset: DictionarySet, folders: dict[int, str]) -> dict:
+    return {
+        "format": SET_FORMAT,
+        "kind": "transcoder_set" if dset.is_transcoder_set else "sae_set",
+        "model_name": dset.model_name,
+        "hook": f"blocks.{{i}}.{dset.hook_suffix}",
+        "output_hook": f"blocks.{{i}}.{dset.output_suffix}" if dset.output_suffix else None,
+        "layers": {str(layer): folders[layer] for layer in dset.layers},
+    }
+
+
 def save_dictionary_set(dset: DictionarySet, folder: str | Path) -> Path:
     """`set.json` + one SAELens-layout folder per layer, written atomically as one folder."""
     folder = Path(folder)
@@ -172,16 +184,17 @@ def save_dictionary_set(dset: DictionarySet, folder: str | Path) -> Path:
         for layer, member in dset:
             save_dictionary(member, tmp / f"layer_{layer}")
         atomic_write_json(
-            tmp / SET_INDEX,
-            {
-                "format": SET_FORMAT,
-                "kind": "transcoder_set" if dset.is_transcoder_set else "sae_set",
-                "model_name": dset.model_name,
-                "hook": f"blocks.{{i}}.{dset.hook_suffix}",
-                "output_hook": f"blocks.{{i}}.{dset.output_suffix}" if dset.output_suffix else None,
-                "layers": {str(layer): f"layer_{layer}" for layer in dset.layers},
-            },
+            tmp / SET_INDEX, _set_index(dset, {layer: f"layer_{layer}" for layer in dset.layers})
         )
+    return folder
+
+
+def write_set_index(folder: str | Path, saved: dict[int, Path], dset: DictionarySet) -> Path:
+    """A set folder holding only `set.json`, pointing at dictionaries saved elsewhere (a run's saes/)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    relative = {layer: os.path.relpath(saved[layer], folder) for layer in dset.layers}
+    atomic_write_json(folder / SET_INDEX, _set_index(dset, relative))
     return folder
 
 
