@@ -86,6 +86,10 @@ class ToyConfigError(SaelabError, ValueError):
     """A toy-model config that cannot run: say which field is wrong and what it should be."""
 
 
+class TaskError(SaelabError, ValueError):
+    """A circuit task that cannot be used: bad file, missing field, answer not one token, unequal pair."""
+
+
 class TextTooLongError(SaelabError):
     """User text beyond the live limits: the server answers 413 with this message."""
 
