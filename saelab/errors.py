@@ -107,3 +107,7 @@ class ClientError(SaelabError):
 
     Messages name the endpoint and the fix; they never contain the API key.
     """
+
+
+class GraphError(SaelabError):
+    """A model, dictionary set or prompt that an attribution graph cannot be built on (nonlinear leftovers)."""

@@ -1,0 +1,380 @@
+"""Attribution graphs over per-layer transcoders: direct effects in one prompt's local replacement model.
+
+Nodes, in this order: active features (layer, position, feature), error nodes (layer, position), token
+embeddings (position) and the target logits. `Graph.adjacency[t, s]` is the direct effect of source `s`
+on target `t`: on a feature's pre-activation, or on a target's demeaned logit (the logit minus the mean
+logit over the vocabulary, i.e. the demeaned unembedding column). In the replacement model
+(`saelab.circuits.replacement`) these maps are linear, so one backward pass per target row, with the
+target's read direction injected as the gradient, gives its whole row exactly: gradient · contribution
+at each source's write site. Rows are batched by running the frozen model on copies of the prompt.
+
+`prune` keeps the nodes and edges that carry most of the logits' influence and computes the
+replacement and completeness scores (Ameisen et al. 2025, circuit-tracer).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from saelab.circuits.replacement import ReplacementModel
+from saelab.core.models import HookedLM
+from saelab.dictionaries.sets import DictionarySet
+from saelab.errors import GraphError
+
+
+@dataclass
+class Graph:
+    """One prompt's attribution graph. Node order: [features, errors, tokens, logits]."""
+
+    prompt_ids: Tensor  # [n_pos]
+    features: Tensor  # [n_features, 3]: layer, position, feature index
+    activations: Tensor  # [n_features]
+    logit_tokens: Tensor  # [n_logits] vocabulary ids
+    logit_probabilities: Tensor  # [n_logits]
+    adjacency: Tensor  # [n_nodes, n_nodes]: rows targets, columns sources
+    n_layers: int
+    model_name: str = ""
+    transcoder_name: str | None = None
+    zero_bos: bool = False
+
+    @property
+    def n_pos(self) -> int:
+        return int(self.prompt_ids.numel())
+
+    @property
+    def n_features(self) -> int:
+        return int(self.features.shape[0])
+
+    @property
+    def n_errors(self) -> int:
+        return self.n_layers * self.n_pos
+
+    @property
+    def n_logits(self) -> int:
+        return int(self.logit_tokens.numel())
+
+    @property
+    def n_nodes(self) -> int:
+        return self.n_features + self.n_errors + self.n_pos + self.n_logits
+
+    def error_index(self, layer: int, pos: int) -> int:
+        return self.n_features + layer * self.n_pos + pos
+
+    def token_index(self, pos: int) -> int:
+        return self.n_features + self.n_errors + pos
+
+    def logit_index(self, k: int) -> int:
+        return self.n_features + self.n_errors + self.n_pos + k
+
+    def logit_weights(self) -> Tensor:
+        """w: the logit probabilities on the logit nodes, zero elsewhere (what influence is measured against)."""
+        weights = torch.zeros(self.n_nodes, dtype=self.adjacency.dtype)
+        weights[self.logit_index(0) :] = self.logit_probabilities.to(weights.dtype)
+        return weights
+
+
+# ---- building ----------------------------------------------------------------------------------
+def logit_targets(logits: Tensor, probability: float = 0.95, max_logits: int = 10) -> tuple[Tensor, Tensor]:
+    """(token ids, probabilities): the smallest top set of next tokens with cumulative probability ≥ `probability`."""
+    if not 0 < probability <= 1 or max_logits < 1:
+        raise GraphError(
+            f"logit_probability must be in (0, 1] and max_logits at least 1; got {probability} and {max_logits}."
+        )
+    probs = torch.softmax(logits.double(), dim=-1)
+    top_p, top_ids = probs.topk(min(max_logits, probs.numel()))
+    cutoff = int(torch.searchsorted(top_p.cumsum(0), torch.tensor(probability, dtype=top_p.dtype))) + 1
+    return top_ids[:cutoff], top_p[:cutoff].to(logits.dtype)
+
+
+def _active_features(rm: ReplacementModel) -> Tensor:
+    """[n, 3] (layer, pos, feature) of every nonzero activation, ordered by layer, position, feature."""
+    rows = []
+    for layer, acts in enumerate(rm.activations):
+        where = acts.nonzero()
+        rows.append(torch.cat([torch.full_like(where[:, :1], layer), where], dim=1))
+    return torch.cat(rows).cpu()
+
+
+def attribute(
+    lm: HookedLM,
+    dset: DictionarySet,
+    prompt_ids,
+    logit_probability: float = 0.95,
+    max_logits: int = 10,
+    max_feature_nodes: int | None = None,
+    batch_size: int = 32,
+    zero_bos: bool | None = None,
+) -> Graph:
+    """The attribution graph of one prompt (a 1-D sequence of token ids) over a per-layer transcoder set.
+
+    Every active feature is a node, unless `max_feature_nodes` caps them: then, as in circuit-tracer,
+    rows are computed greedily for the features with the most influence on the logits so far (a batch
+    at a time) and only those features stay nodes; the others' effects leave the graph. Edges are
+    exact either way. `zero_bos` (default: when the prompt starts with the tokenizer's BOS token)
+    gives position 0 no feature or error nodes: its MLP outputs become constants, as circuit-tracer
+    treats the attention sink.
+    """
+    if batch_size < 1 or (max_feature_nodes is not None and max_feature_nodes < 0):
+        raise GraphError(
+            f"batch_size must be at least 1 and max_feature_nodes at least 0; got {batch_size} and "
+            f"{max_feature_nodes}."
+        )
+    rm = ReplacementModel(lm, dset, prompt_ids, zero_bos)
+    features = _active_features(rm)
+    tokens, probs = logit_targets(rm.logits[-1], logit_probability, max_logits)
+    graph = Graph(
+        prompt_ids=rm.input_ids.cpu(),
+        features=features,
+        activations=rm.activations_of(features).cpu(),
+        logit_tokens=tokens.cpu(),
+        logit_probabilities=probs.cpu(),
+        adjacency=torch.zeros(0),
+        n_layers=rm.n_layers,
+        model_name=lm.name,
+        transcoder_name=dset.model_name,
+        zero_bos=rm.zero_bos,
+    )
+    dtype = torch.promote_types(rm.dtype, torch.float32)  # half-precision models: sums of edges in float32
+    graph.adjacency = torch.zeros(graph.n_nodes, graph.n_nodes, dtype=dtype)
+    sources = _sources(rm, graph)
+    _fill_rows(rm, graph, sources, [graph.logit_index(k) for k in range(graph.n_logits)], batch_size)
+    if max_feature_nodes is None or max_feature_nodes >= graph.n_features:
+        _fill_rows(rm, graph, sources, list(range(graph.n_features)), batch_size)
+        return graph
+    chosen = _greedy_features(rm, graph, sources, max_feature_nodes, batch_size)
+    return _restricted(graph, chosen)
+
+
+def _greedy_features(rm: ReplacementModel, graph: Graph, sources, limit: int, batch_size: int) -> Tensor:
+    """Compute rows for the `limit` most influential features, a batch at a time; their indices, sorted."""
+    visited = torch.zeros(graph.n_features, dtype=torch.bool)
+    weights = graph.logit_weights()
+    while int(visited.sum()) < limit:
+        scores = influence(normalized(graph.adjacency), weights)[: graph.n_features]
+        scores[visited] = -1.0
+        picked = scores.topk(min(batch_size, limit - int(visited.sum()))).indices
+        _fill_rows(rm, graph, sources, sorted(picked.tolist()), batch_size)
+        visited[picked] = True
+    return visited.nonzero().flatten()
+
+
+def _restricted(graph: Graph, chosen: Tensor) -> Graph:
+    """The graph with only the `chosen` features (rows and columns); errors, tokens and logits all stay."""
+    keep = torch.cat([chosen, torch.arange(graph.n_features, graph.n_nodes)])
+    return Graph(
+        **{
+            **graph.__dict__,
+            "features": graph.features[chosen],
+            "activations": graph.activations[chosen],
+            "adjacency": graph.adjacency[keep][:, keep],
+        }
+    )
+
+
+@dataclass
+class _Sources:
+    """What each source writes, grouped by write site, so that edges are gradient · contribution."""
+
+    feature_pos: list[Tensor]  # per layer: positions of its active features
+    feature_writes: list[Tensor]  # per layer: [n, d] activation × decoder row
+    feature_cols: list[Tensor]  # per layer: their column indices in the adjacency
+
+
+def _sources(rm: ReplacementModel, graph: Graph) -> _Sources:
+    pos, writes, cols = [], [], []
+    device = rm.embeddings.device
+    for layer in range(rm.n_layers):
+        chosen = (graph.features[:, 0] == layer).nonzero().flatten()
+        p, f = graph.features[chosen, 1].to(device), graph.features[chosen, 2].to(device)
+        acts = rm.activations[layer][p, f]
+        pos.append(p)
+        writes.append(acts[:, None] * rm.decoder(layer)[f])
+        cols.append(chosen)
+    return _Sources(pos, writes, cols)
+
+
+def _target(graph: Graph, node: int) -> tuple[str, int, int, int]:
+    """What a row's node reads: (kind, layer, position, feature index or token id)."""
+    if node < graph.n_features:
+        layer, pos, idx = graph.features[node].tolist()
+        return "feature", layer, pos, idx
+    return "logit", -1, graph.n_pos - 1, int(graph.logit_tokens[node - graph.logit_index(0)])
+
+
+def _fill_rows(
+    rm: ReplacementModel, graph: Graph, sources: _Sources, nodes: list[int], batch_size: int
+) -> None:
+    """Compute the adjacency rows of `nodes` into `graph.adjacency`, `batch_size` rows per backward pass."""
+    for start in range(0, len(nodes), batch_size):
+        chunk = nodes[start : start + batch_size]
+        rows = _rows(rm, graph, sources, [_target(graph, n) for n in chunk])
+        graph.adjacency[chunk] = rows.to("cpu", graph.adjacency.dtype)
+
+
+def _rows(rm: ReplacementModel, graph: Graph, sources: _Sources, chunk: list) -> Tensor:
+    """Adjacency rows of a batch of targets: one frozen forward on copies of the prompt, one backward."""
+    batch = len(chunk)
+    embeddings = rm.embeddings.expand(batch, -1, -1).clone().requires_grad_()
+    outputs = [
+        rm.mlp_outputs[layer].expand(batch, -1, -1).clone().requires_grad_() for layer in range(rm.n_layers)
+    ]
+    with torch.enable_grad():
+        mlp_inputs, logits = rm.forward_frozen(embeddings, outputs)
+        roots, seeds = _seeds(rm, chunk, mlp_inputs, logits)
+        grads = torch.autograd.grad(roots, [embeddings, *outputs], seeds, allow_unused=True)
+    grad_emb, grad_outs = grads[0], grads[1:]
+    result = torch.zeros(batch, graph.n_nodes, dtype=rm.dtype, device=embeddings.device)
+    for layer, grad in enumerate(grad_outs):
+        if grad is None:
+            continue
+        at_features = (grad[:, sources.feature_pos[layer]] * sources.feature_writes[layer]).sum(-1)
+        result[:, sources.feature_cols[layer].to(result.device)] = at_features
+        start = graph.error_index(layer, 0)
+        result[:, start : start + graph.n_pos] = (grad * rm.errors[layer]).sum(-1)
+    if grad_emb is not None:
+        start = graph.token_index(0)
+        result[:, start : start + graph.n_pos] = (grad_emb * rm.embeddings).sum(-1)
+    return result
+
+
+def _seeds(rm: ReplacementModel, chunk: list, mlp_inputs: list[Tensor], logits: Tensor):
+    """The roots of the backward pass and the gradient injected at each: each target's read direction."""
+    by_layer: dict[int, Tensor] = {}
+    logit_seed = None
+    for b, (kind, layer, pos, idx) in enumerate(chunk):
+        if kind == "feature":
+            if layer not in by_layer:
+                by_layer[layer] = torch.zeros_like(mlp_inputs[layer])
+            by_layer[layer][b, pos] = rm.encoder(layer)[:, idx]
+        else:
+            if logit_seed is None:
+                logit_seed = torch.zeros_like(logits)
+            logit_seed[b, pos] = -1.0 / logits.shape[-1]  # demeaned: the logit minus the mean logit
+            logit_seed[b, pos, idx] += 1.0
+    roots = [mlp_inputs[layer] for layer in by_layer] + ([logits] if logit_seed is not None else [])
+    seeds = list(by_layer.values()) + ([logit_seed] if logit_seed is not None else [])
+    return roots, seeds
+
+
+# ---- pruning and scores ------------------------------------------------------------------------
+def normalized(adjacency: Tensor) -> Tensor:
+    """Â: |A| with each row summing to one (rows without inputs stay zero)."""
+    magnitude = adjacency.abs()
+    return magnitude / magnitude.sum(dim=1, keepdim=True).clamp(min=1e-10)
+
+
+def influence(matrix: Tensor, weights: Tensor, max_iter: int = 10_000) -> Tensor:
+    """w·(M + M² + …): the total (indirect included) influence of each node on the weighted targets.
+
+    The graph is a DAG, so the series ends after at most its depth.
+    """
+    current = weights @ matrix
+    total = current.clone()
+    for _ in range(max_iter):
+        if not current.any():
+            return total
+        current = current @ matrix
+        total += current
+    raise GraphError("influence did not converge: the adjacency matrix has a cycle, so it is not a graph's.")
+
+
+def _threshold(scores: Tensor, fraction: float) -> Tensor:
+    """The smallest score among the top scores that together hold `fraction` of the total."""
+    ordered = scores.sort(descending=True).values
+    cumulative = ordered.cumsum(0) / ordered.sum().clamp(min=1e-30)
+    index = min(
+        int(torch.searchsorted(cumulative, torch.tensor(fraction, dtype=cumulative.dtype))), len(ordered) - 1
+    )
+    return ordered[index]
+
+
+def node_influence(graph: Graph) -> Tensor:
+    """Each node's total influence on the target logits, weighted by their probabilities."""
+    return influence(normalized(graph.adjacency), graph.logit_weights())
+
+
+def cumulative_share(scores: Tensor) -> Tensor:
+    """For each node, the share of the total held by it and every node scoring higher (Neuronpedia's influence)."""
+    ordered, order = scores.sort(descending=True)
+    cumulative = torch.zeros_like(scores)
+    cumulative[order] = ordered.cumsum(0) / ordered.sum().clamp(min=1e-30)
+    return cumulative
+
+
+@dataclass
+class GraphScores:
+    """Replacement score: token influence / (token + error influence). Completeness: the share of
+    (influence + logit weight) that flows in through non-error inputs."""
+
+    replacement: float
+    completeness: float
+
+
+def graph_scores(graph: Graph, adjacency: Tensor | None = None) -> GraphScores:
+    """The scores of `graph`, or of its pruned adjacency when one is given."""
+    matrix = normalized(graph.adjacency if adjacency is None else adjacency)
+    weights = graph.logit_weights()
+    influences = influence(matrix, weights)
+    errors = slice(graph.n_features, graph.n_features + graph.n_errors)
+    tokens = slice(graph.token_index(0), graph.token_index(0) + graph.n_pos)
+    token_influence, error_influence = influences[tokens].sum(), influences[errors].sum()
+    replacement = token_influence / (token_influence + error_influence).clamp(min=1e-30)
+    non_error = 1 - matrix[:, errors].sum(dim=1)
+    output = influences + weights
+    completeness = (non_error * output).sum() / output.sum()
+    return GraphScores(float(replacement), float(completeness))
+
+
+@dataclass
+class PrunedGraph:
+    """A graph with the nodes and edges kept by `prune`, each node's influence, and the scores."""
+
+    graph: Graph
+    node_mask: Tensor  # [n_nodes] bool
+    edge_mask: Tensor  # [n_nodes, n_nodes] bool
+    influence: Tensor  # [n_nodes]: each node's influence on the logits (full graph)
+    cumulative: Tensor  # [n_nodes]: share of total influence held by nodes at least this influential
+    scores: GraphScores  # of the full graph
+    pruned_scores: GraphScores  # of the kept nodes and edges only
+
+    @property
+    def adjacency(self) -> Tensor:
+        """The graph's adjacency with everything not kept set to zero."""
+        return self.graph.adjacency * self.edge_mask
+
+
+def prune(graph: Graph, node_threshold: float = 0.8, edge_threshold: float = 0.98) -> PrunedGraph:
+    """Keep the nodes holding `node_threshold` of the logits' influence (tokens and logits always), then
+    the edges holding `edge_threshold` of the edge influence among them; drop nodes left without edges."""
+    for name, value in (("node_threshold", node_threshold), ("edge_threshold", edge_threshold)):
+        if not 0.0 <= value <= 1.0:
+            raise GraphError(f"{name} must be between 0 and 1; got {value}.")
+    weights = graph.logit_weights()
+    influences = node_influence(graph)
+    keep = influences >= _threshold(influences, node_threshold)
+    inner = graph.n_features + graph.n_errors  # features and errors; tokens and logits follow
+    keep[inner:] = True
+    kept = graph.adjacency * (keep[:, None] & keep[None, :])
+    kept_matrix = normalized(kept)
+    edge_scores = kept_matrix * (influence(kept_matrix, weights) + weights)[:, None]
+    edges = edge_scores >= _threshold(edge_scores.flatten(), edge_threshold)
+    edges &= kept != 0
+    keep, edges = _drop_dangling(graph, keep, edges, inner)
+    cumulative = cumulative_share(influences)
+    full, kept_scores = graph_scores(graph), graph_scores(graph, graph.adjacency * edges)
+    return PrunedGraph(graph, keep, edges, influences, cumulative, full, kept_scores)
+
+
+def _drop_dangling(graph: Graph, keep: Tensor, edges: Tensor, inner: int) -> tuple[Tensor, Tensor]:
+    """Repeatedly drop features and errors without outgoing edges, and features without incoming ones."""
+    while True:
+        edges = edges & keep[:, None] & keep[None, :]
+        new = keep.clone()
+        new[:inner] &= edges[:, :inner].any(0)
+        new[: graph.n_features] &= edges[: graph.n_features].any(1)
+        if torch.equal(new, keep):
+            return keep, edges
+        keep = new
