@@ -98,7 +98,8 @@ def mean_nodes(nodes: dict[str, Nodes]) -> dict[str, Nodes]:
     }
 
 
-def _targets(clean: dict[str, Nodes], ablation: str, patch: dict[str, Nodes] | None, means):
+def ablation_targets(clean: dict[str, Nodes], ablation: str, patch: dict[str, Nodes] | None, means):
+    """The values each node moves to: the patch run's, zeros, or the means."""
     if ablation == "patch":
         if patch is None:
             raise DataError(
@@ -147,7 +148,7 @@ def node_effects(
     _check(submodules, clean_ids, patch_ids, method, ablation)
     clean = decompose(lm, submodules, clean_ids, mask)
     patch = decompose(lm, submodules, patch_ids, mask) if patch_ids is not None else None
-    target = _targets(clean, ablation, patch, means)
+    target = ablation_targets(clean, ablation, patch, means)
     run = {"atp": _atp, "ig": _ig, "exact": _exact}[method]
     features, errors = {}, {}
     for hook, (f_effect, e_effect) in run(
@@ -164,38 +165,44 @@ def _effect(grads: Nodes, clean: Nodes, target: Nodes) -> tuple[Tensor, Tensor]:
     )
 
 
-def _atp(lm, submodules, metric, ids, mask, clean, target, steps):
-    """One backward pass on the clean run. Each hook passes x on unchanged (value and gradient) and adds
-    a zero-valued term through its nodes, so the gradient at a node is the metric's total derivative
-    with every other node of that hook held fixed (writing x = decode(f) + err directly would make
-    err depend on f and cancel f's gradient)."""
+def pass_through(sub: Submodule, live: dict[str, Nodes]):
+    """A patch that passes x on unchanged (value and gradient) plus a zero-valued term through its nodes,
+    kept in `live` as leaves: the gradient at a node is then the derivative with every other node of
+    that hook held fixed (writing x = decode(f) + err directly would make err depend on f and cancel
+    f's gradient)."""
+
+    def fn(x):
+        with torch.no_grad():
+            values = split(sub.dictionary, x)
+        nodes = Nodes(values.features.requires_grad_(), values.error.requires_grad_())
+        live[sub.hook] = nodes
+        through = join(sub.dictionary, nodes)
+        return x + (through - through.detach())
+
+    return fn
+
+
+def grads_of(value: Tensor, nodes: Sequence[Nodes], retain: bool = False) -> list[Nodes]:
+    """d value / d each node (zeros where value does not depend on it)."""
+    leaves = [t for n in nodes for t in (n.features, n.error)]
+    grads = torch.autograd.grad(value, leaves, allow_unused=True, retain_graph=retain)
+    grads = [torch.zeros_like(t) if g is None else g for g, t in zip(grads, leaves, strict=True)]
+    return [Nodes(grads[2 * i], grads[2 * i + 1]) for i in range(len(nodes))]
+
+
+def clean_gradients(lm, submodules, metric, ids, mask=None) -> dict[str, Nodes]:
+    """d metric / d node for every node of every hook, on the clean run."""
     live: dict[str, Nodes] = {}
-
-    def splice(sub: Submodule):
-        def fn(x):
-            with torch.no_grad():
-                values = split(sub.dictionary, x)
-            nodes = Nodes(values.features.requires_grad_(), values.error.requires_grad_())
-            live[sub.hook] = nodes
-            through = join(sub.dictionary, nodes)
-            return x + (through - through.detach())
-
-        return fn
-
-    with torch.enable_grad(), lm.patch({s.hook: splice(s) for s in submodules}):
+    with torch.enable_grad(), lm.patch({s.hook: pass_through(s, live) for s in submodules}):
         value = metric(lm.forward(ids, mask)).sum()
-        leaves = [t for s in submodules for t in (live[s.hook].features, live[s.hook].error)]
-        grads = torch.autograd.grad(value, leaves, allow_unused=True)
-    out = {}
-    for i, s in enumerate(submodules):
-        g = Nodes(
-            *(
-                torch.zeros_like(t) if g is None else g
-                for g, t in zip(grads[2 * i : 2 * i + 2], leaves[2 * i : 2 * i + 2], strict=True)
-            )
-        )
-        out[s.hook] = _effect(g, clean[s.hook], target[s.hook])
-    return out
+        grads = grads_of(value, [live[s.hook] for s in submodules])
+    return {s.hook: g for s, g in zip(submodules, grads, strict=True)}
+
+
+def _atp(lm, submodules, metric, ids, mask, clean, target, steps):
+    """One backward pass on the clean run through the pass-through splices."""
+    grads = clean_gradients(lm, submodules, metric, ids, mask)
+    return {s.hook: _effect(grads[s.hook], clean[s.hook], target[s.hook]) for s in submodules}
 
 
 def _ig(lm, submodules, metric, ids, mask, clean, target, steps):

@@ -226,6 +226,10 @@ class HookedLM:
         parsed = [(*self._parse(n), n) for n in names]
         return sorted(parsed, key=lambda p: (p[0], SUFFIXES.index(p[1])))
 
+    def execution_order(self, names) -> list[str]:
+        """Hook names in the order a forward pass reaches them."""
+        return [name for _, _, name in self._sorted(names)]
+
     # -- running --------------------------------------------------------------------------------
     def prepare(self, input_ids, attention_mask=None) -> dict:
         """The keyword arguments of one forward pass of `self.model`, as every saelab forward uses them.
