@@ -8,6 +8,7 @@ agreement templates are built that way; the count used is reported).
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -180,7 +181,18 @@ def find_circuit(
         "metric_empty": ends["empty"],
         "nodes_for_f08": nodes_needed(points, 0.8),
         "seconds": time.perf_counter() - started,
+        "peak_rss_mib": peak_rss_mib(),
     }
+
+
+def peak_rss_mib() -> float | None:
+    """This process's peak resident memory so far, MiB (None where the OS does not say)."""
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 2**20 if sys.platform == "darwin" else rss / 2**10  # bytes on macOS, KiB on Linux
 
 
 def _edge(up, u_pos, u_latent, down, pos, latent, weight) -> dict:

@@ -80,6 +80,7 @@ def circuit(
         f"most common length), metric {result['metric']:.3f}; {len(result['nodes'])} nodes above {threshold:g}, "
         f"{len(result['edges'])} edges; F >= 0.8 with "
         f"{'no circuit on the curve' if needed is None else f'{needed} nodes'}; {result['seconds']:.0f} s"
+        + (f", peak memory {result['peak_rss_mib']:,.0f} MiB" if result["peak_rss_mib"] else "")
     )
     console.print(f"circuit in {folder / 'circuit.json'}, curve in {folder / 'faithfulness.png'}")
 
