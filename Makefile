@@ -13,7 +13,7 @@ STARTED := $(shell date +%s)
 SHELL   := bash
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 
-.PHONY: demo test lint unit integration bench toy browser lock upgrade-check clean
+.PHONY: demo test lint unit integration bench toy circuits browser lock upgrade-check clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -60,6 +60,10 @@ bench: $(CORE)
 # Toy models of superposition and the ground-truth benchmark (~13 min on 2 cores)
 toy: $(CORE)
 	$(BIN)/saelab toy all --out runs/toy
+
+# Transcoders at every layer of the embedded model, an attribution graph, agreement circuits (not in CI).
+circuits: $(CORE)
+	$(BIN)/python benchmarks/circuits_demo.py $(CIRCUITS_ARGS)
 
 # Rewrite the lock from what pip resolves today for pyproject.toml's ranges (then run `make test`).
 lock:

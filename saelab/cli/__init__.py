@@ -8,7 +8,20 @@ from __future__ import annotations
 
 import typer
 
-from saelab.cli import analyze, circuit, demo, direction, evaluate, explain, harvest, serve, steer, toy, train
+from saelab.cli import (
+    analyze,
+    circuit,
+    demo,
+    direction,
+    evaluate,
+    explain,
+    graph,
+    harvest,
+    serve,
+    steer,
+    toy,
+    train,
+)
 from saelab.cli.common import exit_on_interrupt, exit_on_user_error
 from saelab.errors import SaelabError
 
@@ -25,6 +38,7 @@ app.command("eval")(evaluate.eval_command)
 app.command()(analyze.analyze)
 app.command()(explain.explain)
 app.command()(circuit.circuit)
+app.command("graph")(graph.graph_command)
 app.command()(serve.serve)
 app.command("export")(serve.export_command)
 app.command()(demo.demo)

@@ -88,7 +88,9 @@ def test_circuit_refuses_bad_input(env, tmp_path):
     assert "unknown --method" in refused(
         "circuit", env["task"], "--dictionaries", env["resid"], "--method", "grad", *base
     )
-    assert "holds no dictionary files" in refused("circuit", env["task"], "--dictionaries", env["root"], *base)
+    assert "holds no dictionary files" in refused(
+        "circuit", env["task"], "--dictionaries", env["root"], *base
+    )
     missing = env["root"] / "missing.jsonl"
     missing.write_text(json.dumps({"clean_prefix": "w1"}) + "\n")
     assert "clean_answer" in refused("circuit", missing, "--dictionaries", env["resid"], *base)

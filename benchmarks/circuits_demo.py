@@ -1,0 +1,99 @@
+"""`make circuits`: transcoders at all 30 layers of the embedded model from one pass, the attribution graph
+of a factual-recall prompt, and agreement circuits with their faithfulness curves; the time of each step.
+
+    python benchmarks/circuits_demo.py [--out runs/circuits] [--tokens 262144] [--width 1024]
+        [--target-l0 16] [--sae runs/demo/saes/topk-k32-w4608] [--prompt "The capital of France is"]
+
+Each step is a saelab command (shown as it runs), skipped when its output already exists, so a rerun
+continues where it stopped. The agreement circuits use the SAE given by --sae (the one `make demo`
+trains, by default); when it is missing they are skipped with a note. Not part of `make test`: on 2 CPU
+cores the transcoders alone take tens of minutes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+AGREEMENT = ("agreement_simple", "agreement_across_pp", "agreement_across_rc", "agreement_within_rc")
+
+
+def step(name: str, command: list[str], done: Path, timings: dict) -> bool:
+    """Run one saelab command unless `done` exists; record its wall time."""
+    if done.exists():
+        print(f"[{name}] already done: {done}")
+        timings[name] = None
+        return True
+    print(f"[{name}] saelab {' '.join(command)}", flush=True)
+    started = time.perf_counter()
+    result = subprocess.run([sys.executable, "-m", "saelab", *command])
+    timings[name] = time.perf_counter() - started
+    if result.returncode != 0:
+        print(f"[{name}] failed with status {result.returncode}")
+        return False
+    return True
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path("runs/circuits"))
+    parser.add_argument("--tokens", type=int, default=262_144, help="transcoder training tokens (streamed)")
+    parser.add_argument("--width", type=int, default=1024)
+    parser.add_argument("--target-l0", type=float, default=16)
+    parser.add_argument("--sae", type=Path, default=Path("runs/demo/saes/topk-k32-w4608"))
+    parser.add_argument("--prompt", default="The capital of France is")
+    args = parser.parse_args()
+
+    from saelab.core.devices import describe_machine
+
+    timings: dict[str, float | None] = {}
+    run_dir = args.out / "transcoders"
+    name = f"transcoder-jumprelu-l0_{args.target_l0:g}-w{args.width}"
+    ok = step(
+        "transcoders",
+        ["train", "--run-dir", str(run_dir), "--layers", "0-29", "--hook", "blocks.{i}.ln2.hook_normalized",
+         "--output-hook", "blocks.{i}.hook_mlp_out", "--architecture", "jumprelu", "--target-l0", f"{args.target_l0:g}",
+         "--width", str(args.width), "--tokens", str(args.tokens), "--no-eval"],
+        run_dir / "DONE.json", timings,
+    )  # fmt: skip
+    graph = args.out / "graph-capital.json"
+    if ok:
+        ok = step(
+            "graph",
+            ["graph", args.prompt, "--transcoders", str(run_dir / "sets" / name), "--out", str(graph)],
+            graph,
+            timings,
+        )
+    if args.sae.is_dir():
+        for task in AGREEMENT:
+            out = args.out / task
+            step(
+                task,
+                ["circuit", task, "--dictionaries", str(args.sae), "--out", str(out)],
+                out / "circuit.json",
+                timings,
+            )
+    else:
+        print(f"no SAE at {args.sae} (run `make demo` first, or pass --sae): agreement circuits skipped")
+
+    print(f"\n{describe_machine()}")
+    for key, seconds in timings.items():
+        print(f"  {key:22s} {'(done before)' if seconds is None else f'{seconds:8.1f} s'}")
+    if graph.exists():
+        data = json.loads(graph.read_text())
+        print(f"  graph: {len(data['nodes'])} nodes, {len(data['links'])} links kept")
+    for task in AGREEMENT:
+        path = args.out / task / "circuit.json"
+        if path.exists():
+            r = json.loads(path.read_text())
+            print(f"  {task}: metric {r['metric']:.2f}, {len(r['nodes'])} nodes above threshold, "
+                  f"F >= 0.8 with {r['nodes_for_f08']} nodes")  # fmt: skip
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
