@@ -115,6 +115,34 @@ def random_topk_sae(d_in: int, d_sae: int, hook: str, k: int = 8):
 # --- the CLI, run in this process --------------------------------------------------------------
 
 
+def random_dictionary(
+    layer: int,
+    d_in: int,
+    d_sae: int,
+    hook_in: str = "ln2.hook_normalized",
+    hook_out: str | None = "hook_mlp_out",
+    architecture: str = "jumprelu",
+    max_threshold: float = 0.2,
+):
+    """A dictionary at blocks.{layer}.<hook_in> (a transcoder to <hook_out> unless None) with random
+    weights (std 0.5, seeded by the layer) and, for JumpReLU, thresholds below `max_threshold`, so that
+    several latents fire at each position of a tiny model."""
+    from saelab.dictionaries import DictionaryConfig, build_dictionary
+
+    cfg = DictionaryConfig(
+        architecture=architecture, d_in=d_in, d_sae=d_sae, k=4, seed=layer,
+        hook_name=f"blocks.{layer}.{hook_in}", output_hook_name=f"blocks.{layer}.{hook_out}" if hook_out else None,
+    )  # fmt: skip
+    member = build_dictionary(cfg)
+    generator = torch.Generator().manual_seed(100 + layer)
+    with torch.no_grad():
+        for tensor in member.parameters():
+            tensor.copy_(torch.randn(tensor.shape, generator=generator) * 0.5)
+        if architecture == "jumprelu":
+            member.log_threshold.copy_(torch.rand(d_sae, generator=generator).mul(max_threshold).log())
+    return member
+
+
 def run(*args) -> tuple[int | str, str, str]:
     """(exit status, stdout, stderr) of `saelab args...`; an escaping exception is status 'crash'."""
     out, err = io.StringIO(), io.StringIO()

@@ -14,10 +14,9 @@ from saelab.circuits.graph import Graph, attribute, graph_scores, influence, nor
 from saelab.circuits.graph_json import graph_json, node_ids
 from saelab.circuits.replacement import ReplacementModel
 from saelab.core.models import HookedLM
-from saelab.dictionaries import DictionaryConfig, build_dictionary
 from saelab.dictionaries.sets import dictionary_set
 from saelab.errors import DictionarySetError, GraphError, TextTooLongError
-from tests.helpers import make_model, make_tokenizer
+from tests.helpers import make_model, make_tokenizer, random_dictionary
 
 D_MODEL, D_TC, N_LAYERS = 8, 16, 2
 PROMPT = [1, 5, 9, 17, 30, 8]  # starts with <bos>
@@ -42,17 +41,7 @@ def tiny_lm(kind: str, dtype=torch.float64, **overrides) -> HookedLM:
 
 def transcoder(layer: int, dtype=torch.float64, hook_in="ln2.hook_normalized", hook_out="hook_mlp_out"):
     """A random JumpReLU transcoder with low thresholds, so that several features fire at each position."""
-    cfg = DictionaryConfig(
-        architecture="jumprelu", d_in=D_MODEL, d_sae=D_TC, seed=layer,
-        hook_name=f"blocks.{layer}.{hook_in}", output_hook_name=f"blocks.{layer}.{hook_out}",
-    )  # fmt: skip
-    member = build_dictionary(cfg)
-    generator = torch.Generator().manual_seed(100 + layer)
-    with torch.no_grad():
-        for tensor in member.parameters():
-            tensor.copy_(torch.randn(tensor.shape, generator=generator) * 0.5)
-        member.log_threshold.copy_(torch.rand(D_TC, generator=generator).mul(0.2).log())
-    return member.to(dtype)
+    return random_dictionary(layer, D_MODEL, D_TC, hook_in, hook_out).to(dtype)
 
 
 def transcoders(dtype=torch.float64, **hooks):

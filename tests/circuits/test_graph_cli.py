@@ -17,7 +17,6 @@ from saelab.circuits.graph_json import graph_json
 from saelab.circuits.graph_schema import graph_errors, graph_schema, schema_errors, validate_graph
 from saelab.cli.graph import slug_of
 from saelab.core.models import load_model
-from saelab.dictionaries import DictionaryConfig, build_dictionary
 from saelab.dictionaries.sets import (
     dictionary_set,
     load_dictionary_set,
@@ -25,7 +24,7 @@ from saelab.dictionaries.sets import (
     save_transcoder_set,
 )
 from saelab.errors import GraphError
-from tests.helpers import refused, run, save_model
+from tests.helpers import random_dictionary, refused, run, save_model
 
 HIDDEN, D_TC, N_LAYERS = 16, 32, 2
 PROMPT = "w1 w5 w9 w17 w30"
@@ -33,17 +32,7 @@ PROMPT = "w1 w5 w9 w17 w30"
 
 def _transcoder(layer: int, hook_in: str = "ln2.hook_normalized", hook_out: str = "hook_mlp_out"):
     """A random JumpReLU transcoder with low thresholds, so that several features fire at each position."""
-    cfg = DictionaryConfig(
-        architecture="jumprelu", d_in=HIDDEN, d_sae=D_TC, seed=layer,
-        hook_name=f"blocks.{layer}.{hook_in}", output_hook_name=f"blocks.{layer}.{hook_out}",
-    )  # fmt: skip
-    member = build_dictionary(cfg)
-    generator = torch.Generator().manual_seed(100 + layer)
-    with torch.no_grad():
-        for tensor in member.parameters():
-            tensor.copy_(torch.randn(tensor.shape, generator=generator) * 0.5)
-        member.log_threshold.copy_(torch.rand(D_TC, generator=generator).mul(0.2).log())
-    return member
+    return random_dictionary(layer, HIDDEN, D_TC, hook_in, hook_out)
 
 
 @pytest.fixture(scope="module")

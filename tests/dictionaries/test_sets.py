@@ -19,23 +19,18 @@ from saelab.dictionaries.sets import (
     save_transcoder_set,
 )
 from saelab.errors import DictionaryFileError, DictionarySetError
+from tests.helpers import random_dictionary
 
 D_MODEL, D_TC = 8, 16
 IN, OUT = "blocks.{}.ln2.hook_normalized", "blocks.{}.hook_mlp_out"
 
 
 def transcoder(layer: int, architecture: str = "jumprelu", hook_in: str = IN, hook_out: str | None = OUT):
-    cfg = DictionaryConfig(
-        architecture=architecture, d_in=D_MODEL, d_sae=D_TC, k=4, seed=layer,
-        hook_name=hook_in.format(layer), output_hook_name=hook_out.format(layer) if hook_out else None,
+    member = random_dictionary(
+        layer, D_MODEL, D_TC, hook_in.split(".", 2)[2], hook_out.split(".", 2)[2] if hook_out else None,
+        architecture, max_threshold=0.5,
     )  # fmt: skip
-    member = build_dictionary(cfg)
-    generator = torch.Generator().manual_seed(100 + layer)
     with torch.no_grad():
-        for tensor in member.parameters():
-            tensor.copy_(torch.randn(tensor.shape, generator=generator) * 0.5)
-        if architecture == "jumprelu":
-            member.log_threshold.copy_(torch.rand(D_TC, generator=generator).mul(0.5).log())
         if architecture == "batchtopk":
             member.threshold.fill_(0.3)
         member.input_scale.fill_(1.7)  # a training scale, to be folded in on save
@@ -128,7 +123,9 @@ def test_a_member_at_the_wrong_hook_is_refused():
     with pytest.raises(DictionarySetError, match="all SAEs or all transcoders"):
         dictionary_set([transcoder(0), transcoder(1, hook_in="blocks.{}.ln2.hook_normalized", hook_out=None)])
     with pytest.raises(DictionarySetError, match="names no layer"):
-        dictionary_set([transcoder(0, hook_in="embed{}", hook_out=None)])
+        dictionary_set(
+            [build_dictionary(DictionaryConfig("jumprelu", d_in=D_MODEL, d_sae=D_TC, hook_name="embed0"))]
+        )
     with pytest.raises(DictionarySetError, match="two dictionaries read layer 0"):
         dictionary_set([transcoder(0), transcoder(0)])
     with pytest.raises(DictionarySetError, match="model has 2"):
