@@ -169,7 +169,7 @@ def find_circuit(
         "rows": len(batch),
         "rows_same_length": same_length,
         "rows_in_task": len(full),
-        "tokens": lm.tokenizer.convert_ids_to_tokens(batch.clean_ids[0].tolist()),
+        "tokens": [lm.tokenizer.decode([i]) for i in batch.clean_ids[0].tolist()],  # the first row's text
         "metric": clean_metric,
         "config": asdict(cfg),
         "ablation": ablation,

@@ -44,13 +44,23 @@ from starlette.middleware.trustedhost import TrustedHostMiddleware
 from saelab.core.models import HookedLM
 from saelab.dictionaries.base import Dictionary
 from saelab.server.limits import MAX_BODY_BYTES
-from saelab.server.routers import activations, explanations, features, meta, pages, search, steer, vector
+from saelab.server.routers import (
+    activations,
+    explanations,
+    features,
+    graphs,
+    meta,
+    pages,
+    search,
+    steer,
+    vector,
+)
 from saelab.server.state import ServerState
 
 STATIC = Path(__file__).parent / "static"
 LOCAL_HOSTS = ["127.0.0.1", "localhost", "::1", "[::1]", "testserver"]
 CSP = "default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self'; frame-ancestors 'none'"
-ROUTERS = (meta, features, activations, search, explanations, steer, vector, pages)
+ROUTERS = (meta, features, activations, search, explanations, steer, vector, graphs, pages)
 
 
 async def guard(request: Request, call_next):
