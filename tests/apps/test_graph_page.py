@@ -256,3 +256,11 @@ def test_page_draws_prunes_selects_pins_and_plots_the_curve(base_url, tmp_path):
             page.screenshot(path=tmp_path / "circuit.png", full_page=True)
             browser.close()
             assert not errors
+
+
+def test_a_feature_page_links_the_circuits_that_use_its_latent(client, served):
+    page = client.get("/feature/5").text
+    assert "In graphs and circuits" in page
+    assert f'href="/graphs/tiny-circuit?pinned={STORE_HOOK}%3A1%3A5"' in page
+    assert "at position 1 &ldquo;The&rdquo;" in page and "effect 0.8" in page
+    assert "In graphs and circuits" not in client.get("/feature/0").text  # in no saved graph

@@ -190,6 +190,38 @@ def summaries(state: ServerState) -> list[dict]:
     return rows
 
 
+def graphs_using(state: ServerState, idx: int) -> list[dict]:
+    """The saved graphs and circuits with a node on latent `idx` of the served dictionary, for its
+    feature page: [{name, kind, title, node, pos, token, value}] (value: the effect or activation)."""
+    found = []
+    for name in names(graphs_folder(state)):
+        try:
+            view = _cached_view(state, name)
+        except GraphFileError:
+            continue
+        for n in view["nodes"]:
+            if n.get("link") == f"/feature/{idx}":
+                value = n["effect"] if n.get("effect") is not None else n.get("activation")
+                token = view["tokens"][n["pos"]] if 0 <= n["pos"] < len(view["tokens"]) else ""
+                found.append({"name": name, "kind": view["kind"], "title": view["title"], "node": n["id"],
+                              "pos": n["pos"], "token": token, "value": value})  # fmt: skip
+    return sorted(found, key=lambda r: -abs(r["value"] or 0.0))
+
+
+_VIEWS: dict[tuple[str, str, float], dict] = {}
+
+
+def _cached_view(state: ServerState, name: str) -> dict:
+    """load_view, kept while the file is unchanged: feature pages would otherwise reread every graph."""
+    found = locate(graphs_folder(state), name)
+    if found is None:
+        raise GraphFileError(f"{name} is gone")
+    key = (str(graphs_folder(state)), name, found[1].stat().st_mtime)
+    if key not in _VIEWS:
+        _VIEWS[key] = load_view(state, name)
+    return _VIEWS[key]
+
+
 @router.get("/api/graphs")
 def api_graphs(state: State) -> dict:
     """The graphs and circuits in graphs/ of the served folder: {items: [{name, kind, title, n_nodes, ...}]}."""

@@ -29,11 +29,13 @@ def index_page(request: Request, state: State):
 
 @router.get("/feature/{idx}", response_class=HTMLResponse)
 def feature_page(request: Request, state: State, idx: int):
+    from saelab.server.routers.graphs import graphs_using  # graphs renders its pages with page()
+
     if idx not in state.latents:
         return page(request, state, "error.html", 404, message=state.missing(idx).detail)
     return page(
         request, state, "feature.html", idx=idx, title=f"saelab: feature {idx}",
-        max_strength=MAX_STRENGTH, max_new_tokens=MAX_NEW_TOKENS,
+        max_strength=MAX_STRENGTH, max_new_tokens=MAX_NEW_TOKENS, graphs=graphs_using(state, idx),
     )  # fmt: skip
 
 
