@@ -1,8 +1,11 @@
 """`make circuits`: transcoders at all 30 layers of the embedded model from one pass, the attribution graph
 of a factual-recall prompt, and agreement circuits with their faithfulness curves; the time of each step.
 
-    python benchmarks/circuits_demo.py [--out runs/circuits] [--tokens 262144] [--width 1024]
-        [--target-l0 16] [--sae runs/demo/saes/topk-k32-w4608] [--prompt "The capital of France is"]
+    python benchmarks/circuits_demo.py [--out runs/circuits] [--tokens 262144] [--width 1024] [--k 16]
+        [--sae runs/demo/saes/topk-k32-w4608] [--prompt "The capital of France is"]
+
+The transcoders are BatchTopK (saved with their inference threshold, so as JumpReLU in circuit-tracer's
+layout): of the families, TopK-style ones train reliably in a few hundred steps.
 
 Each step is a saelab command (shown as it runs), skipped when its output already exists, so a rerun
 continues where it stopped. The agreement circuits use the SAE given by --sae (the one `make demo`
@@ -43,7 +46,7 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=Path("runs/circuits"))
     parser.add_argument("--tokens", type=int, default=262_144, help="transcoder training tokens (streamed)")
     parser.add_argument("--width", type=int, default=1024)
-    parser.add_argument("--target-l0", type=float, default=16)
+    parser.add_argument("--k", type=int, default=16, help="active transcoder latents per token")
     parser.add_argument("--sae", type=Path, default=Path("runs/demo/saes/topk-k32-w4608"))
     parser.add_argument("--prompt", default="The capital of France is")
     args = parser.parse_args()
@@ -52,11 +55,11 @@ def main() -> int:
 
     timings: dict[str, float | None] = {}
     run_dir = args.out / "transcoders"
-    name = f"transcoder-jumprelu-l0_{args.target_l0:g}-w{args.width}"
+    name = f"transcoder-batchtopk-k{args.k}-w{args.width}"
     ok = step(
         "transcoders",
         ["train", "--run-dir", str(run_dir), "--layers", "0-29", "--hook", "blocks.{i}.ln2.hook_normalized",
-         "--output-hook", "blocks.{i}.hook_mlp_out", "--architecture", "jumprelu", "--target-l0", f"{args.target_l0:g}",
+         "--output-hook", "blocks.{i}.hook_mlp_out", "--architecture", "batchtopk", "--k", str(args.k),
          "--width", str(args.width), "--tokens", str(args.tokens), "--no-eval"],
         run_dir / "DONE.json", timings,
     )  # fmt: skip
