@@ -7,39 +7,13 @@ elsewhere these tests are skipped when /usr/bin/chromium is absent.
 from __future__ import annotations
 
 import re
-import socket
-import threading
-import time
 
 import pytest
 
-from tests.browser import require_browser
+from tests.browser import require_browser, serve
 from tests.stores import STORE_TEXT as TEXT
 
 CHROMIUM, sync_api = require_browser()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _serve(app):
-    """Run `app` on a free local port in a thread; yields its base URL, stops it afterwards."""
-    import uvicorn
-
-    port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 20
-    while not server.started and time.time() < deadline:
-        time.sleep(0.05)
-    assert server.started, "the web app did not start"
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(timeout=10)
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +21,7 @@ def base_url(analysed):
     from saelab.server import create_app
 
     lm, sae, path = analysed
-    yield from _serve(create_app(path, lm, sae))
+    yield from serve(create_app(path, lm, sae))
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +35,7 @@ def explained_url(tmp_path_factory):
         explain_tiny_store(store)
         store.set_dreams(0, [{"token_ids": [1, 2], "text": "thecat", "activation": 3.0, "cross_entropy": 4.25,
                               "lam": 0.5}], run_key="r")  # fmt: skip
-    yield from _serve(create_app(path))
+    yield from serve(create_app(path))
 
 
 @pytest.fixture(scope="module")

@@ -6,9 +6,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
-import socket
-import threading
-import time
 
 import pytest
 from fastapi.testclient import TestClient
@@ -16,7 +13,7 @@ from fastapi.testclient import TestClient
 from saelab.circuits.graph_schema import validate_graph
 from saelab.server import create_app
 from saelab.server.routers.graphs import graph_view, locate
-from tests.browser import require_browser
+from tests.browser import require_browser, serve
 from tests.stores import STORE_HOOK
 
 LABEL = "cats and kittens"
@@ -96,28 +93,9 @@ def served(analysed, tmp_path_factory):
     return path
 
 
-def _serve(app):
-    """Run `app` on a free local port in a thread (as tests/apps/test_browser.py does); yields its URL."""
-    import uvicorn
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 20
-    while not server.started and time.time() < deadline:
-        time.sleep(0.05)
-    assert server.started, "the web app did not start"
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(timeout=10)
-
-
 @pytest.fixture(scope="module")
 def base_url(served):
-    yield from _serve(create_app(served))
+    yield from serve(create_app(served))
 
 
 @pytest.fixture(scope="module")

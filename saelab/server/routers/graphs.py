@@ -218,6 +218,8 @@ def _cached_view(state: ServerState, name: str) -> dict:
         raise GraphFileError(f"{name} is gone")
     key = (str(graphs_folder(state)), name, found[1].stat().st_mtime)
     if key not in _VIEWS:
+        for old in [k for k in _VIEWS if k[:2] == key[:2]]:  # an earlier version of this file
+            del _VIEWS[old]
         _VIEWS[key] = load_view(state, name)
     return _VIEWS[key]
 
