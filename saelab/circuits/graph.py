@@ -6,7 +6,10 @@ on target `t`: on a feature's pre-activation, or on a target's demeaned logit (t
 logit over the vocabulary, i.e. the demeaned unembedding column). In the replacement model
 (`saelab.circuits.replacement`) these maps are linear, so one backward pass per target row, with the
 target's read direction injected as the gradient, gives its whole row exactly: gradient · contribution
-at each source's write site. Rows are batched by running the frozen model on copies of the prompt.
+at each source's write site. Rows are batched by running the frozen model on copies of the prompt; the
+frozen model does not depend on the targets, so that forward runs once and every batch of rows is one
+more backward pass through it. It stops at the final norm: a logit's read direction is carried back
+through the (linear) unembedding once, so no batch pays for the vocabulary.
 
 `prune` keeps the nodes and edges that carry most of the logits' influence and computes the
 replacement and completeness scores (Ameisen et al. 2025, circuit-tracer).
@@ -139,24 +142,27 @@ def attribute(
     )
     dtype = torch.promote_types(rm.dtype, torch.float32)  # half-precision models: sums of edges in float32
     graph.adjacency = torch.zeros(graph.n_nodes, graph.n_nodes, dtype=dtype)
-    sources = _sources(rm, graph)
-    _fill_rows(rm, graph, sources, [graph.logit_index(k) for k in range(graph.n_logits)], batch_size)
-    if max_feature_nodes is None or max_feature_nodes >= graph.n_features:
-        _fill_rows(rm, graph, sources, list(range(graph.n_features)), batch_size)
+    every = max_feature_nodes is None or max_feature_nodes >= graph.n_features
+    rows_at_once = graph.n_features if every else max_feature_nodes
+    frozen = _FrozenPass(rm, graph, min(batch_size, max(graph.n_logits, rows_at_once)))
+    _fill_rows(frozen, [graph.logit_index(k) for k in range(graph.n_logits)])
+    if every:
+        _fill_rows(frozen, list(range(graph.n_features)))
         return graph
-    chosen = _greedy_features(rm, graph, sources, max_feature_nodes, batch_size)
+    chosen = _greedy_features(frozen, max_feature_nodes)
     return _restricted(graph, chosen)
 
 
-def _greedy_features(rm: ReplacementModel, graph: Graph, sources, limit: int, batch_size: int) -> Tensor:
+def _greedy_features(frozen: _FrozenPass, limit: int) -> Tensor:
     """Compute rows for the `limit` most influential features, a batch at a time; their indices, sorted."""
+    graph = frozen.graph
     visited = torch.zeros(graph.n_features, dtype=torch.bool)
     weights = graph.logit_weights()
     while int(visited.sum()) < limit:
         scores = influence(normalized(graph.adjacency), weights)[: graph.n_features]
         scores[visited] = -1.0
-        picked = scores.topk(min(batch_size, limit - int(visited.sum()))).indices
-        _fill_rows(rm, graph, sources, sorted(picked.tolist()), batch_size)
+        picked = scores.topk(min(frozen.batch, limit - int(visited.sum()))).indices
+        _fill_rows(frozen, sorted(picked.tolist()))
         visited[picked] = True
     return visited.nonzero().flatten()
 
@@ -196,37 +202,60 @@ def _sources(rm: ReplacementModel, graph: Graph) -> _Sources:
     return _Sources(pos, writes, cols)
 
 
+class _FrozenPass:
+    """The frozen forward of `batch` copies of the prompt, run once, with a leaf at every write site.
+
+    The frozen model is the same for every target, so each batch of rows is one more backward pass
+    through this graph (kept with retain_graph), seeded with that batch's read directions.
+    """
+
+    def __init__(self, rm: ReplacementModel, graph: Graph, batch: int):
+        self.rm, self.graph, self.batch = rm, graph, batch
+        self.sources = _sources(rm, graph)
+        self.logit_reads = rm.logit_directions(graph.logit_tokens.to(rm.embeddings.device))
+        self.embeddings = rm.embeddings.expand(batch, -1, -1).clone().requires_grad_()
+        self.outputs = [out.expand(batch, -1, -1).clone().requires_grad_() for out in rm.mlp_outputs]
+        with torch.enable_grad():
+            self.mlp_inputs, self.final = rm.forward_frozen(self.embeddings, self.outputs, logits=False)
+
+    def gradients(self, chunk: list) -> tuple[Tensor | None, list[Tensor | None]]:
+        """Gradients at the embeddings and at each MLP output (None where unreached) for a chunk of targets."""
+        roots, seeds = _seeds(self, chunk)
+        with torch.enable_grad():
+            grads = torch.autograd.grad(
+                roots, [self.embeddings, *self.outputs], seeds, retain_graph=True, allow_unused=True
+            )
+        n = len(chunk)
+        return _first(grads[0], n), [_first(g, n) for g in grads[1:]]
+
+
+def _first(grad: Tensor | None, n: int) -> Tensor | None:
+    """The rows of the copies that carried a target (a last, smaller chunk leaves the rest unseeded)."""
+    return None if grad is None else grad[:n]
+
+
 def _target(graph: Graph, node: int) -> tuple[str, int, int, int]:
-    """What a row's node reads: (kind, layer, position, feature index or token id)."""
+    """What a row's node reads: (kind, layer, position, feature index or logit number)."""
     if node < graph.n_features:
         layer, pos, idx = graph.features[node].tolist()
         return "feature", layer, pos, idx
-    return "logit", -1, graph.n_pos - 1, int(graph.logit_tokens[node - graph.logit_index(0)])
+    return "logit", -1, graph.n_pos - 1, node - graph.logit_index(0)
 
 
-def _fill_rows(
-    rm: ReplacementModel, graph: Graph, sources: _Sources, nodes: list[int], batch_size: int
-) -> None:
-    """Compute the adjacency rows of `nodes` into `graph.adjacency`, `batch_size` rows per backward pass."""
-    for start in range(0, len(nodes), batch_size):
-        chunk = nodes[start : start + batch_size]
-        rows = _rows(rm, graph, sources, [_target(graph, n) for n in chunk])
+def _fill_rows(frozen: _FrozenPass, nodes: list[int]) -> None:
+    """Compute the adjacency rows of `nodes` into the graph's adjacency, `frozen.batch` rows per backward pass."""
+    graph = frozen.graph
+    for start in range(0, len(nodes), frozen.batch):
+        chunk = nodes[start : start + frozen.batch]
+        rows = _rows(frozen, [_target(graph, n) for n in chunk])
         graph.adjacency[chunk] = rows.to("cpu", graph.adjacency.dtype)
 
 
-def _rows(rm: ReplacementModel, graph: Graph, sources: _Sources, chunk: list) -> Tensor:
-    """Adjacency rows of a batch of targets: one frozen forward on copies of the prompt, one backward."""
-    batch = len(chunk)
-    embeddings = rm.embeddings.expand(batch, -1, -1).clone().requires_grad_()
-    outputs = [
-        rm.mlp_outputs[layer].expand(batch, -1, -1).clone().requires_grad_() for layer in range(rm.n_layers)
-    ]
-    with torch.enable_grad():
-        mlp_inputs, logits = rm.forward_frozen(embeddings, outputs)
-        roots, seeds = _seeds(rm, chunk, mlp_inputs, logits)
-        grads = torch.autograd.grad(roots, [embeddings, *outputs], seeds, allow_unused=True)
-    grad_emb, grad_outs = grads[0], grads[1:]
-    result = torch.zeros(batch, graph.n_nodes, dtype=rm.dtype, device=embeddings.device)
+def _rows(frozen: _FrozenPass, chunk: list) -> Tensor:
+    """Adjacency rows of a batch of targets: gradient · contribution at every source's write site."""
+    rm, graph, sources = frozen.rm, frozen.graph, frozen.sources
+    grad_emb, grad_outs = frozen.gradients(chunk)
+    result = torch.zeros(len(chunk), graph.n_nodes, dtype=rm.dtype, device=rm.embeddings.device)
     for layer, grad in enumerate(grad_outs):
         if grad is None:
             continue
@@ -240,23 +269,21 @@ def _rows(rm: ReplacementModel, graph: Graph, sources: _Sources, chunk: list) ->
     return result
 
 
-def _seeds(rm: ReplacementModel, chunk: list, mlp_inputs: list[Tensor], logits: Tensor):
-    """The roots of the backward pass and the gradient injected at each: each target's read direction."""
-    by_layer: dict[int, Tensor] = {}
-    logit_seed = None
+def _seeds(frozen: _FrozenPass, chunk: list) -> tuple[list[Tensor], list[Tensor]]:
+    """The roots of the backward pass and the gradient injected at each: each target's read direction.
+
+    A feature reads its layer's MLP input through its encoder column; a logit reads the final norm's
+    output through its demeaned unembedding direction.
+    """
+    rm = frozen.rm
+    by_root: dict[int, tuple[Tensor, Tensor]] = {}  # id(root) -> (root, seed)
     for b, (kind, layer, pos, idx) in enumerate(chunk):
-        if kind == "feature":
-            if layer not in by_layer:
-                by_layer[layer] = torch.zeros_like(mlp_inputs[layer])
-            by_layer[layer][b, pos] = rm.encoder(layer)[:, idx]
-        else:
-            if logit_seed is None:
-                logit_seed = torch.zeros_like(logits)
-            logit_seed[b, pos] = -1.0 / logits.shape[-1]  # demeaned: the logit minus the mean logit
-            logit_seed[b, pos, idx] += 1.0
-    roots = [mlp_inputs[layer] for layer in by_layer] + ([logits] if logit_seed is not None else [])
-    seeds = list(by_layer.values()) + ([logit_seed] if logit_seed is not None else [])
-    return roots, seeds
+        root = frozen.mlp_inputs[layer] if kind == "feature" else frozen.final
+        if id(root) not in by_root:
+            by_root[id(root)] = (root, torch.zeros_like(root))
+        seed = by_root[id(root)][1]
+        seed[b, pos] = rm.encoder(layer)[:, idx] if kind == "feature" else frozen.logit_reads[idx]
+    return [root for root, _ in by_root.values()], [seed for _, seed in by_root.values()]
 
 
 # ---- pruning and scores ------------------------------------------------------------------------

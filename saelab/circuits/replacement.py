@@ -300,12 +300,18 @@ class ReplacementModel:
     # -- the frozen model -------------------------------------------------------------------------
     @contextlib.contextmanager
     def frozen(
-        self, embeddings: Tensor, mlp_outputs: list[Tensor], mlp_inputs: dict[int, Tensor]
+        self,
+        embeddings: Tensor,
+        mlp_outputs: list[Tensor],
+        mlp_inputs: dict[int, Tensor],
+        final: dict[str, Tensor] | None = None,
     ) -> Iterator[None]:
         """While active, a forward pass of a batch of this prompt is the frozen model.
 
         `embeddings` [batch, seq, d] and `mlp_outputs[layer]` [batch, seq, d] replace the token
-        embeddings and MLP outputs; each layer's MLP input is stored in `mlp_inputs`.
+        embeddings and MLP outputs; each layer's MLP input is stored in `mlp_inputs`. The real MLPs
+        do not run (their outputs would be replaced). With `final`, the final norm's output is stored
+        there as "out" and the pass stops (raising `StopFrozen`) before the unembedding.
         """
         handles = []
         try:
@@ -314,25 +320,64 @@ class ReplacementModel:
             for site in self.qk:
                 handles.append(site.module.register_forward_hook(_replay_qk(site)))
             handles.append(self.lm.model.get_input_embeddings().register_forward_hook(lambda *_: embeddings))
+            if final is not None:  # after the norms' replay hooks, so it sees the frozen output
+                handles.append(self.lm.final_norm.register_forward_hook(_stop_at(final)))
             patches: dict[str, Callable] = {}
             for layer in range(self.n_layers):
                 patches[f"blocks.{layer}.{INPUT_SUFFIX}"] = _saver(mlp_inputs, layer)
                 patches[f"blocks.{layer}.{OUTPUT_SUFFIX}"] = _constant(mlp_outputs[layer])
-            with self.lm.patch(patches):
+            with self.lm.patch(patches), _skipped([block.mlp for block in self.lm.blocks]):
                 yield
         finally:
             for handle in handles:
                 handle.remove()
 
-    def forward_frozen(self, embeddings: Tensor, mlp_outputs: list[Tensor]) -> tuple[list[Tensor], Tensor]:
-        """(MLP inputs per layer, logits) of the frozen model, batched: all inputs are [batch, seq, d]."""
+    def forward_frozen(
+        self, embeddings: Tensor, mlp_outputs: list[Tensor], logits: bool = True
+    ) -> tuple[list[Tensor], Tensor]:
+        """(MLP inputs per layer, logits) of the frozen model, batched: all inputs are [batch, seq, d].
+
+        With `logits=False` the pass stops at the final norm and returns its output [batch, seq, d]
+        instead: the unembedding is linear, so `logit_directions` carries a logit's gradient there.
+        """
         batch = embeddings.shape[0]
         ins: dict[int, Tensor] = {}
+        final: dict[str, Tensor] | None = None if logits else {}
         for site in self.qk + self.norms:
             site.calls = 0
-        with self.frozen(embeddings, mlp_outputs, ins):
-            logits = self.lm.forward(self.input_ids.expand(batch, -1))
-        return [ins[layer] for layer in range(self.n_layers)], logits
+        with self.frozen(embeddings, mlp_outputs, ins, final):
+            try:
+                out = self.lm.forward(self.input_ids.expand(batch, -1))
+            except StopFrozen:
+                out = final["out"]
+        return [ins[layer] for layer in range(self.n_layers)], out
+
+    def logit_directions(self, tokens: Tensor) -> Tensor:
+        """[n, d]: the gradient of each token's demeaned logit at the last position (the logit minus the
+        mean logit) with respect to the final norm's output, so that a backward pass can start there.
+
+        Read off the model's own head by one backward pass through it, so that whatever it does
+        after the final norm (a bias, a logit scale) is included.
+        """
+        store: dict[str, Tensor] = {}
+
+        def leaf(_m, _a, output):
+            store["h"] = output.detach().requires_grad_()
+            return store["h"]
+
+        handle = self.lm.final_norm.register_forward_hook(leaf)
+        try:
+            with torch.enable_grad():
+                logits = self.lm.forward(self.input_ids)[0, -1]
+                rows = []
+                for token in tokens.tolist():
+                    seed = torch.full_like(logits, -1.0 / logits.shape[-1])
+                    seed[token] += 1.0
+                    grad = torch.autograd.grad(logits, store["h"], seed, retain_graph=True)[0]
+                    rows.append(grad[0, -1])
+        finally:
+            handle.remove()
+        return torch.stack(rows).detach() if rows else torch.zeros(0, self.lm.d_model, dtype=self.dtype)
 
     @torch.no_grad()
     def run(
@@ -389,6 +434,43 @@ def _saver(store: dict, layer: int) -> Callable[[Tensor], None]:
 
 def _constant(value: Tensor) -> Callable[[Tensor], Tensor]:
     return lambda _old: value
+
+
+class StopFrozen(Exception):
+    """Ends a frozen pass at the final norm: what follows (the unembedding) is not needed."""
+
+
+def _stop_at(store: dict[str, Tensor]):
+    def hook(_m, _a, output):
+        store["out"] = output
+        raise StopFrozen
+
+    return hook
+
+
+@contextlib.contextmanager
+def _skipped(modules: list[nn.Module]) -> Iterator[None]:
+    """While active, each module's forward returns its input unchanged instead of computing.
+
+    For the MLPs of a frozen pass: `hook_mlp_out` replaces their output by a constant, so computing it
+    (most of a block's work) would be wasted. Hooks still fire, so `ln2.hook_normalized` still sees
+    the MLP's input, and the output has the shape the replacement is checked against.
+    """
+
+    def identity(*args, **kwargs):
+        return _input(args, kwargs)
+
+    saved = [m.__dict__.get("forward") for m in modules]
+    try:
+        for module in modules:
+            module.forward = identity
+        yield
+    finally:
+        for module, forward in zip(modules, saved, strict=True):
+            if forward is None:
+                del module.forward
+            else:
+                module.forward = forward
 
 
 def _replay_norm(norm: _Norm):
