@@ -108,7 +108,7 @@ class TrainConfig:
     def hooks(self) -> list[str]:
         names: list[str] = []
         for d in self.dictionaries:
-            names += [d.hook_name] + ([d.output_hook_name] if d.output_hook_name else [])
+            names += d.input_hooks + (d.output_hooks if d.output_hook_name else [])
         return list(dict.fromkeys(names))
 
 
@@ -126,7 +126,7 @@ def dictionary_name(cfg: DictionaryConfig, index: int, names: set[str], layered:
     name = f"{cfg.architecture}-{family(cfg.architecture).tag(cfg)}-w{cfg.d_sae}"
     if cfg.is_transcoder:
         name = "transcoder-" + name
-    if layered:
+    if layered and not cfg.layers:  # a cross-layer dictionary reads every layer: no layer in its name
         name = f"L{split_hook(cfg.hook_name)[0]}-{name}"
     return name if name not in names else f"{name}-{index}"
 
@@ -349,8 +349,8 @@ def train(
     dims = source.dims()
     for dcfg in cfg.dictionaries:  # d_in = 0 means "as wide as the hook point"
         if dcfg.d_in <= 0:
-            dcfg.d_in = dims[dcfg.hook_name]
-            dcfg.d_out = dims[dcfg.output_hook_name] if dcfg.output_hook_name else None
+            dcfg.d_in = dims[dcfg.input_hooks[0]]
+            dcfg.d_out = dims[dcfg.output_hooks[0]] if dcfg.output_hook_name else None
     names: set[str] = set()
     members: list[_Member] = []
     init_rows = None
@@ -360,10 +360,8 @@ def train(
         if not resume:
             if init_rows is None:
                 init_rows = source.peek(min(cfg.batch_size * 4, 16384))
-            y_hook = dcfg.output_hook_name or dcfg.hook_name
-            dictionary.init_from_data(
-                init_rows[dcfg.hook_name].to(cfg.device), init_rows[y_hook].to(cfg.device)
-            )
+            x, y = dictionary.training_inputs(init_rows)
+            dictionary.init_from_data(x.to(cfg.device), y.to(cfg.device))
         name = dictionary_name(dcfg, index, names, layered)
         names.add(name)
         members.append(_Member(name, dictionary, cfg, total_steps))
@@ -472,11 +470,11 @@ def _foreign_hook_message(description: str, provided: tuple[str, ...], hook: str
 
 def _train_step(member: _Member, batch: dict[str, torch.Tensor], cfg: TrainConfig, step: int, total: int):
     dictionary = member.dictionary
-    dcfg = dictionary.cfg
-    x = batch[dcfg.hook_name].to(cfg.device, non_blocking=True)
-    y = batch[dcfg.output_hook_name].to(cfg.device) if dcfg.output_hook_name else x
+    x, y = (tensor.to(cfg.device, non_blocking=True) for tensor in dictionary.training_inputs(batch))
     dead = member.tokens_since_fired >= cfg.dead_after_tokens
-    ctx = StepContext(dead_mask=dead.to(cfg.device) if bool(dead.any()) else None, progress=step / total)
+    ctx = StepContext(
+        dead_mask=dead.to(cfg.device) if bool(dead.any()) else None, progress=step / total, step=step
+    )
     out = dictionary.training_loss(x, y, ctx)
     member.optimizer.zero_grad(set_to_none=True)
     out.loss.backward()
@@ -517,10 +515,8 @@ def _resample_dead(member: _Member, batch: dict[str, torch.Tensor], cfg: TrainCo
     if latents.numel() == 0:
         return
     dictionary = member.dictionary
-    dcfg = dictionary.cfg
     if main:
-        x = batch[dcfg.hook_name].to(cfg.device)
-        y = batch[dcfg.output_hook_name].to(cfg.device) if dcfg.output_hook_name else x
+        x, y = (tensor.to(cfg.device) for tensor in dictionary.training_inputs(batch))
         dictionary.resample(latents.to(cfg.device), x, y)
     params = dict(dictionary.named_parameters())
     for name, dim in dictionary.latent_parameters().items():
@@ -614,6 +610,8 @@ def _write_sets(run_dir: Path, members: list[_Member], saved: dict[str, Path]) -
     """One dictionary set per sweep point (the same settings at every layer): run_dir/sets/<name>/."""
     groups: dict[str, dict[int, _Member]] = {}
     for member in members:
+        if member.dictionary.cfg.layers:
+            continue  # a cross-layer dictionary is one file already
         layer, _ = split_hook(member.dictionary.cfg.hook_name)
         groups.setdefault(member.name.split("-", 1)[1], {})[layer] = member
     for name, by_layer in groups.items():

@@ -143,6 +143,24 @@ def random_dictionary(
     return member
 
 
+def random_clt(n_layers: int, d_in: int, width: int, max_threshold: float = 0.2, architecture: str = "clt"):
+    """A cross-layer transcoder over layers 0..n_layers-1 (ln2.hook_normalized -> hook_mlp_out) with random
+    weights (std 0.5, seeded) and thresholds below `max_threshold`, so that several features fire."""
+    from saelab.dictionaries import DictionaryConfig, build_dictionary
+
+    cfg = DictionaryConfig(
+        architecture=architecture, d_in=d_in, d_sae=width * n_layers, k=4, layers=list(range(n_layers)),
+        hook_name="blocks.{i}.ln2.hook_normalized", output_hook_name="blocks.{i}.hook_mlp_out",
+    )  # fmt: skip
+    clt = build_dictionary(cfg)
+    generator = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for tensor in clt.parameters():
+            tensor.copy_(torch.randn(tensor.shape, generator=generator) * 0.5)
+        clt.set_threshold(torch.rand(n_layers, width, generator=generator) * max_threshold)
+    return clt.eval()
+
+
 def run(*args) -> tuple[int | str, str, str]:
     """(exit status, stdout, stderr) of `saelab args...`; an escaping exception is status 'crash'."""
     out, err = io.StringIO(), io.StringIO()

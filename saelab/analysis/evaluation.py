@@ -101,13 +101,14 @@ def _batches(lm: HookedLM, data: DataConfig, n_contexts: int, batch_contexts: in
 
 def _check_width(lm: HookedLM, dictionary: Dictionary) -> None:
     dcfg = dictionary.cfg
-    width = lm.hook_dim(dcfg.hook_name)
+    in_hook = dcfg.input_hooks[-1]  # a cross-layer dictionary's last layer: a shallower model lacks it
+    width = lm.hook_dim(in_hook)
     if width != dcfg.d_in:
         raise DimensionMismatchError(
-            f"the dictionary expects d_in={dcfg.d_in} but {dcfg.hook_name!r} of "
+            f"the dictionary expects d_in={dcfg.d_in} but {in_hook!r} of "
             f"{lm.name} has width {width}. Evaluate it on the model and hook point it was trained on."
         )
-    out_hook = dcfg.output_hook_name or dcfg.hook_name
+    out_hook = dcfg.output_hooks[-1]
     width = lm.hook_dim(out_hook)
     if width != dcfg.out_dim:
         raise DimensionMismatchError(
@@ -128,8 +129,8 @@ def reconstruction_metrics(
 ):
     """L0, MSE, explained variance, cosine, density: captured with early exit, no logits needed."""
     dcfg = dictionary.cfg
-    out_hook = dcfg.output_hook_name or dcfg.hook_name
-    sums = _Sums(dcfg.d_sae, dcfg.out_dim)
+    hooks = list(dict.fromkeys(dcfg.input_hooks + dcfg.output_hooks))
+    sums = _Sums(dcfg.d_sae, dcfg.out_dim * len(dcfg.output_hooks))
     n_contexts = math.ceil(cfg.n_tokens / max(1, data.context_size - 1)) + cfg.batch_contexts
     bar = tqdm(
         total=cfg.n_tokens,
@@ -143,14 +144,14 @@ def reconstruction_metrics(
         keep = ~exclusion_mask(
             input_ids, lm.tokenizer, exclude_bos=data.exclude_bos, exclude_special=data.exclude_special
         )
-        acts = lm.capture(input_ids.to(lm.device), list(dict.fromkeys([dcfg.hook_name, out_hook])))
+        acts = lm.capture(input_ids.to(lm.device), hooks)
         keep = keep.to(lm.device)
-        x = acts[dcfg.hook_name][keep].float()
-        y = acts[out_hook][keep].float()
+        x, y = dictionary.training_inputs({hook: acts[hook][keep].float() for hook in hooks})
         take = min(x.shape[0], cfg.n_tokens - sums.n)
         x, y = x[:take], y[:take]
         latents = dictionary.encode(x)
-        sums.add(y, dictionary.decode(latents), latents)
+        # A cross-layer dictionary's [tokens, layers, d] outputs count as one vector per token.
+        sums.add(y.flatten(1), dictionary.decode(latents).flatten(1), latents)
         bar.update(take)
         if sums.n >= cfg.n_tokens:
             break
@@ -181,6 +182,7 @@ def downstream_metrics(
     """CE and KL of the LM with the dictionary spliced in, against clean and zero-ablated runs."""
     dcfg = dictionary.cfg
     in_hook, out_hook = dcfg.hook_name, dcfg.output_hook_name or dcfg.hook_name
+    cross_layer = bool(dcfg.layers)
     totals = {"ce_clean": 0.0, "ce_sae": 0.0, "ce_zero": 0.0, "kl_sae": 0.0, "kl_zero": 0.0}
     count = 0
     bar = tqdm(total=cfg.ce_contexts, desc="eval: CE/KL", unit="ctx", disable=not progress, leave=False)
@@ -200,25 +202,32 @@ def downstream_metrics(
             seen[name] = value
             return None
 
-        with lm.patch({in_hook: record}):
-            clean_logits = lm.forward(input_ids)
-        x = seen[in_hook]
-
-        def splice(value):
-            recon = dictionary(x[keep].float()).to(value.dtype)
-            out = value.clone()
-            out[keep] = recon
-            return out
-
         def zero(value):
             out = value.clone()
             out[keep] = 0
             return out
 
-        with lm.patch({out_hook: splice}):
-            sae_logits = lm.forward(input_ids)
-        with lm.patch({out_hook: zero}):
-            zero_logits = lm.forward(input_ids)
+        if cross_layer:
+            clean_logits = lm.forward(input_ids)
+            with lm.patch(cross_layer_splice(dictionary, keep)):
+                sae_logits = lm.forward(input_ids)
+            with lm.patch(dict.fromkeys(dcfg.output_hooks, zero)):
+                zero_logits = lm.forward(input_ids)
+        else:
+            with lm.patch({in_hook: record}):
+                clean_logits = lm.forward(input_ids)
+            x = seen[in_hook]
+
+            def splice(value):
+                recon = dictionary(x[keep].float()).to(value.dtype)
+                out = value.clone()
+                out[keep] = recon
+                return out
+
+            with lm.patch({out_hook: splice}):
+                sae_logits = lm.forward(input_ids)
+            with lm.patch({out_hook: zero}):
+                zero_logits = lm.forward(input_ids)
         mask = keep[:, :-1].float()  # a prediction counts when it is made at a kept position
         n = float(mask.sum())
         totals["ce_clean"] += float((_token_losses(clean_logits, input_ids) * mask).sum())
@@ -238,6 +247,38 @@ def downstream_metrics(
     out["kl_score"] = _score(out["kl_zero"], out["kl_sae"], 0.0)
     out["ce_tokens"] = int(count)
     return out
+
+
+def cross_layer_splice(dictionary: Dictionary, keep: torch.Tensor) -> dict:
+    """Patches that run the model with a cross-layer dictionary in place of every layer's output hook.
+
+    Each layer's features are encoded from that layer's input in the spliced run itself (so errors
+    compound as they do in the replacement model), and each output is what the features of that layer
+    and every earlier one write to it.
+    """
+    dcfg = dictionary.cfg
+    latents: dict[int, torch.Tensor] = {}
+
+    def encode_at(index):
+        def record(value):
+            latents[index] = dictionary.layer_latents(index, value[keep].float())
+
+        return record
+
+    def decode_at(index):
+        def splice(value):
+            recon = dictionary.layer_output(index, latents)
+            out = value.clone()
+            out[keep] = recon.to(value.dtype)
+            return out
+
+        return splice
+
+    patches = {}
+    for index, (in_hook, out_hook) in enumerate(zip(dcfg.input_hooks, dcfg.output_hooks, strict=True)):
+        patches[in_hook] = encode_at(index)
+        patches[out_hook] = decode_at(index)
+    return patches
 
 
 def density_histogram(density: torch.Tensor, path: Path, title: str) -> None:

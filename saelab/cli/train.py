@@ -54,8 +54,12 @@ def at_layer(hook: str | None, layer: int | None) -> str | None:
     return hook if hook is None or layer is None else hook.replace("{i}", str(layer))
 
 
-def sweep_configs(architecture, width, k, l1, target_l0, hook, output_hook, d_in, seed, encoder_dtype="auto"):
-    """The cartesian product of the sweep options: each family's knob takes the values of its flag."""
+def sweep_configs(
+    architecture, width, k, l1, target_l0, hook, output_hook, d_in, seed, encoder_dtype="auto", layers=None
+):
+    """The cartesian product of the sweep options: each family's knob takes the values of its flag.
+
+    `layers`: the layers cross-layer families read (each gets `width` latents per layer)."""
     from saelab.dictionaries import FAMILIES, DictionaryConfig
 
     unknown = [arch for arch in architecture if arch not in FAMILIES]
@@ -77,7 +81,8 @@ def sweep_configs(architecture, width, k, l1, target_l0, hook, output_hook, d_in
                 DictionaryConfig(
                     architecture=arch,
                     d_in=d_in,
-                    d_sae=d_sae,
+                    d_sae=d_sae * len(layers) if fam.cross_layer else d_sae,
+                    layers=list(layers) if fam.cross_layer else None,
                     hook_name=hook,
                     output_hook_name=output_hook,
                     seed=seed,
@@ -85,6 +90,31 @@ def sweep_configs(architecture, width, k, l1, target_l0, hook, output_hook, d_in
                     **fam.with_knob(value),
                 )
             )
+    return configs
+
+
+def layer_configs(architecture, width, k, l1, target_l0, hook, output_hook, layers, seed, encoder_dtype):
+    """The sweep's configs: per-layer families once per layer, cross-layer families (clt) once over all
+    the layers, with --width latents at each layer."""
+    from saelab.dictionaries import FAMILIES
+
+    cross = [arch for arch in architecture if arch in FAMILIES and FAMILIES[arch].cross_layer]
+    single = [arch for arch in architecture if arch not in cross]
+    if cross and not layers:
+        raise SaelabError(
+            f"--architecture {cross[0]} is a cross-layer transcoder: it reads every layer at once. Give "
+            "--layers (e.g. 0-29) with --hook blocks.{i}.ln2.hook_normalized --output-hook blocks.{i}.hook_mlp_out."
+        )
+    configs = []
+    for layer in (layers or [None]) if single else []:
+        configs += sweep_configs(
+            single, width, k, l1, target_l0, at_layer(hook, layer), at_layer(output_hook, layer), 0, seed,
+            encoder_dtype,
+        )  # fmt: skip
+    if cross:
+        configs += sweep_configs(
+            cross, width, k, l1, target_l0, hook, output_hook, 0, seed, encoder_dtype, layers
+        )
     return configs
 
 
@@ -111,13 +141,20 @@ def train(
     ),
     architecture: list[str] = typer.Option(
         ["topk"],
-        help="relu, gated, topk, batchtopk, jumprelu or a family added in saelab/dictionaries/families/; repeat to sweep.",
+        help="relu, gated, topk, batchtopk, jumprelu, clt, clt_batchtopk (cross-layer transcoders: one "
+        "dictionary over all --layers) or a family added in saelab/dictionaries/families/; repeat to sweep.",
     ),
-    width: list[int] = typer.Option([4608], min=1, help="Latents (d_sae); repeat to sweep."),
+    width: list[int] = typer.Option(
+        [4608], min=1, help="Latents (d_sae; for a cross-layer transcoder, per layer); repeat to sweep."
+    ),
     k: list[int] = typer.Option(
-        [32], min=1, help="topk/batchtopk: active latents per token; repeat to sweep."
+        [32],
+        min=1,
+        help="topk/batchtopk/clt_batchtopk: active latents per token (per layer); repeat to sweep.",
     ),
-    l1: list[float] = typer.Option([5.0], help="relu/gated: L1 coefficient; repeat to sweep."),
+    l1: list[float] = typer.Option(
+        [5.0], help="relu/gated: L1 coefficient, clt: tanh penalty λ; repeat to sweep."
+    ),
     target_l0: list[float] = typer.Option([32.0], help="jumprelu: target L0; repeat to sweep."),
     encoder_dtype: str = typer.Option(
         "auto",
@@ -175,22 +212,9 @@ def train(
             "Ask for more tokens or a smaller batch size."
         )
     layer_list = parse_layers(layers, hook, output_hook)
-    dictionaries = [
-        config
-        for layer in layer_list or [None]
-        for config in sweep_configs(
-            architecture,
-            width,
-            k,
-            l1,
-            target_l0,
-            at_layer(hook, layer),
-            at_layer(output_hook, layer),
-            0,
-            seed,
-            encoder_dtype,
-        )  # fmt: skip
-    ]
+    dictionaries = layer_configs(
+        architecture, width, k, l1, target_l0, hook, output_hook, layer_list, seed, encoder_dtype
+    )
     layered = len(layer_list) > 1
     if layered and not activations and not stream:
         stream = True  # a cache of every layer's hooks would be n_layers times one hook's

@@ -20,6 +20,7 @@ class StepContext:
 
     dead_mask: torch.Tensor | None = None
     progress: float = 1.0
+    step: int = 0
 
 
 @dataclass
@@ -124,6 +125,11 @@ class Dictionary(nn.Module, ABC):
         return self.decode(self.encode(x))
 
     # ---- training helpers --------------------------------------------------------------------
+    def training_inputs(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(inputs, targets) from a batch of activations by hook name (targets: the inputs for an SAE)."""
+        x = batch[self.cfg.hook_name]
+        return x, (batch[self.cfg.output_hook_name] if self.cfg.output_hook_name else x)
+
     def normalized(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         self.check_input(x)
         if y.shape[-1] != self.cfg.out_dim:

@@ -56,6 +56,9 @@ class DictionaryConfig:
     metadata: dict = field(default_factory=dict)
     # The family's own settings (see Family.options); empty for the built-in families.
     options: dict = field(default_factory=dict)
+    # Cross-layer families (Family.cross_layer): the layers they read at once; hook_name and
+    # output_hook_name then hold {i}, which stands for each layer (blocks.{i}.ln2.hook_normalized).
+    layers: list[int] | None = None
 
     def __post_init__(self) -> None:
         fam = family(self.architecture)
@@ -75,10 +78,54 @@ class DictionaryConfig:
             self.apply_b_dec_to_input = False
         if fam.knob == "k" and not 0 < self.k <= self.d_sae:
             raise ValueError(f"k must be in 1..d_sae ({self.d_sae}), got {self.k}")
+        self._check_layers(fam.cross_layer, fam.knob == "k")
+
+    def _check_layers(self, cross_layer: bool, uses_k: bool) -> None:
+        if not cross_layer:
+            if self.layers is not None:
+                raise ValueError(
+                    f"the {self.architecture} family reads one hook point; `layers` is for cross-layer "
+                    "families (clt, clt_batchtopk). Train one dictionary per layer instead."
+                )
+            return
+        hooks = [self.hook_name] + ([self.output_hook_name] if self.output_hook_name else [])
+        if not self.layers or any("{i}" not in hook for hook in hooks):
+            raise ValueError(
+                f"a {self.architecture} dictionary reads several layers at once: give `layers` (e.g. "
+                "0..29) and hooks with {i} where the layer goes (blocks.{i}.ln2.hook_normalized)."
+            )
+        self.layers = sorted(int(layer) for layer in self.layers)
+        if len(set(self.layers)) != len(self.layers) or self.layers[0] < 0:
+            raise ValueError(f"`layers` must list each layer (0 or more) once; got {self.layers}.")
+        if self.d_sae % len(self.layers):
+            raise ValueError(
+                f"d_sae ({self.d_sae}) is the total over {len(self.layers)} layers, so it must be a "
+                f"multiple of {len(self.layers)} (the same number of latents at every layer)."
+            )
+        if uses_k and self.k > self.d_sae // len(self.layers):
+            raise ValueError(
+                f"k ({self.k}) is per layer: it must be at most the {self.d_sae // len(self.layers)} latents of a layer."
+            )
 
     @property
     def is_transcoder(self) -> bool:
         return self.output_hook_name is not None and self.output_hook_name != self.hook_name
+
+    @property
+    def input_hooks(self) -> list[str]:
+        """The hook points the dictionary reads (one per layer for a cross-layer family)."""
+        if self.layers is None:
+            return [self.hook_name]
+        return [self.hook_name.replace("{i}", str(layer)) for layer in self.layers]
+
+    @property
+    def output_hooks(self) -> list[str]:
+        """The hook points it predicts: output_hook_name at each layer, else its inputs."""
+        if not self.output_hook_name:
+            return self.input_hooks
+        if self.layers is None:
+            return [self.output_hook_name]
+        return [self.output_hook_name.replace("{i}", str(layer)) for layer in self.layers]
 
     @property
     def out_dim(self) -> int:
@@ -99,6 +146,8 @@ class DictionaryConfig:
         out = dataclasses.asdict(self)
         if not out["options"]:
             del out["options"]
+        if out["layers"] is None:
+            del out["layers"]
         return out
 
     @classmethod

@@ -52,6 +52,9 @@ class Family:
     # filled with these defaults when the config is made (so a saved config records them).
     options: Mapping[str, Any] = field(default_factory=dict)
     order: int = 100  # position in FAMILIES (the built-in five use 10 to 50)
+    # Reads the same hook of several layers at once (DictionaryConfig.layers), like a cross-layer
+    # transcoder: single-hook tools (the toy bench, `saelab evaluate`, the feature store) skip it.
+    cross_layer: bool = False
 
     @property
     def knob_default(self) -> Any:

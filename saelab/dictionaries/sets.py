@@ -199,8 +199,14 @@ def write_set_index(folder: str | Path, saved: dict[int, Path], dset: Dictionary
 
 
 # ---- circuit-tracer's transcoder_set layout ----------------------------------------------------
-def _tracer_hook(suffix: str) -> str:
+def tracer_hook(suffix: str) -> str:
+    """saelab's in-block hook name -> circuit-tracer's (`ln2.hook_normalized` -> `mlp.hook_in`)."""
     return _SAELAB_HOOKS.get(suffix, suffix)
+
+
+def saelab_hook(name: str) -> str:
+    """circuit-tracer's in-block hook name -> saelab's (`mlp.hook_out` -> `hook_mlp_out`)."""
+    return _TRACER_HOOKS.get(name, name)
 
 
 def _jumprelu_tensors(member: Dictionary, layer: int) -> dict[str, torch.Tensor]:
@@ -243,8 +249,8 @@ def save_transcoder_set(
     config = {
         "model_kind": "transcoder_set",
         "model_name": model_name,
-        "feature_input_hook": _tracer_hook(dset.hook_suffix),
-        "feature_output_hook": _tracer_hook(dset.output_suffix),
+        "feature_input_hook": tracer_hook(dset.hook_suffix),
+        "feature_output_hook": tracer_hook(dset.output_suffix),
         "scan": scan or f"{model_name.split('/')[-1]}/saelab-transcoders",
         "transcoders": files,
     }
@@ -263,8 +269,9 @@ def _read_tracer_config(folder: Path) -> dict:
     if not isinstance(config, dict) or config.get("model_kind") != "transcoder_set":
         raise DictionaryFileError(
             f"{folder / TRANSCODER_SET_INDEX} is not a circuit-tracer transcoder_set config (model_kind is "
-            f"{config.get('model_kind') if isinstance(config, dict) else None!r}); saelab reads per-layer "
-            "transcoder sets (model_kind: transcoder_set)."
+            f"{config.get('model_kind') if isinstance(config, dict) else None!r}); a dictionary set is a "
+            "per-layer transcoder set (model_kind: transcoder_set). Load a cross_layer_transcoder with "
+            "saelab.dictionaries.transcoders.load_transcoders."
         )
     missing = [k for k in ("feature_input_hook", "feature_output_hook", "transcoders") if k not in config]
     if missing:
@@ -345,8 +352,8 @@ def load_dictionary_set(path: str | Path, device: str | torch.device = "cpu") ->
         return DictionarySet(members, index.get("model_name"))
     if (folder / TRANSCODER_SET_INDEX).is_file():
         config = _read_tracer_config(folder)
-        suffix_in = _TRACER_HOOKS.get(config["feature_input_hook"], config["feature_input_hook"])
-        suffix_out = _TRACER_HOOKS.get(config["feature_output_hook"], config["feature_output_hook"])
+        suffix_in = saelab_hook(config["feature_input_hook"])
+        suffix_out = saelab_hook(config["feature_output_hook"])
         members = {}
         for entry in config["transcoders"]:
             layer, file = _tracer_layer_file(folder, entry)

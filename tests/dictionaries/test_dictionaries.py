@@ -26,6 +26,8 @@ from saelab.dictionaries.kernels import selected_preacts, sparse_decode
 from saelab.errors import ActivationError, DimensionMismatchError, SaelabError
 
 F64 = torch.float64
+# The families that read one hook point; the cross-layer ones (clt, clt_batchtopk) are in test_clt.py.
+SINGLE_HOOK = [name for name, fam in FAMILIES.items() if not fam.cross_layer]
 
 
 def sparse_data(n: int, d: int = 32, n_features: int = 64, active: int = 3, seed: int = 0) -> torch.Tensor:
@@ -168,7 +170,7 @@ def test_selected_preacts_and_sparse_decode_gradients():
 # ---- 2. folding the input/output scales ------------------------------------------------------
 
 
-@pytest.mark.parametrize("arch", list(FAMILIES))
+@pytest.mark.parametrize("arch", SINGLE_HOOK)
 @pytest.mark.parametrize("kind", ["sae", "transcoder", "sae_with_target_scale"])
 def test_fold_scales_keeps_encode_and_forward(arch, kind):
     d = 16
@@ -196,7 +198,7 @@ def test_fold_scales_keeps_encode_and_forward(arch, kind):
 
 
 def test_saelens_tensors_round_trip_through_a_fresh_dictionary():
-    for arch in FAMILIES:
+    for arch in SINGLE_HOOK:
         cfg = DictionaryConfig(architecture=arch, d_in=8, d_sae=24, k=3, target_l0=3)
         sae = build_dictionary(cfg)
         sae.init_from_data(sparse_data(256, d=8), sparse_data(256, d=8))
@@ -354,7 +356,7 @@ def test_jumprelu_training_loss_l0_is_the_true_count_and_far_latents_get_no_thre
 # ---- 6. unit-norm decoders -------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("arch", list(FAMILIES))
+@pytest.mark.parametrize("arch", SINGLE_HOOK)
 def test_unit_norm_decoder_rows_and_orthogonal_gradient(arch):
     cfg = DictionaryConfig(architecture=arch, d_in=16, d_sae=40, k=4, target_l0=4)
     sae = build_dictionary(cfg)
@@ -381,7 +383,7 @@ def test_unit_norm_decoder_rows_and_orthogonal_gradient(arch):
 
 
 def test_initial_decoder_norms_and_tied_encoder():
-    for arch in FAMILIES:
+    for arch in SINGLE_HOOK:
         sae = build_dictionary(DictionaryConfig(architecture=arch, d_in=8, d_sae=24, k=3))
         expected = 1.0 if FAMILIES[arch].unit_norm_decoder else 0.1
         torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.full((24,), expected))
@@ -429,16 +431,18 @@ def test_unknown_families_and_options_are_refused_with_the_known_ones():
 
 def test_the_five_families_declare_what_others_read():
     """Names, order, knobs, labels, decoder norms and colours, exactly as before the registry."""
-    assert list(FAMILIES) == ["relu", "gated", "topk", "batchtopk", "jumprelu"]
+    assert list(FAMILIES) == ["relu", "gated", "topk", "batchtopk", "jumprelu", "clt", "clt_batchtopk"]
     assert list(ARCHITECTURES) == list(FAMILIES)
-    assert [fam.knob for fam in FAMILIES.values()] == ["l1_coefficient"] * 2 + ["k"] * 2 + ["target_l0"]
-    defaults = [fam.knob_default for fam in FAMILIES.values()]
+    assert [name for name, fam in FAMILIES.items() if fam.cross_layer] == ["clt", "clt_batchtopk"]
+    five = {name: FAMILIES[name] for name in SINGLE_HOOK}
+    assert [fam.knob for fam in five.values()] == ["l1_coefficient"] * 2 + ["k"] * 2 + ["target_l0"]
+    defaults = [fam.knob_default for fam in five.values()]
     assert defaults == [5.0, 5.0, 32, 32, 32.0] and isinstance(defaults[2], int)
-    assert [fam.label for fam in FAMILIES.values()] == ["ReLU + L1", "Gated", "TopK", "BatchTopK", "JumpReLU"]
-    assert [fam.unit_norm_decoder for fam in FAMILIES.values()] == [False, True, True, True, True]
-    colours = [fam.colour for fam in FAMILIES.values()]
+    assert [fam.label for fam in five.values()] == ["ReLU + L1", "Gated", "TopK", "BatchTopK", "JumpReLU"]
+    assert [fam.unit_norm_decoder for fam in five.values()] == [False, True, True, True, True]
+    colours = [fam.colour for fam in five.values()]
     assert colours == ["tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple"]
-    for name, fam in FAMILIES.items():
+    for name, fam in five.items():
         assert family(name) is fam and fam.options == {}
         assert type(build_dictionary(DictionaryConfig(architecture=name, d_in=4, d_sae=8, k=2))) is fam.cls
     # The built-in families add no "options" key to a saved config.

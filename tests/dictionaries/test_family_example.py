@@ -25,7 +25,7 @@ from saelab.toy.synthetic import SYNTHETIC_HOOK, SyntheticConfig
 from saelab.training import TrainConfig, train
 
 REPO = Path(__file__).resolve().parents[2]
-BUILT_IN = ["relu", "gated", "topk", "batchtopk", "jumprelu"]
+BUILT_IN = ["relu", "gated", "topk", "batchtopk", "jumprelu", "clt", "clt_batchtopk"]
 
 
 def example() -> tuple[str, str]:

@@ -76,3 +76,39 @@ def test_train_layers_refuses_a_layer_the_model_does_not_have(assets, tmp_path):
     )  # fmt: skip
     assert "blocks.3.ln2.hook_normalized" in message
     assert not (tmp_path / "run").exists()
+
+
+def test_train_a_cross_layer_transcoder_over_the_layers_and_evaluate_it(assets, tmp_path):
+    """--architecture clt_batchtopk --layers 0-2 trains one dictionary over all three layers from the same
+    stream, saves it (and its circuit-tracer export loads back), and evaluates it spliced into every MLP."""
+    from saelab.dictionaries.io import load_dictionary
+    from saelab.dictionaries.transcoders import load_transcoders, save_clt
+
+    model, _ = assets
+    corpus = write_corpus(tmp_path / "corpus.txt", n_docs=1500)  # enough for an eval split
+    run_dir = tmp_path / "run"
+    code, out, err = run(
+        "train", "--run-dir", run_dir, "--model", model, "--data", corpus, "--dtype", "float32",
+        "--context-size", 16, "--layers", "0-2", "--hook", IN, "--output-hook", OUT,
+        "--architecture", "clt_batchtopk", "--architecture", "topk", "--k", 4, "--width", 32,
+        "--tokens", 2048, "--batch-size", 64, "--buffer-gib", 0.001,
+    )  # fmt: skip
+    assert code == 0, err
+    names = sorted(p.name for p in (run_dir / "saes").iterdir())
+    assert "transcoder-clt_batchtopk-k4-L3-w96" in names and "L2-transcoder-topk-k4-w32" in names
+    assert sorted(p.name for p in (run_dir / "sets").iterdir()) == ["transcoder-topk-k4-w32"]
+    clt = load_dictionary(run_dir / "saes" / "transcoder-clt_batchtopk-k4-L3-w96")
+    assert clt.cfg.layers == [0, 1, 2] and clt.W_enc.shape == (3, 16, 32)
+    metrics = json.loads((run_dir / "saes" / "transcoder-clt_batchtopk-k4-L3-w96" / "eval.json").read_text())
+    assert metrics["l0"] > 0 and "ce_loss_score" in metrics and metrics["ce_sae"] != metrics["ce_clean"]
+    save_clt(clt, tmp_path / "tracer")
+    assert load_transcoders(tmp_path / "tracer").cfg.d_sae == 96
+
+
+def test_a_cross_layer_transcoder_needs_layers(assets, tmp_path):
+    model, corpus = assets
+    message = refused(
+        "train", "--run-dir", tmp_path / "run", "--model", model, "--data", corpus, "--architecture", "clt",
+        "--hook", "blocks.0.ln2.hook_normalized", "--output-hook", "blocks.0.hook_mlp_out", "--no-eval",
+    )  # fmt: skip
+    assert "cross-layer transcoder" in message and "--layers" in message
