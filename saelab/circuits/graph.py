@@ -182,24 +182,56 @@ def _restricted(graph: Graph, chosen: Tensor) -> Graph:
 
 @dataclass
 class _Sources:
-    """What each source writes, grouped by write site, so that edges are gradient · contribution."""
+    """Every source (feature, error, token) as the vector it writes at its write site.
 
-    feature_pos: list[Tensor]  # per layer: positions of its active features
-    feature_writes: list[Tensor]  # per layer: [n, d] activation × decoder row
-    feature_cols: list[Tensor]  # per layer: their column indices in the adjacency
+    Sites are the positions of the embeddings, then of each layer's MLP output; an edge is the
+    target's gradient at the source's site · the source's write. Sources are grouped into pieces of
+    at most `width` sources of one site, so a whole row is one batched product (padding stays
+    bounded however unevenly the features are spread over sites).
+    """
+
+    piece_site: Tensor | None  # [n_pieces]: the site each piece reads the gradient at; None: one per site
+    writes: Tensor  # [n_pieces, width, d]: the pieces' writes, zero-padded
+    slots: Tensor  # [n_sources]: where each source column's edge lands among the flattened products
 
 
 def _sources(rm: ReplacementModel, graph: Graph) -> _Sources:
-    pos, writes, cols = [], [], []
+    n_pos, n_sites = graph.n_pos, (rm.n_layers + 1) * graph.n_pos
     device = rm.embeddings.device
+    feature_writes = torch.zeros(graph.n_features, rm.embeddings.shape[-1], dtype=rm.dtype, device=device)
     for layer in range(rm.n_layers):
         chosen = (graph.features[:, 0] == layer).nonzero().flatten()
         p, f = graph.features[chosen, 1].to(device), graph.features[chosen, 2].to(device)
-        acts = rm.activations[layer][p, f]
-        pos.append(p)
-        writes.append(acts[:, None] * rm.decoder(layer)[f])
-        cols.append(chosen)
-    return _Sources(pos, writes, cols)
+        feature_writes[chosen.to(device)] = rm.activations[layer][p, f, None] * rm.decoder(layer)[f]
+    writes = torch.cat([feature_writes, *rm.errors, rm.embeddings])  # in column order
+    site = torch.cat(
+        [
+            (graph.features[:, 0] + 1) * n_pos + graph.features[:, 1],
+            torch.arange(n_pos, n_sites),  # errors: layer by layer, position by position
+            torch.arange(n_pos),  # tokens
+        ]
+    ).to(device)
+    return _pieces(site, writes, n_sites)
+
+
+def _pieces(site: Tensor, writes: Tensor, n_sites: int) -> _Sources:
+    """Group sources by site: one piece per site, padded to the busiest site, unless that would more than
+    double the writes; then pieces of the average number of sources per site (gathered per row)."""
+    n = site.numel()
+    counts = torch.bincount(site, minlength=n_sites)
+    width = (
+        int(counts.max()) if n_sites * int(counts.max()) <= 2 * (n + n_sites) else max(1, -(-n // n_sites))
+    )
+    order = torch.argsort(site, stable=True)
+    rank = torch.empty_like(site)
+    rank[order] = torch.arange(n, device=site.device) - (counts.cumsum(0) - counts)[site[order]]
+    pieces = (-(-counts // width)).clamp(min=1)  # every site has a piece: one per site needs no gather
+    piece = (pieces.cumsum(0) - pieces)[site] + rank // width
+    slot = rank % width
+    padded = writes.new_zeros(int(pieces.sum()), width, writes.shape[-1])
+    padded[piece, slot] = writes
+    piece_site = torch.repeat_interleave(torch.arange(n_sites, device=site.device), pieces)
+    return _Sources(None if len(piece_site) == n_sites else piece_site, padded, piece * width + slot)
 
 
 class _FrozenPass:
@@ -218,20 +250,21 @@ class _FrozenPass:
         with torch.enable_grad():
             self.mlp_inputs, self.final = rm.forward_frozen(self.embeddings, self.outputs, logits=False)
 
-    def gradients(self, chunk: list) -> tuple[Tensor | None, list[Tensor | None]]:
-        """Gradients at the embeddings and at each MLP output (None where unreached) for a chunk of targets."""
+    def gradients(self, chunk: list) -> Tensor:
+        """[len(chunk), n_sites, d]: each target's gradient at every write site (embeddings, then MLP outputs).
+
+        Copies beyond the chunk (a last, smaller chunk) carry no seed; sites the targets do not reach
+        (later layers) get zeros.
+        """
         roots, seeds = _seeds(self, chunk)
+        leaves = [self.embeddings, *self.outputs]
         with torch.enable_grad():
-            grads = torch.autograd.grad(
-                roots, [self.embeddings, *self.outputs], seeds, retain_graph=True, allow_unused=True
-            )
+            grads = torch.autograd.grad(roots, leaves, seeds, retain_graph=True, allow_unused=True)
         n = len(chunk)
-        return _first(grads[0], n), [_first(g, n) for g in grads[1:]]
-
-
-def _first(grad: Tensor | None, n: int) -> Tensor | None:
-    """The rows of the copies that carried a target (a last, smaller chunk leaves the rest unseeded)."""
-    return None if grad is None else grad[:n]
+        grads = [
+            torch.zeros_like(leaf[:n]) if g is None else g[:n] for g, leaf in zip(grads, leaves, strict=True)
+        ]
+        return torch.stack(grads, 1).flatten(1, 2)
 
 
 def _target(graph: Graph, node: int) -> tuple[str, int, int, int]:
@@ -252,20 +285,13 @@ def _fill_rows(frozen: _FrozenPass, nodes: list[int]) -> None:
 
 
 def _rows(frozen: _FrozenPass, chunk: list) -> Tensor:
-    """Adjacency rows of a batch of targets: gradient · contribution at every source's write site."""
-    rm, graph, sources = frozen.rm, frozen.graph, frozen.sources
-    grad_emb, grad_outs = frozen.gradients(chunk)
-    result = torch.zeros(len(chunk), graph.n_nodes, dtype=rm.dtype, device=rm.embeddings.device)
-    for layer, grad in enumerate(grad_outs):
-        if grad is None:
-            continue
-        at_features = (grad[:, sources.feature_pos[layer]] * sources.feature_writes[layer]).sum(-1)
-        result[:, sources.feature_cols[layer].to(result.device)] = at_features
-        start = graph.error_index(layer, 0)
-        result[:, start : start + graph.n_pos] = (grad * rm.errors[layer]).sum(-1)
-    if grad_emb is not None:
-        start = graph.token_index(0)
-        result[:, start : start + graph.n_pos] = (grad_emb * rm.embeddings).sum(-1)
+    """Adjacency rows of a batch of targets: gradient · write at every source's site, in one product."""
+    graph, sources = frozen.graph, frozen.sources
+    grads = frozen.gradients(chunk)  # [batch, n_sites, d]
+    at_pieces = grads if sources.piece_site is None else grads[:, sources.piece_site]
+    products = torch.einsum("bpd,pwd->bpw", at_pieces, sources.writes)
+    result = grads.new_zeros(len(chunk), graph.n_nodes)
+    result[:, : sources.slots.numel()] = products.flatten(1)[:, sources.slots]
     return result
 
 

@@ -326,7 +326,8 @@ class ReplacementModel:
             for layer in range(self.n_layers):
                 patches[f"blocks.{layer}.{INPUT_SUFFIX}"] = _saver(mlp_inputs, layer)
                 patches[f"blocks.{layer}.{OUTPUT_SUFFIX}"] = _constant(mlp_outputs[layer])
-            with self.lm.patch(patches), _skipped([block.mlp for block in self.lm.blocks]):
+            mlps = [block.mlp for block in self.lm.blocks]
+            with self.lm.patch(patches), _skipped(mlps), _eager_attention(self.lm.model.config):
                 yield
         finally:
             for handle in handles:
@@ -446,6 +447,25 @@ def _stop_at(store: dict[str, Tensor]):
         raise StopFrozen
 
     return hook
+
+
+@contextlib.contextmanager
+def _eager_attention(config) -> Iterator[None]:
+    """While active, attention is transformers' eager implementation (softmax, then a matmul).
+
+    With queries and keys replayed the pattern is a constant, so the backward pass through eager
+    attention is one matmul by it; fused kernels (SDPA) would recompute the pattern and the query
+    and key gradients in every backward pass.
+    """
+    before = getattr(config, "_attn_implementation", None)
+    if before is None:
+        yield
+        return
+    config._attn_implementation = "eager"
+    try:
+        yield
+    finally:
+        config._attn_implementation = before
 
 
 @contextlib.contextmanager
