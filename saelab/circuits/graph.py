@@ -214,14 +214,16 @@ def _sources(rm: ReplacementModel, graph: Graph) -> _Sources:
     return _pieces(site, writes, n_sites)
 
 
+MAX_PADDING = 2.0  # padded writes may be this many times the unpadded ones before sites are split
+
+
 def _pieces(site: Tensor, writes: Tensor, n_sites: int) -> _Sources:
-    """Group sources by site: one piece per site, padded to the busiest site, unless that would more than
-    double the writes; then pieces of the average number of sources per site (gathered per row)."""
+    """Group sources by site: one piece per site, padded to the busiest site, unless that would make the
+    writes more than MAX_PADDING times larger; then pieces of the average number of sources per site."""
     n = site.numel()
     counts = torch.bincount(site, minlength=n_sites)
-    width = (
-        int(counts.max()) if n_sites * int(counts.max()) <= 2 * (n + n_sites) else max(1, -(-n // n_sites))
-    )
+    busiest, average = int(counts.max()), max(1, -(-n // n_sites))
+    width = busiest if n_sites * busiest <= MAX_PADDING * (n + n_sites) else average
     order = torch.argsort(site, stable=True)
     rank = torch.empty_like(site)
     rank[order] = torch.arange(n, device=site.device) - (counts.cumsum(0) - counts)[site[order]]

@@ -9,6 +9,7 @@ import json
 import pytest
 import torch
 
+from saelab.circuits import graph as graph_module
 from saelab.circuits import replacement
 from saelab.circuits.graph import Graph, attribute, graph_scores, influence, normalized, prune
 from saelab.circuits.graph_json import graph_json, node_ids
@@ -205,6 +206,85 @@ def test_the_graph_does_not_depend_on_how_rows_are_batched(setup):
         other = attribute(lm, dset, PROMPT, batch_size=batch_size)
         torch.testing.assert_close(other.adjacency, graph.adjacency, atol=1e-12, rtol=1e-10)
         assert torch.equal(other.features, graph.features)
+
+
+def _reference_rows(rm: ReplacementModel, graph: Graph) -> torch.Tensor:
+    """The target rows computed the straightforward way: for each target alone, a frozen forward through the
+    logits, one backward from its value (pre-activation or demeaned logit), then gradient · write per source."""
+    rows = []
+    for node in list(range(graph.n_features)) + [graph.logit_index(k) for k in range(graph.n_logits)]:
+        embeddings = rm.embeddings[None].clone().requires_grad_()
+        outputs = [out[None].clone().requires_grad_() for out in rm.mlp_outputs]
+        with torch.enable_grad():
+            ins, logits = rm.forward_frozen(embeddings, outputs)
+            if node < graph.n_features:
+                layer, pos, idx = graph.features[node].tolist()
+                value = ins[layer][0, pos] @ rm.encoder(layer)[:, idx]
+            else:
+                last, token = logits[0, -1], graph.logit_tokens[node - graph.logit_index(0)]
+                value = last[token] - last.mean()
+            grads = torch.autograd.grad(value, [embeddings, *outputs], allow_unused=True)
+        grad_emb, *grad_outs = [
+            torch.zeros(rm.n_pos, D_MODEL, dtype=rm.dtype) if g is None else g[0] for g in grads
+        ]
+        row = torch.zeros(graph.n_nodes, dtype=graph.adjacency.dtype)
+        for i, (layer, pos, idx) in enumerate(graph.features.tolist()):
+            row[i] = grad_outs[layer][pos] @ (rm.activations[layer][pos, idx] * rm.decoder(layer)[idx])
+        for layer in range(graph.n_layers):
+            for pos in range(graph.n_pos):
+                row[graph.error_index(layer, pos)] = grad_outs[layer][pos] @ rm.errors[layer][pos]
+        for pos in range(graph.n_pos):
+            row[graph.token_index(pos)] = grad_emb[pos] @ rm.embeddings[pos]
+        rows.append(row)
+    return torch.stack(rows)
+
+
+@pytest.mark.parametrize("kind", [*KINDS, "gpt_neox", "gemma"])
+def test_batched_rows_equal_rows_computed_one_target_at_a_time(kind):
+    """The shared forward, the seeds at the final norm and the batched products change nothing."""
+    lm, dset = tiny_lm(kind, **OTHER_LAYOUTS.get(kind, {})), transcoders()
+    graph = attribute(lm, dset, PROMPT, batch_size=3)
+    rows = list(range(graph.n_features)) + [graph.logit_index(k) for k in range(graph.n_logits)]
+    reference = _reference_rows(ReplacementModel(lm, dset, PROMPT), graph)
+    torch.testing.assert_close(graph.adjacency[rows], reference, atol=1e-12, rtol=1e-10)
+
+
+def test_sources_split_over_pieces_give_the_same_graph(setup, monkeypatch):
+    """With padding refused, busy write sites are split into pieces read through a gather: same edges."""
+    lm, dset, graph = setup
+    rm = ReplacementModel(lm, dset, PROMPT)
+    assert graph_module._sources(rm, graph).piece_site is None  # by default: one piece per site
+    monkeypatch.setattr(graph_module, "MAX_PADDING", 0.0)
+    assert graph_module._sources(rm, graph).piece_site is not None
+    torch.testing.assert_close(
+        attribute(lm, dset, PROMPT, batch_size=5).adjacency, graph.adjacency, atol=1e-12, rtol=1e-10
+    )
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_logit_directions_are_demeaned_unembedding_rows(kind):
+    lm, dset = tiny_lm(kind), transcoders()
+    rm = ReplacementModel(lm, dset, PROMPT)
+    unembed = lm.unembed.detach()
+    tokens = torch.tensor([3, 17])
+    torch.testing.assert_close(rm.logit_directions(tokens), unembed[tokens] - unembed.mean(0))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_frozen_pass_leaves_the_model_as_it_was(kind):
+    """MLPs are skipped and attention made eager only while frozen; no hook outlives the pass."""
+    lm, dset = tiny_lm(kind), transcoders()
+    attention = lm.model.config._attn_implementation
+    rm = ReplacementModel(lm, dset, PROMPT)
+    with torch.no_grad():
+        before = lm.forward(torch.tensor([OTHER]))
+    attribute(lm, dset, PROMPT)
+    rm.run()
+    assert lm.model.config._attn_implementation == attention
+    assert all("forward" not in block.mlp.__dict__ for block in lm.blocks)
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in lm.model.modules())
+    with torch.no_grad():
+        torch.testing.assert_close(lm.forward(torch.tensor([OTHER])), before, atol=0, rtol=0)
 
 
 def test_graphs_of_different_prompts_are_independent_and_deterministic(setup):
