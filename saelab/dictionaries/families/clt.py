@@ -47,6 +47,27 @@ from saelab.errors import DimensionMismatchError, SaelabError
 AUX_ROWS = 256  # AuxK rows per step: a dead layer-0 feature decodes to every layer, so rows cost L·d each
 
 
+class _ShiftedSum(torch.autograd.Function):
+    """Sum of per-layer writes: the i-th input [batch, (L - i) * d] lands on layers i..L-1 of [batch, L, d].
+
+    By hand because sliced in-place adds make autograd zero-fill and copy a [batch, L, d] tensor per
+    layer in the backward pass; here each input's gradient is just its slice of the output's.
+    """
+
+    @staticmethod
+    def forward(ctx, d, *written):
+        batch, n_layers = written[0].shape[0], len(written)
+        out = torch.zeros(batch, n_layers, d, dtype=written[0].dtype, device=written[0].device)
+        for layer, part in enumerate(written):
+            out[:, layer:] += part.view(batch, n_layers - layer, d)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        n_layers = grad.shape[1]
+        return None, *(grad[:, layer:].reshape(grad.shape[0], -1) for layer in range(n_layers))
+
+
 class CrossLayerTranscoder(Dictionary):
     """Features per layer that write to their own and every later layer's output; JumpReLU at inference."""
 
@@ -178,12 +199,11 @@ class CrossLayerTranscoder(Dictionary):
 
     def _decode_entries(self, entries, batch: int) -> torch.Tensor:
         """Normalised reconstruction [batch, L, d] from each layer's (rows, cols, values) active entries."""
-        recon = self.b_dec.expand(batch, -1, -1).clone()
-        for layer, (rows, cols, values) in enumerate(entries):
-            decoder = self.W_dec[layer]
-            written = sparse_decode_flat(rows, cols, values, decoder.flatten(1), batch)
-            recon[:, layer:, :] += written.unflatten(-1, decoder.shape[1:])
-        return recon
+        written = [
+            sparse_decode_flat(rows, cols, values, self.W_dec[layer].flatten(1), batch)
+            for layer, (rows, cols, values) in enumerate(entries)
+        ]
+        return _ShiftedSum.apply(self.cfg.out_dim, *written) + self.b_dec
 
     def _fired(self, entries) -> torch.Tensor:
         latents = torch.cat([layer * self.width + cols for layer, (_, cols, _) in enumerate(entries)])
@@ -344,9 +364,10 @@ class BatchTopKCLT(CrossLayerTranscoder):
         xn, yn = self.normalized(x, y)
         batch = xn.shape[0]
         entries, preacts = [], []
+        by_layer = xn.transpose(0, 1).contiguous()  # [L, batch, d]: each layer's inputs contiguous
         for layer in range(self.n_layers):
             with torch.no_grad():
-                pre = torch.addmm(self.b_enc[layer], xn[:, layer], self.W_enc[layer])
+                pre = torch.addmm(self.b_enc[layer], by_layer[layer], self.W_enc[layer])
                 values, indices, smallest = batch_topk(pre, self.cfg.k)
                 if self.training and smallest is not None:
                     self._update_threshold(layer, smallest)
@@ -354,7 +375,7 @@ class BatchTopKCLT(CrossLayerTranscoder):
                 rows = keep.nonzero(as_tuple=True)[0]
                 cols, values = indices[keep], values[keep].to(xn.dtype)
             values = selected_preacts_flat(
-                xn[:, layer], self.W_enc[layer], self.b_enc[layer], rows, cols, values
+                by_layer[layer], self.W_enc[layer], self.b_enc[layer], rows, cols, values
             )
             entries.append((rows, cols, values))
             preacts.append(pre)
@@ -364,7 +385,7 @@ class BatchTopKCLT(CrossLayerTranscoder):
         loss = unexplained
         aux = torch.zeros(())
         if ctx.dead_mask is not None and bool(ctx.dead_mask.any()):
-            aux = self._auxk(ctx, preacts, xn, (yn - recon).detach())
+            aux = self._auxk(ctx, preacts, by_layer, (yn - recon).detach())
             loss = loss + self.cfg.aux_coefficient * aux
         with torch.no_grad():
             l0 = sum(rows.numel() for rows, _, _ in entries) / batch
@@ -373,20 +394,20 @@ class BatchTopKCLT(CrossLayerTranscoder):
             terms["l0_per_layer"] = l0 / self.n_layers
         return TrainOutput(loss, self._fired(entries), terms)
 
-    def _auxk(self, ctx: StepContext, preacts, xn, residual) -> torch.Tensor:
+    def _auxk(self, ctx: StepContext, preacts, by_layer, residual) -> torch.Tensor:
         """AuxK at one layer per step, in turn: its top dead features reconstruct what the CLT misses there
         and at every later layer (a layer-0 feature decodes to all L layers, so all at once would cost L²)."""
         layer = ctx.step % self.n_layers
         dead_mask = ctx.dead_mask.view(self.n_layers, self.width)[layer].to(torch.bool)
         dead = dead_mask.nonzero().squeeze(1)
         if dead.numel() == 0:
-            return torch.zeros((), device=xn.device)
-        rows = min(xn.shape[0], self.cfg.aux_max_rows, AUX_ROWS)
+            return torch.zeros((), device=by_layer.device)
+        rows = min(by_layer.shape[1], self.cfg.aux_max_rows, AUX_ROWS)
         scale = min(dead.numel() / self.cfg.resolved_aux_k, 1.0)
         k_aux = min(self.cfg.resolved_aux_k, dead.numel())
         with torch.no_grad():
             values, local = preacts[layer][:rows].index_select(1, dead).topk(k_aux, dim=-1, sorted=False)
-        x_layer = xn[:rows, layer]
+        x_layer = by_layer[layer, :rows]
         values = F.relu(
             encoder_values(x_layer, None, self.W_enc[layer], self.b_enc[layer], dead[local], values)
         )
