@@ -529,8 +529,8 @@ def _feature_rows(state: dict, dictionary: Dictionary, lm: HookedLM, cfg: Analys
     mean = state["sum_act"] / n_active.clamp(min=1)
     stats = zip(density.tolist(), mean.tolist(), state["max_act"].tolist(), n_active.tolist(), strict=True)
     geometry = zip(
-        logit_effects(lm, dictionary.W_dec, cfg),
-        decoder_neighbours(dictionary.W_dec, cfg.neighbours, cfg.geometry_chunk),
+        logit_effects(lm, dictionary.residual_directions(), cfg),
+        decoder_neighbours(dictionary.residual_directions(), cfg.neighbours, cfg.geometry_chunk),
         strict=True,
     )
     for idx, ((dens, mu, top, n), (logits, near), hist, qe) in enumerate(
@@ -602,10 +602,11 @@ def _checkpoint(state: dict, gen: torch.Generator, path: Path, store: FeatureSto
 
 
 def _check_width(lm: HookedLM, dictionary: Dictionary) -> None:
-    width = lm.hook_dim(dictionary.cfg.hook_name)
+    hook = dictionary.cfg.input_hooks[-1]  # a cross-layer dictionary's deepest layer
+    width = lm.hook_dim(hook)
     if width != dictionary.cfg.d_in:
         raise DimensionMismatchError(
-            f"the dictionary expects d_in={dictionary.cfg.d_in} but {dictionary.cfg.hook_name!r} of {lm.name} "
+            f"the dictionary expects d_in={dictionary.cfg.d_in} but {hook!r} of {lm.name} "
             f"has width {width}. Analyse it on the model and hook point it was trained on."
         )
 
@@ -630,7 +631,7 @@ def analyze(
     cfg = cfg or AnalysisConfig()
     _check_width(lm, dictionary)
     dictionary = dictionary.to(lm.device).eval()
-    hook, d = dictionary.cfg.hook_name, dictionary.cfg.d_sae
+    hooks, d = dictionary.cfg.input_hooks, dictionary.cfg.d_sae
     meta = _run_meta(lm, dictionary, data, cfg, extra_meta)
     meta_json = json.dumps(meta, sort_keys=True)
     path = state_path_for(store_path)
@@ -655,7 +656,7 @@ def analyze(
         done_here = 0
         for input_ids in batches:
             keep = ~data.mask(input_ids, lm.tokenizer)
-            x = lm.capture(input_ids.to(lm.device), hook)[hook]
+            x = dictionary.capture_inputs(lm.capture(input_ids.to(lm.device), hooks))
             acts = dictionary.encode(x).float().cpu()
             acts[~keep] = 0  # in place: excluded positions are few, a product would copy every value
             state["tokens"] += int(keep.sum())

@@ -143,6 +143,15 @@ class Dictionary(nn.Module, ABC):
     def decoder_norms(self) -> torch.Tensor:
         return self.W_dec.norm(dim=1)
 
+    def residual_directions(self) -> torch.Tensor:
+        """[d_sae, d_out]: what each latent adds to the model's stream (a cross-layer one sums its writes)."""
+        return self.W_dec
+
+    def capture_inputs(self, captured: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The dictionary's input from activations captured at `cfg.input_hooks` (stacked per layer if several)."""
+        hooks = self.cfg.input_hooks
+        return captured[hooks[0]] if len(hooks) == 1 else torch.stack([captured[h] for h in hooks], dim=-2)
+
     @abstractmethod
     def training_loss(self, x: torch.Tensor, y: torch.Tensor, ctx: StepContext) -> TrainOutput:
         """The family's loss on raw inputs x and targets y (y is x for an autoencoder)."""

@@ -103,6 +103,11 @@ def test_train_a_cross_layer_transcoder_over_the_layers_and_evaluate_it(assets, 
     assert metrics["l0"] > 0 and "ce_loss_score" in metrics and metrics["ce_sae"] != metrics["ce_clean"]
     save_clt(clt, tmp_path / "tracer")
     assert load_transcoders(tmp_path / "tracer").cfg.d_sae == 96
+    # Feature dashboards read all three layers' inputs; latents are numbered layer-major.
+    folder = run_dir / "saes" / "transcoder-clt_batchtopk-k4-L3-w96"
+    code, _, err = run("analyze", folder, "--model", model, "--data", corpus, "--tokens", 2048)
+    assert code == 0, err
+    assert (folder / "features.db").is_file()
 
 
 def test_a_cross_layer_transcoder_needs_layers(assets, tmp_path):

@@ -168,6 +168,10 @@ class CrossLayerTranscoder(Dictionary):
             )
         return self.W_dec[source][:, target - source] / self.output_scale[target]
 
+    def residual_directions(self):
+        """[d_sae, d_out]: each feature's writes summed over its layers (they all add to the residual stream)."""
+        return torch.cat([decoder.sum(1) for decoder in self.W_dec])
+
     def decoder_norms(self):
         """[d_sae]: each feature's joint decoder norm over every layer it writes to."""
         return torch.cat([decoder.flatten(1).norm(dim=1) for decoder in self.W_dec])
