@@ -290,7 +290,7 @@ def _rows(frozen: _FrozenPass, chunk: list) -> Tensor:
     """Adjacency rows of a batch of targets: gradient · write at every source's site, in one product."""
     graph, sources = frozen.graph, frozen.sources
     grads = frozen.gradients(chunk)  # [batch, n_sites, d]
-    at_pieces = grads if sources.piece_site is None else grads[:, sources.piece_site]
+    at_pieces = grads if sources.piece_site is None else grads.index_select(1, sources.piece_site)
     products = torch.einsum("bpd,pwd->bpw", at_pieces, sources.writes)
     result = grads.new_zeros(len(chunk), graph.n_nodes)
     result[:, : sources.slots.numel()] = products.flatten(1)[:, sources.slots]

@@ -369,16 +369,16 @@ class ReplacementModel:
         handle = self.lm.final_norm.register_forward_hook(leaf)
         try:
             with torch.enable_grad():
-                logits = self.lm.forward(self.input_ids)[0, -1]
-                rows = []
-                for token in tokens.tolist():
-                    seed = torch.full_like(logits, -1.0 / logits.shape[-1])
-                    seed[token] += 1.0
-                    grad = torch.autograd.grad(logits, store["h"], seed, retain_graph=True)[0]
-                    rows.append(grad[0, -1])
+                logits = self.lm.forward(self.input_ids)
+                if tokens.numel() == 0:
+                    return torch.zeros(0, self.lm.d_model, dtype=self.dtype, device=logits.device)
+                seeds = torch.zeros(len(tokens), *logits.shape, dtype=logits.dtype, device=logits.device)
+                seeds[:, 0, -1] = -1.0 / logits.shape[-1]
+                seeds[torch.arange(len(tokens)), 0, -1, tokens] += 1.0
+                grads = torch.autograd.grad(logits, store["h"], seeds, is_grads_batched=True)[0]
         finally:
             handle.remove()
-        return torch.stack(rows).detach() if rows else torch.zeros(0, self.lm.d_model, dtype=self.dtype)
+        return grads[:, 0, -1].detach()
 
     @torch.no_grad()
     def run(
