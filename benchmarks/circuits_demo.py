@@ -2,10 +2,13 @@
 of a factual-recall prompt, and agreement circuits with their faithfulness curves; the time of each step.
 
     python benchmarks/circuits_demo.py [--out runs/circuits] [--tokens 262144] [--width 1024] [--k 16]
+        [--clt-width 512] [--clt-tokens 131072] [--no-clt]
         [--sae runs/demo/saes/topk-k32-w4608] [--prompt "The capital of France is"]
 
 The transcoders are BatchTopK (saved with their inference threshold, so as JumpReLU in circuit-tracer's
-layout): of the families, TopK-style ones train reliably in a few hundred steps.
+layout): of the families, TopK-style ones train reliably in a few hundred steps. Then a cross-layer
+transcoder (clt_batchtopk, --clt-width features at each of the 30 layers) from its own streamed pass,
+and the same prompt's graph over it, to set beside the per-layer one.
 
 Each step is a saelab command (shown as it runs), skipped when its output already exists, so a rerun
 continues where it stopped. The agreement circuits use the SAE given by --sae (the one `make demo`
@@ -47,6 +50,9 @@ def main() -> int:
     parser.add_argument("--tokens", type=int, default=262_144, help="transcoder training tokens (streamed)")
     parser.add_argument("--width", type=int, default=1024)
     parser.add_argument("--k", type=int, default=16, help="active transcoder latents per token")
+    parser.add_argument("--clt-width", type=int, default=512, help="cross-layer transcoder features per layer")
+    parser.add_argument("--clt-tokens", type=int, default=131_072, help="cross-layer transcoder training tokens")
+    parser.add_argument("--no-clt", action="store_true", help="skip the cross-layer transcoder and its graph")
     parser.add_argument("--sae", type=Path, default=Path("runs/demo/saes/topk-k32-w4608"))
     parser.add_argument("--prompt", default="The capital of France is")
     args = parser.parse_args()
@@ -71,6 +77,24 @@ def main() -> int:
             graph,
             timings,
         )
+    clt_graph = args.out / "graph-capital-clt.json"
+    if not args.no_clt:
+        clt_dir = args.out / "clt"
+        clt_name = f"transcoder-clt_batchtopk-k{args.k}-L30-w{30 * args.clt_width}"
+        clt_ok = step(
+            "clt",
+            ["train", "--run-dir", str(clt_dir), "--layers", "0-29", "--hook", "blocks.{i}.ln2.hook_normalized",
+             "--output-hook", "blocks.{i}.hook_mlp_out", "--architecture", "clt_batchtopk", "--k", str(args.k),
+             "--width", str(args.clt_width), "--tokens", str(args.clt_tokens)],
+            clt_dir / "DONE.json", timings,
+        )  # fmt: skip
+        if clt_ok:
+            step(
+                "graph (CLT)",
+                ["graph", args.prompt, "--transcoders", str(clt_dir / "saes" / clt_name), "--out", str(clt_graph)],
+                clt_graph,
+                timings,
+            )
     if args.sae.is_dir():
         for task in AGREEMENT:
             out = args.out / task
@@ -86,9 +110,11 @@ def main() -> int:
     print(f"\n{describe_machine()}")
     for key, seconds in timings.items():
         print(f"  {key:22s} {'(done before)' if seconds is None else f'{seconds:8.1f} s'}")
-    if graph.exists():
-        data = json.loads(graph.read_text())
-        print(f"  graph: {len(data['nodes'])} nodes, {len(data['links'])} links kept")
+    for label, path in (("graph", graph), ("graph (CLT)", clt_graph)):
+        if path.exists():
+            data = json.loads(path.read_text())
+            scores = data["metadata"].get("info", {})
+            print(f"  {label}: {len(data['nodes'])} nodes, {len(data['links'])} links kept {scores}")
     for task in AGREEMENT:
         path = args.out / task / "circuit.json"
         if path.exists():
