@@ -214,7 +214,7 @@ def _sources(rm: ReplacementModel, graph: Graph) -> _Sources:
     return _pieces(site, writes, n_sites)
 
 
-MAX_PADDING = 2.0  # padded writes may be this many times the unpadded ones before sites are split
+MAX_PADDING = 4.0  # padded writes may be this many times the unpadded ones before sites are split
 
 
 def _pieces(site: Tensor, writes: Tensor, n_sites: int) -> _Sources:
@@ -253,7 +253,7 @@ class _FrozenPass:
             self.mlp_inputs, self.final = rm.forward_frozen(self.embeddings, self.outputs, logits=False)
 
     def gradients(self, chunk: list) -> Tensor:
-        """[len(chunk), n_sites, d]: each target's gradient at every write site (embeddings, then MLP outputs).
+        """[n_sites, len(chunk), d]: each target's gradient at every write site (embeddings, then MLP outputs).
 
         Copies beyond the chunk (a last, smaller chunk) carry no seed; sites the targets do not reach
         (later layers) get zeros.
@@ -266,7 +266,7 @@ class _FrozenPass:
         grads = [
             torch.zeros_like(leaf[:n]) if g is None else g[:n] for g, leaf in zip(grads, leaves, strict=True)
         ]
-        return torch.stack(grads, 1).flatten(1, 2)
+        return torch.stack([grad.transpose(0, 1) for grad in grads]).flatten(0, 1)
 
 
 def _target(graph: Graph, node: int) -> tuple[str, int, int, int]:
@@ -289,11 +289,11 @@ def _fill_rows(frozen: _FrozenPass, nodes: list[int]) -> None:
 def _rows(frozen: _FrozenPass, chunk: list) -> Tensor:
     """Adjacency rows of a batch of targets: gradient · write at every source's site, in one product."""
     graph, sources = frozen.graph, frozen.sources
-    grads = frozen.gradients(chunk)  # [batch, n_sites, d]
-    at_pieces = grads if sources.piece_site is None else grads.index_select(1, sources.piece_site)
-    products = torch.einsum("bpd,pwd->bpw", at_pieces, sources.writes)
+    grads = frozen.gradients(chunk)  # [n_sites, batch, d]
+    at_pieces = grads if sources.piece_site is None else grads.index_select(0, sources.piece_site)
+    products = torch.bmm(at_pieces, sources.writes.transpose(1, 2))  # [n_pieces, batch, width]
     result = grads.new_zeros(len(chunk), graph.n_nodes)
-    result[:, : sources.slots.numel()] = products.flatten(1)[:, sources.slots]
+    result[:, : sources.slots.numel()] = products.permute(1, 0, 2).flatten(1)[:, sources.slots]
     return result
 
 
