@@ -304,14 +304,14 @@ def _seeds(frozen: _FrozenPass, chunk: list) -> tuple[list[Tensor], list[Tensor]
     output through its demeaned unembedding direction.
     """
     rm = frozen.rm
-    by_root: dict[int, tuple[Tensor, Tensor]] = {}  # id(root) -> (root, seed)
-    for b, (kind, layer, pos, idx) in enumerate(chunk):
-        root = frozen.mlp_inputs[layer] if kind == "feature" else frozen.final
-        if id(root) not in by_root:
-            by_root[id(root)] = (root, torch.zeros_like(root))
-        seed = by_root[id(root)][1]
-        seed[b, pos] = rm.encoder(layer)[:, idx] if kind == "feature" else frozen.logit_reads[idx]
-    return [root for root, _ in by_root.values()], [seed for _, seed in by_root.values()]
+    roots: dict[int, Tensor] = {}  # by layer; -1: the final norm's output, read by the logits
+    seeds: dict[int, Tensor] = {}
+    for b, (_kind, layer, pos, idx) in enumerate(chunk):
+        if layer not in roots:
+            roots[layer] = frozen.final if layer < 0 else frozen.mlp_inputs[layer]
+            seeds[layer] = torch.zeros_like(roots[layer])
+        seeds[layer][b, pos] = frozen.logit_reads[idx] if layer < 0 else rm.encoder(layer)[:, idx]
+    return list(roots.values()), list(seeds.values())
 
 
 # ---- pruning and scores ------------------------------------------------------------------------
