@@ -327,7 +327,7 @@ class ReplacementModel:
                 patches[f"blocks.{layer}.{INPUT_SUFFIX}"] = _saver(mlp_inputs, layer)
                 patches[f"blocks.{layer}.{OUTPUT_SUFFIX}"] = _constant(mlp_outputs[layer])
             mlps = [block.mlp for block in self.lm.blocks]
-            with self.lm.patch(patches), _skipped(mlps), _eager_attention(self.lm.model.config):
+            with self.lm.patch(patches), _skipped(mlps), _eager_attention(self.lm.model.config, self.dtype):
                 yield
         finally:
             for handle in handles:
@@ -450,15 +450,16 @@ def _stop_at(store: dict[str, Tensor]):
 
 
 @contextlib.contextmanager
-def _eager_attention(config) -> Iterator[None]:
+def _eager_attention(config, dtype: torch.dtype) -> Iterator[None]:
     """While active, attention is transformers' eager implementation (softmax, then a matmul).
 
     With queries and keys replayed the pattern is a constant, so the backward pass through eager
     attention is one matmul by it; fused kernels (SDPA) would recompute the pattern and the query
-    and key gradients in every backward pass.
+    and key gradients in every backward pass. Not for float64 models: eager takes the softmax in
+    float32, so the pattern would no longer be the real forward's to float64 precision.
     """
     before = getattr(config, "_attn_implementation", None)
-    if before is None:
+    if before is None or dtype == torch.float64:
         yield
         return
     config._attn_implementation = "eager"

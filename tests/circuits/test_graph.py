@@ -272,10 +272,13 @@ def test_logit_directions_are_demeaned_unembedding_rows(kind):
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_a_frozen_pass_leaves_the_model_as_it_was(kind):
-    """MLPs are skipped and attention made eager only while frozen; no hook outlives the pass."""
-    lm, dset = tiny_lm(kind), transcoders()
+    """MLPs are skipped and attention made eager (float32 and below) only while frozen; no hook outlives it."""
+    lm, dset = tiny_lm(kind, torch.float32), transcoders(torch.float32)
     attention = lm.model.config._attn_implementation
     rm = ReplacementModel(lm, dset, PROMPT)
+    with rm.frozen(rm.embeddings[None], [out[None] for out in rm.mlp_outputs], {}):
+        assert lm.model.config._attn_implementation == "eager" != attention
+        assert all("forward" in block.mlp.__dict__ for block in lm.blocks)
     with torch.no_grad():
         before = lm.forward(torch.tensor([OTHER]))
     attribute(lm, dset, PROMPT)
