@@ -257,17 +257,19 @@ def cross_layer_splice(dictionary: Dictionary, keep: torch.Tensor) -> dict:
     and every earlier one write to it.
     """
     dcfg = dictionary.cfg
-    latents: dict[int, torch.Tensor] = {}
+    writes: dict[int, torch.Tensor] = {}
 
     def encode_at(index):
         def record(value):
-            latents[index] = dictionary.layer_latents(index, value[keep].float())
+            writes[index] = dictionary.layer_writes(
+                index, dictionary.layer_latents(index, value[keep].float())
+            )
 
         return record
 
     def decode_at(index):
         def splice(value):
-            recon = dictionary.layer_output(index, latents)
+            recon = dictionary.layer_output(index, writes)
             out = value.clone()
             out[keep] = recon.to(value.dtype)
             return out

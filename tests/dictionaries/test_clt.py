@@ -67,8 +67,12 @@ def test_shapes_and_the_layer_by_layer_path_agree(architecture):
     assert out.shape == (5, 3, 8)
     per_layer = {i: clt.layer_latents(i, x[:, i]) for i in range(3)}
     assert torch.allclose(torch.cat(list(per_layer.values()), -1), latents)
+    writes = {i: clt.layer_writes(i, per_layer[i]) for i in range(3)}
+    assert writes[0].shape == (5, 3, 8) and writes[2].shape == (5, 1, 8)
     for i in range(3):
-        assert torch.allclose(clt.layer_output(i, per_layer), out[:, i], atol=1e-5)
+        assert torch.allclose(clt.layer_output(i, writes), out[:, i], atol=1e-5)
+    dense = torch.einsum("nf,fkd->nkd", per_layer[0], clt.W_dec[0]) / clt.output_scale[:, None]
+    assert torch.allclose(writes[0], dense, atol=1e-5)  # the sparse decode is the dense product
     # Layer 0's features write to every layer, layer 2's only to layer 2.
     only = torch.zeros_like(latents)
     only[:, 24:] = latents[:, 24:]

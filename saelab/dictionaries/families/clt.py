@@ -142,23 +142,36 @@ class CrossLayerTranscoder(Dictionary):
     def decode(self, latents):
         """Raw outputs [..., L, d_out] from latents [..., d_sae]: each layer's features write to it and later."""
         acts = latents.unflatten(-1, (self.n_layers, self.width))
-        recon = self.b_dec.expand(*acts.shape[:-2], -1, -1).clone()
-        for layer, decoder in enumerate(self.W_dec):
-            written = acts[..., layer, :] @ decoder.flatten(1)
-            recon[..., layer:, :] += written.unflatten(-1, decoder.shape[1:])
-        return recon / self.output_scale[:, None]
+        lead = acts.shape[:-2]
+        flat = acts.reshape(-1, self.n_layers, self.width)
+        written = [self._sparse_writes(layer, flat[:, layer]) for layer in range(self.n_layers)]
+        recon = _ShiftedSum.apply(self.cfg.out_dim, *written) + self.b_dec
+        return (recon / self.output_scale[:, None]).reshape(*lead, self.n_layers, self.cfg.out_dim)
+
+    def _sparse_writes(self, layer: int, acts: torch.Tensor) -> torch.Tensor:
+        """[n, (L - layer) * d]: what layer `layer`'s features (dense [n, F], mostly zero) write, by their
+        nonzero entries only (a dense product would cost L/2 times an SAE's decoder per layer)."""
+        rows, cols = acts.nonzero(as_tuple=True)
+        return sparse_decode_flat(rows, cols, acts[rows, cols], self.W_dec[layer].flatten(1), acts.shape[0])
 
     def layer_latents(self, index: int, x: torch.Tensor) -> torch.Tensor:
         """[..., F]: the latents of the `index`-th layer's features for its raw input [..., d_in]."""
         pre = (x.to(self.W_enc.dtype) * self.input_scale[index]) @ self.W_enc[index] + self.b_enc[index]
         return pre * (pre > self.threshold[index]).to(pre.dtype)
 
-    def layer_output(self, index: int, latents: dict[int, torch.Tensor]) -> torch.Tensor:
-        """[..., d_out]: the raw output at the `index`-th layer from the latents of it and earlier layers."""
-        out = self.b_dec[index].clone()
+    def layer_writes(self, index: int, latents: torch.Tensor) -> torch.Tensor:
+        """[..., L - index, d_out]: what the `index`-th layer's latents add to that layer's output and each later one's (raw)."""
+        lead = latents.shape[:-1]
+        written = self._sparse_writes(index, latents.reshape(-1, self.width))
+        written = written.reshape(*lead, self.n_layers - index, self.cfg.out_dim)
+        return written / self.output_scale[index:, None]
+
+    def layer_output(self, index: int, writes: dict[int, torch.Tensor]) -> torch.Tensor:
+        """[..., d_out]: the raw output at the `index`-th layer, from `layer_writes` of it and every earlier layer."""
+        out = self.b_dec[index] / self.output_scale[index]
         for source in range(index + 1):
-            out = out + latents[source] @ self.W_dec[source][:, index - source]
-        return out / self.output_scale[index]
+            out = out + writes[source][..., index - source, :]
+        return out
 
     def decoder(self, source: int, target: int) -> torch.Tensor:
         """[F, d_out]: how layer `source`'s features write to layer `target`'s output (raw scale)."""
