@@ -78,9 +78,11 @@ class DictionaryConfig:
             self.apply_b_dec_to_input = False
         if fam.knob == "k" and not 0 < self.k <= self.d_sae:
             raise ValueError(f"k must be in 1..d_sae ({self.d_sae}), got {self.k}")
-        self._check_layers(fam.cross_layer, fam.knob == "k")
+        # A crosscoder's latents are shared by all the hook points it reads (its class says so with
+        # latents_per_layer = False); a CLT has its own latents at each layer.
+        self._check_layers(fam.cross_layer, fam.knob == "k", getattr(fam.cls, "latents_per_layer", True))
 
-    def _check_layers(self, cross_layer: bool, uses_k: bool) -> None:
+    def _check_layers(self, cross_layer: bool, uses_k: bool, latents_per_layer: bool = True) -> None:
         if not cross_layer:
             if self.layers is not None:
                 raise ValueError(
@@ -97,6 +99,8 @@ class DictionaryConfig:
         self.layers = sorted(int(layer) for layer in self.layers)
         if len(set(self.layers)) != len(self.layers) or self.layers[0] < 0:
             raise ValueError(f"`layers` must list each layer (0 or more) once; got {self.layers}.")
+        if not latents_per_layer:
+            return
         if self.d_sae % len(self.layers):
             raise ValueError(
                 f"d_sae ({self.d_sae}) is the total over {len(self.layers)} layers, so it must be a "

@@ -25,7 +25,9 @@ from saelab.toy.synthetic import SYNTHETIC_HOOK, SyntheticConfig
 from saelab.training import TrainConfig, train
 
 REPO = Path(__file__).resolve().parents[2]
-BUILT_IN = ["relu", "gated", "topk", "batchtopk", "jumprelu", "clt", "clt_batchtopk"]
+BUILT_IN = [
+    "relu", "gated", "topk", "batchtopk", "jumprelu", "clt", "clt_batchtopk", "crosscoder", "crosscoder_batchtopk",
+]  # fmt: skip
 
 
 def example() -> tuple[str, str]:
