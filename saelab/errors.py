@@ -111,3 +111,7 @@ class ClientError(SaelabError):
 
 class GraphError(SaelabError):
     """A model, dictionary set or prompt that an attribution graph cannot be built on (nonlinear leftovers)."""
+
+
+class DiffingError(SaelabError):
+    """Model diffing asked of something that is not a crosscoder, or with data it cannot read."""
