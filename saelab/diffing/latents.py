@@ -196,13 +196,25 @@ class LatentDiff:
             return self.scaling_b[name]
         return torch.where(self.delta_norm <= 0.5, self.scaling_b[name], self.scaling_a[name])
 
+    @property
+    def live(self) -> torch.Tensor:
+        """[F] bool: latents that fired on the data (all of them when no data was given)."""
+        if not self.scaling_b:
+            return torch.ones(len(self.tags), dtype=torch.bool)
+        return self.scaling_b["fired"] > 0
+
     def indices(self, tag: str) -> torch.Tensor:
+        """The live latents with this tag (a latent that never fires has no ν and counts as dead)."""
         if tag not in TAGS:
             raise DiffingError(f"unknown tag {tag!r}; the tags are {', '.join(TAGS)}.")
-        return torch.tensor([i for i, t in enumerate(self.tags) if t == tag], dtype=torch.long)
+        live = self.live.tolist()
+        return torch.tensor([i for i, t in enumerate(self.tags) if t == tag and live[i]], dtype=torch.long)
 
     def counts(self) -> dict[str, int]:
-        return {tag: self.tags.count(tag) for tag in TAGS}
+        """Live latents per tag, and the dead ones (never fired on the data)."""
+        out = {tag: int(self.indices(tag).numel()) for tag in TAGS}
+        out["dead"] = int((~self.live).sum())
+        return out
 
     def genuine(self, tag: str = "b_only", threshold: float = GENUINE_NU) -> torch.Tensor:
         """Latents of `tag` that Latent Scaling confirms: both ν below `threshold`."""

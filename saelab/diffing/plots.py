@@ -21,9 +21,7 @@ def _pyplot():
 def plot_delta_norm(diff: LatentDiff, path: str | Path, title: str | None = None, bins: int = 50) -> Path:
     """Histogram of Δnorm over live latents (log count), with the tag thresholds marked."""
     plt = _pyplot()
-    live = (diff.norm_a + diff.norm_b) > 0
-    if diff.scaling_b:
-        live &= diff.scaling_b["fired"] > 0
+    live = ((diff.norm_a + diff.norm_b) > 0) & diff.live
     values = diff.delta_norm[live].numpy()
     fig, ax = plt.subplots(figsize=(6.4, 3.6))
     ax.hist(values, bins=bins, range=(0.0, 1.0), color="tab:blue")
@@ -36,7 +34,8 @@ def plot_delta_norm(diff: LatentDiff, path: str | Path, title: str | None = None
     counts = diff.counts()
     ax.set_title(
         title
-        or f"B-only {counts['b_only']}, A-only {counts['a_only']}, shared {counts['shared']}, other {counts['other']}"
+        or f"B-only {counts['b_only']}, A-only {counts['a_only']}, shared {counts['shared']}, "
+        f"other {counts['other']}, dead {counts['dead']}"
     )
     fig.tight_layout()
     path = Path(path)

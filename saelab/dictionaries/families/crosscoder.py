@@ -223,6 +223,10 @@ class Crosscoder(Dictionary):
 class L1Crosscoder(Crosscoder):
     """ReLU crosscoder with the L1 penalty on f_i Σ_m ||d_i^m|| (Lindsey et al.; Kissane et al.)."""
 
+    # Above this share of active (token, latent) entries, dense matmuls beat the sparse kernels (early
+    # in training, before the warmed-up penalty has made the code sparse, half the latents fire).
+    dense_above = 1 / 32
+
     def activation(self, pre):
         return F.relu(pre)
 
@@ -230,19 +234,29 @@ class L1Crosscoder(Crosscoder):
         xn, _ = self.normalized(x, y)
         batch = xn.shape[0]
         flat = xn.flatten(1)
+        pre = torch.addmm(self.b_enc, flat, self.W_enc.flatten(0, 1))
+        norms = self.decoder_norms()
         with torch.no_grad():
-            pre = torch.addmm(self.b_enc, flat, self.W_enc.flatten(0, 1))
-            rows, cols = (pre > 0).nonzero(as_tuple=True)
-        values = self._entries(flat, pre, rows, cols)
-        recon = self._reconstruct(rows, cols, values, batch)
+            active = pre > 0
+            n_active = int(active.sum())
+        if n_active > self.dense_above * active.numel():
+            acts = F.relu(pre)
+            recon = (acts @ self.W_dec.flatten(1)).view_as(xn) + self.b_dec
+            sparsity = (acts * norms).sum() / batch
+            fired = active.sum(0)
+        else:
+            rows, cols = active.nonzero(as_tuple=True)
+            values = self._entries(flat, pre.detach(), rows, cols)
+            recon = self._reconstruct(rows, cols, values, batch)
+            sparsity = (values * norms[cols]).sum() / batch
+            fired = torch.bincount(cols, minlength=self.cfg.d_sae)
         error = recon - xn
         mse = error.pow(2).sum((1, 2)).mean()
-        sparsity = (values * self.decoder_norms()[cols]).sum() / batch
         loss = mse + l1_weight(self.cfg, ctx) * sparsity
         with torch.no_grad():
             unexplained = fvu(error.flatten(1), xn.flatten(1))
-            terms = stats(loss, mse, unexplained, rows.numel() / batch, l1=sparsity)
-        return TrainOutput(loss, torch.bincount(cols, minlength=self.cfg.d_sae), terms)
+            terms = stats(loss, mse, unexplained, n_active / batch, l1=sparsity)
+        return TrainOutput(loss, fired, terms)
 
 
 class BatchTopKCrosscoder(Crosscoder):
