@@ -23,7 +23,9 @@ import torch
 from torch import Tensor
 
 from saelab.circuits.replacement import ReplacementModel
+from saelab.circuits.transcoders import Transcoders
 from saelab.core.models import HookedLM
+from saelab.dictionaries.base import Dictionary
 from saelab.dictionaries.sets import DictionarySet
 from saelab.errors import GraphError
 
@@ -103,7 +105,7 @@ def _active_features(rm: ReplacementModel) -> Tensor:
 
 def attribute(
     lm: HookedLM,
-    dset: DictionarySet,
+    transcoders: DictionarySet | Dictionary | Transcoders,
     prompt_ids,
     logit_probability: float = 0.95,
     max_logits: int = 10,
@@ -125,7 +127,7 @@ def attribute(
             f"batch_size must be at least 1 and max_feature_nodes at least 0; got {batch_size} and "
             f"{max_feature_nodes}."
         )
-    rm = ReplacementModel(lm, dset, prompt_ids, zero_bos)
+    rm = ReplacementModel(lm, transcoders, prompt_ids, zero_bos)
     features = _active_features(rm)
     tokens, probs = logit_targets(rm.logits[-1], logit_probability, max_logits)
     graph = Graph(
@@ -137,7 +139,7 @@ def attribute(
         adjacency=torch.zeros(0),
         n_layers=rm.n_layers,
         model_name=lm.name,
-        transcoder_name=dset.model_name,
+        transcoder_name=rm.transcoders.model_name,
         zero_bos=rm.zero_bos,
     )
     dtype = torch.promote_types(rm.dtype, torch.float32)  # half-precision models: sums of edges in float32
@@ -192,26 +194,42 @@ class _Sources:
 
     piece_site: Tensor | None  # [n_pieces]: the site each piece reads the gradient at; None: one per site
     writes: Tensor  # [n_pieces, width, d]: the pieces' writes, zero-padded
-    slots: Tensor  # [n_sources]: where each source column's edge lands among the flattened products
+    slots: Tensor  # [n_writes]: where each write's product lands among the flattened products
+    # [n_writes]: the adjacency column of each write (None: write i is column i). A cross-layer
+    # transcoder's feature writes at its own and every later layer: its edge sums those writes' products.
+    columns: Tensor | None = None
 
 
 def _sources(rm: ReplacementModel, graph: Graph) -> _Sources:
     n_pos, n_sites = graph.n_pos, (rm.n_layers + 1) * graph.n_pos
     device = rm.embeddings.device
-    feature_writes = torch.zeros(graph.n_features, rm.embeddings.shape[-1], dtype=rm.dtype, device=device)
+    feature_writes, feature_sites, feature_columns = [], [], []
     for layer in range(rm.n_layers):
         chosen = (graph.features[:, 0] == layer).nonzero().flatten()
         p, f = graph.features[chosen, 1].to(device), graph.features[chosen, 2].to(device)
-        feature_writes[chosen.to(device)] = rm.activations[layer][p, f, None] * rm.decoder(layer)[f]
-    writes = torch.cat([feature_writes, *rm.errors, rm.embeddings])  # in column order
+        acts = rm.activations[layer][p, f, None]
+        for target in rm.targets(layer):  # one layer, or this and every later one (cross-layer)
+            feature_writes.append(acts * rm.decoder(layer, target)[f])
+            feature_sites.append((target + 1) * n_pos + p)
+            feature_columns.append(chosen.to(device))
+    empty = torch.zeros(0, dtype=torch.long, device=device)
+    feature_columns = torch.cat(feature_columns) if feature_columns else empty
+    n_errors_tokens = n_sites
+    columns = torch.cat([feature_columns, graph.n_features + torch.arange(n_errors_tokens, device=device)])
+    d = rm.embeddings.shape[-1]
+    writes = torch.cat([*feature_writes, rm.embeddings.new_zeros(0, d), *rm.errors, rm.embeddings])
     site = torch.cat(
         [
-            (graph.features[:, 0] + 1) * n_pos + graph.features[:, 1],
-            torch.arange(n_pos, n_sites),  # errors: layer by layer, position by position
-            torch.arange(n_pos),  # tokens
+            *feature_sites,
+            empty,
+            torch.arange(n_pos, n_sites, device=device),  # errors: layer by layer, position by position
+            torch.arange(n_pos, device=device),  # tokens
         ]
-    ).to(device)
-    return _pieces(site, writes, n_sites)
+    )
+    sources = _pieces(site, writes, n_sites)
+    if not torch.equal(columns, torch.arange(columns.numel(), device=device)):
+        sources.columns = columns
+    return sources
 
 
 MAX_PADDING = 4.0  # padded writes may be this many times the unpadded ones before sites are split
@@ -293,7 +311,11 @@ def _rows(frozen: _FrozenPass, chunk: list) -> Tensor:
     at_pieces = grads if sources.piece_site is None else grads.index_select(0, sources.piece_site)
     products = torch.bmm(at_pieces, sources.writes.transpose(1, 2))  # [n_pieces, batch, width]
     result = grads.new_zeros(len(chunk), graph.n_nodes)
-    result[:, : sources.slots.numel()] = products.permute(1, 0, 2).flatten(1)[:, sources.slots]
+    edges = products.permute(1, 0, 2).flatten(1)[:, sources.slots]
+    if sources.columns is None:
+        result[:, : sources.slots.numel()] = edges
+    else:
+        result.index_add_(1, sources.columns, edges)
     return result
 
 

@@ -22,12 +22,12 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from saelab.circuits.transcoders import INPUT_SUFFIX, OUTPUT_SUFFIX, Transcoders, as_transcoders
 from saelab.core.models import HookedLM
+from saelab.dictionaries.base import Dictionary
 from saelab.dictionaries.sets import DictionarySet
-from saelab.errors import DictionarySetError, GraphError, TextTooLongError
+from saelab.errors import GraphError, TextTooLongError
 
-INPUT_SUFFIX = "ln2.hook_normalized"
-OUTPUT_SUFFIX = "hook_mlp_out"
 _EPS_NAMES = ("variance_epsilon", "eps", "epsilon")
 
 
@@ -128,20 +128,11 @@ def _qk_sites(lm: HookedLM) -> list[_QK]:
 
 
 # ---- the replacement model ----------------------------------------------------------------------
-def check_transcoders(lm: HookedLM, dset: DictionarySet) -> None:
-    """Refuse a set that is not one transcoder per layer from the MLP input to the MLP output."""
-    if not dset.is_transcoder_set or dset.hook_suffix != INPUT_SUFFIX or dset.output_suffix != OUTPUT_SUFFIX:
-        raise DictionarySetError(
-            f"attribution graphs need transcoders from blocks.{{i}}.{INPUT_SUFFIX} to blocks.{{i}}.{OUTPUT_SUFFIX}, "
-            f"but this set reads blocks.{{i}}.{dset.hook_suffix} and writes "
-            f"blocks.{{i}}.{dset.output_suffix or dset.hook_suffix}. Train per-layer transcoders between those hooks."
-        )
-    dset.check_model(lm.n_layers)
-    if len(dset) != lm.n_layers:
-        raise DictionarySetError(
-            f"the transcoder set covers layers {dset.layers} but the model has {lm.n_layers}: every MLP must be "
-            "replaced for the replacement model to be linear. Add transcoders for the missing layers."
-        )
+def check_transcoders(lm: HookedLM, transcoders: DictionarySet | Dictionary | Transcoders) -> Transcoders:
+    """The transcoders as one view, refused unless they map every layer's MLP input to its MLP output."""
+    view = as_transcoders(transcoders)
+    view.check(lm.n_layers)
+    return view
 
 
 def _check_prompt(lm: HookedLM, ids: Tensor) -> None:
@@ -171,9 +162,15 @@ class ReplacementModel:
     [seq, d] and `logits` [seq, vocab]. `run` evaluates the frozen model on other values of the nodes.
     """
 
-    def __init__(self, lm: HookedLM, dset: DictionarySet, prompt_ids, zero_bos: bool | None = None):
-        check_transcoders(lm, dset)
-        self.lm, self.dset = lm, dset
+    def __init__(
+        self,
+        lm: HookedLM,
+        transcoders: DictionarySet | Dictionary | Transcoders,
+        prompt_ids,
+        zero_bos: bool | None = None,
+    ):
+        self.transcoders = check_transcoders(lm, transcoders)
+        self.lm = lm
         self.input_ids = torch.as_tensor(prompt_ids, device=lm.device).long()
         if self.input_ids.ndim == 2 and self.input_ids.shape[0] == 1:
             self.input_ids = self.input_ids[0]  # a batch of one prompt
@@ -255,33 +252,42 @@ class ReplacementModel:
 
     @torch.no_grad()
     def _split_mlp_outputs(self) -> None:
-        """Each MLP output = transcoder output + error; at a zeroed BOS it is one constant (no nodes)."""
+        """Each MLP output = transcoder output + error; at a zeroed BOS it is one constant (no nodes).
+
+        The features of every layer are read off the real forward first: a cross-layer transcoder's
+        output at a layer includes what the features of every earlier layer write to it.
+        """
         self.activations, self.errors, self._biases = [], [], []
         for layer in range(self.n_layers):
-            member = self.dset[layer]
-            acts = member.encode(self.mlp_inputs[layer]).to(self.dtype)
+            acts = self.transcoders.encode(layer, self.mlp_inputs[layer]).to(self.dtype)
             if self.zero_bos:
                 acts[0] = 0
-            recon = self.decode(layer, acts)
+            self.activations.append(acts)
+        for layer in range(self.n_layers):
+            recon = self.output(layer, self.activations)
             error = self.mlp_outputs[layer] - recon
             if self.zero_bos:
                 error[0] = 0
-            self.activations.append(acts)
             self.errors.append(error)
             self._biases.append(self.mlp_outputs[layer] - recon - error)  # nonzero only at a zeroed BOS
 
-    def decoder(self, layer: int) -> Tensor:
-        """Decoder rows [d_sae, d_model] as they write the MLP output (output scale folded in)."""
-        if ("dec", layer) not in self._weights:
-            member = self.dset[layer]
-            self._weights["dec", layer] = (member.W_dec / member.output_scale).detach().to(self.dtype)
-        return self._weights["dec", layer]
+    def targets(self, layer: int) -> range:
+        """The layers whose MLP outputs the features of `layer` write to (only itself, unless cross-layer)."""
+        return self.transcoders.targets(layer)
+
+    def decoder(self, layer: int, target: int | None = None) -> Tensor:
+        """Decoder rows [d_sae, d_model]: how the features of `layer` write the MLP output of `target`
+        (default: their own layer), output scale folded in."""
+        target = layer if target is None else target
+        if ("dec", layer, target) not in self._weights:
+            weight = self.transcoders.decoder(layer, target)
+            self._weights["dec", layer, target] = weight.to(self.dtype)
+        return self._weights["dec", layer, target]
 
     def encoder(self, layer: int) -> Tensor:
         """Encoder columns [d_model, d_sae] as they read the MLP input (input scale folded in)."""
         if ("enc", layer) not in self._weights:
-            member = self.dset[layer]
-            self._weights["enc", layer] = (member.W_enc * member.input_scale).detach().to(self.dtype)
+            self._weights["enc", layer] = self.transcoders.encoder(layer).to(self.dtype)
         return self._weights["enc", layer]
 
     def activations_of(self, features: Tensor) -> Tensor:
@@ -289,13 +295,17 @@ class ReplacementModel:
         values = [self.activations[layer][pos, idx] for layer, pos, idx in features.tolist()]
         return torch.stack(values) if values else torch.zeros(0, dtype=self.dtype)
 
-    def decode(self, layer: int, acts: Tensor) -> Tensor:
-        member = self.dset[layer]
-        return acts @ self.decoder(layer) + (member.b_dec / member.output_scale).detach().to(self.dtype)
+    def output(self, layer: int, activations: list[Tensor]) -> Tensor:
+        """The transcoders' output at `layer` [seq, d] from every layer's feature activations."""
+        out = self.transcoders.b_dec(layer).to(self.dtype)
+        for source in range(layer + 1):
+            if layer in self.targets(source):
+                out = out + activations[source] @ self.decoder(source, layer)
+        return out
 
     def preactivations(self, layer: int, mlp_input: Tensor) -> Tensor:
         """A layer's feature pre-activations for an MLP input of the frozen model."""
-        return self.dset[layer].preacts(mlp_input.to(self.dset[layer].W_enc.dtype)).detach().to(self.dtype)
+        return self.transcoders.preacts(layer, mlp_input).detach().to(self.dtype)
 
     # -- the frozen model -------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -396,7 +406,7 @@ class ReplacementModel:
         errors = self.errors if errors is None else errors
         embeddings = self.embeddings if embeddings is None else embeddings
         outs = [
-            (self.decode(layer, activations[layer]) + errors[layer] + self._biases[layer])[None]
+            (self.output(layer, activations) + errors[layer] + self._biases[layer])[None]
             for layer in range(self.n_layers)
         ]
         ins, logits = self.forward_frozen(embeddings[None], outs)

@@ -1,9 +1,10 @@
-"""`saelab graph`: the attribution graph of one prompt over a per-layer transcoder set, pruned and
-written as Neuronpedia graph JSON (checked against its schema before it is written).
+"""`saelab graph`: the attribution graph of one prompt over a per-layer transcoder set or a cross-layer
+transcoder, pruned and written as Neuronpedia graph JSON (checked against its schema before it is written).
 
 Feature labels (`clerp`) come from feature stores (`saelab analyze` writes one `features.db` per
 dictionary): `--store` names one store, a dictionary folder holding one, the set folder (each member's
-folder is searched) or a folder of dictionary folders (a run's `saes/`).
+folder is searched) or a folder of dictionary folders (a run's `saes/`). A cross-layer transcoder has one
+store for all its layers (latent l * width + f is feature f of layer l).
 """
 
 from __future__ import annotations
@@ -22,8 +23,8 @@ from saelab.errors import GraphError
 
 if TYPE_CHECKING:
     from saelab.circuits.graph import Graph, PrunedGraph
+    from saelab.circuits.transcoders import Transcoders
     from saelab.core.models import HookedLM
-    from saelab.dictionaries.sets import DictionarySet
 
 STORE_FILE = "features.db"
 
@@ -31,7 +32,9 @@ STORE_FILE = "features.db"
 def graph_command(
     prompt: str = typer.Argument(..., help="The prompt to attribute (plain text; BOS is prepended)."),
     transcoders: Path = typer.Option(
-        ..., help="A per-layer transcoder set: saelab's (set.json) or circuit-tracer's (config.yaml)."
+        ...,
+        help="A per-layer transcoder set (saelab's set.json or circuit-tracer's transcoder_set) or a cross-layer "
+        "transcoder (a saelab clt folder or circuit-tracer's cross_layer_transcoder).",
     ),
     model: str = typer.Option(
         None, help="The model (hub id, folder or .gguf); default: the set's model, else the embedded one."
@@ -65,13 +68,14 @@ def graph_command(
     from saelab.circuits.graph import attribute, prune
     from saelab.circuits.graph_json import graph_json
     from saelab.circuits.graph_schema import validate_graph
+    from saelab.circuits.transcoders import Transcoders
     from saelab.core.fileio import atomic_write_json
-    from saelab.dictionaries.sets import load_dictionary_set
+    from saelab.dictionaries.transcoders import load_transcoders
 
     if not prompt.strip():
         raise GraphError("the prompt is empty; give the text whose next token the graph should explain.")
     started = time.perf_counter()
-    dset = load_dictionary_set(transcoders)
+    dset = Transcoders(load_transcoders(transcoders))
     lm = load_lm(model or set_model_name(dset), device=device, dtype=dtype)
     dset.to(lm.device)
     ids, has_bos = prompt_ids(lm, prompt)
@@ -92,11 +96,13 @@ def graph_command(
 
 
 # ---- inputs -------------------------------------------------------------------------------------
-def set_model_name(dset: DictionarySet) -> str | None:
-    """The model a set was trained on: the set's own name for it, else its first member's metadata."""
+def set_model_name(dset: Transcoders) -> str | None:
+    """The model the transcoders were trained on: the set's own name for it, else its first member's metadata."""
     if dset.model_name:
         return resolve_model(dset.model_name)
-    first = next(iter(dset.members.values()))
+    if dset.cross_layer:
+        return None
+    first = next(iter(dset.source.members.values()))
     return resolve_model(first.cfg.metadata.get("model_name"))
 
 
@@ -150,23 +156,46 @@ def _member_folders(set_folder: Path) -> list[Path]:
 
 
 def store_labels(
-    path: Path, set_folder: Path, dset: DictionarySet, features: set[tuple[int, int]]
+    path: Path, set_folder: Path, dset: Transcoders, features: set[tuple[int, int]]
 ) -> dict[tuple[int, int], str]:
-    """(layer, feature) -> label for the `features` that the stores of this set's members explain."""
+    """(layer, feature) -> label for the `features` that the stores of these transcoders explain."""
     from saelab.analysis.store import FeatureStore
 
-    by_layer = _stores_by_layer(store_paths(path, set_folder), dset)
+    if dset.cross_layer:
+        by_layer = {layer: _clt_store(store_paths(path, set_folder), dset) for layer in dset.layers}
+    else:
+        by_layer = _stores_by_layer(store_paths(path, set_folder), dset.source)
     labels = {}
-    for layer, db in by_layer.items():
+    for db in dict.fromkeys(by_layer.values()):
+        layers = {layer for layer, store in by_layer.items() if store == db}
         with FeatureStore(db, create=False) as fs:
             for lay, idx in sorted(features):
-                row = fs.feature(idx) if lay == layer else None
+                row = fs.feature(dset.feature_store_index(lay, idx)) if lay in layers else None
                 if row and row.get("explanation"):
                     labels[lay, idx] = row["explanation"]
     return labels
 
 
-def _stores_by_layer(paths: list[Path], dset: DictionarySet) -> dict[int, Path]:
+def _clt_store(paths: list[Path], dset: Transcoders) -> Path:
+    """The one store that describes this cross-layer transcoder (same hook template and width)."""
+    from saelab.analysis.store import FeatureStore
+
+    cfg = dset.source.cfg
+    for db in paths:
+        with FeatureStore(db, create=False) as fs:
+            meta = fs.meta()
+        if (
+            meta.get("hook_name") == cfg.hook_name
+            and (meta.get("dictionary") or {}).get("d_sae") == cfg.d_sae
+        ):
+            return db
+    raise GraphError(
+        f"none of the feature stores found ({', '.join(map(str, paths[:3]))}) belongs to this cross-layer "
+        f"transcoder ({cfg.hook_name}, {cfg.d_sae} latents): run `saelab analyze` on its folder first."
+    )
+
+
+def _stores_by_layer(paths: list[Path], dset) -> dict[int, Path]:
     """Each store under the layer of the member it describes (its hook and width match that member's)."""
     from saelab.analysis.store import FeatureStore
     from saelab.dictionaries.sets import split_hook

@@ -172,6 +172,12 @@ def load_transcoders(path: str | Path, device: str | torch.device = "cpu") -> Di
         if _tracer_config(folder).get("model_kind") == CLT_KIND:
             return load_clt(folder, device)
         return load_dictionary_set(folder, device)
+    if not folder.is_dir() or not (folder / "cfg.json").is_file():
+        raise DictionarySetError(
+            f"{folder} is not a dictionary set or a cross-layer transcoder: it holds neither {SET_INDEX} (a saelab "
+            f"set), {TRANSCODER_SET_INDEX} (circuit-tracer's transcoder_set or cross_layer_transcoder) nor cfg.json "
+            "(a saelab CLT folder). Point --transcoders at one of those."
+        )
     dictionary = load_dictionary(folder, device)
     if not is_cross_layer(dictionary):
         raise DictionarySetError(

@@ -242,3 +242,19 @@ def test_a_feature_page_links_the_circuits_that_use_its_latent(client, served):
     assert f'href="/graphs/tiny-circuit?pinned={STORE_HOOK}%3A1%3A5"' in page
     assert "at position 1 &ldquo;The&rdquo;" in page and "effect 0.8" in page
     assert "In graphs and circuits" not in client.get("/feature/0").text  # in no saved graph
+
+
+def test_graph_nodes_of_a_served_cross_layer_transcoder_link_to_their_latents():
+    """A served CLT numbers its latents layer-major: feature 3 of layer 1 (width 16) is latent 19."""
+    from types import SimpleNamespace
+
+    from saelab.server.routers.graphs import _feature_link
+
+    meta = {"hook_name": "blocks.{i}.ln2.hook_normalized", "dictionary": {"d_sae": 32, "layers": [0, 1]}}
+    state = SimpleNamespace(meta=meta, latents=set(range(32)))
+    assert _feature_link(state, "blocks.1.ln2.hook_normalized", 3) == "/feature/19"
+    assert _feature_link(state, "blocks.0.ln2.hook_normalized", 3) == "/feature/3"
+    assert _feature_link(state, "blocks.2.ln2.hook_normalized", 3) is None  # not one of its layers
+    assert _feature_link(state, "blocks.1.ln2.hook_normalized", 16) is None  # beyond a layer's width
+    single = SimpleNamespace(meta={"hook_name": "blocks.1.ln2.hook_normalized"}, latents={3})
+    assert _feature_link(single, "blocks.1.ln2.hook_normalized", 3) == "/feature/3"

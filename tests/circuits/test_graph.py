@@ -17,7 +17,7 @@ from saelab.circuits.replacement import ReplacementModel
 from saelab.core.models import HookedLM
 from saelab.dictionaries.sets import dictionary_set
 from saelab.errors import DictionarySetError, GraphError, TextTooLongError
-from tests.helpers import make_model, make_tokenizer, random_dictionary
+from tests.helpers import make_model, make_tokenizer, random_clt, random_dictionary
 
 D_MODEL, D_TC, N_LAYERS = 8, 16, 2
 PROMPT = [1, 5, 9, 17, 30, 8]  # starts with <bos>
@@ -69,7 +69,7 @@ def test_the_replacement_model_reproduces_the_logits(kind, dtype):
     torch.testing.assert_close(logits, real, atol=1e-5, rtol=0)
     for layer in range(N_LAYERS):  # with BOS zeroed, position 0 has no nodes; elsewhere tc + error = MLP
         torch.testing.assert_close(
-            rm.decode(layer, rm.activations[layer])[1:] + rm.errors[layer][1:], rm.mlp_outputs[layer][1:]
+            rm.output(layer, rm.activations)[1:] + rm.errors[layer][1:], rm.mlp_outputs[layer][1:]
         )
     assert rm.zero_bos and not rm.activations[0][0].any() and not rm.errors[0][0].any()
 
@@ -229,7 +229,8 @@ def _reference_rows(rm: ReplacementModel, graph: Graph) -> torch.Tensor:
         ]
         row = torch.zeros(graph.n_nodes, dtype=graph.adjacency.dtype)
         for i, (layer, pos, idx) in enumerate(graph.features.tolist()):
-            row[i] = grad_outs[layer][pos] @ (rm.activations[layer][pos, idx] * rm.decoder(layer)[idx])
+            act = rm.activations[layer][pos, idx]  # a cross-layer feature writes to every target layer
+            row[i] = sum(grad_outs[t][pos] @ (act * rm.decoder(layer, t)[idx]) for t in rm.targets(layer))
         for layer in range(graph.n_layers):
             for pos in range(graph.n_pos):
                 row[graph.error_index(layer, pos)] = grad_outs[layer][pos] @ rm.errors[layer][pos]
@@ -420,3 +421,53 @@ def test_models_that_are_not_linear_once_frozen_are_refused(monkeypatch):
     monkeypatch.setattr(replacement, "_replay_qk", lambda site: lambda *_: None)
     with pytest.raises(GraphError, match="not linear"):
         attribute(tiny_lm("llama"), transcoders(), PROMPT)
+
+
+# ---- 6. cross-layer transcoders -------------------------------------------------------------------
+def clt(dtype=torch.float64):
+    """A random CLT over both layers: layer 0's features write to layers 0 and 1."""
+    return random_clt(N_LAYERS, D_MODEL, D_TC).to(dtype)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_cross_layer_replacement_model_reproduces_the_logits(kind):
+    lm, transcoders_ = tiny_lm(kind), clt()
+    rm = ReplacementModel(lm, transcoders_, PROMPT)
+    assert list(rm.targets(0)) == [0, 1] and list(rm.targets(1)) == [1]
+    assert all(int((acts != 0).sum()) >= 10 for acts in rm.activations)
+    with torch.no_grad():
+        real = lm.forward(torch.tensor(PROMPT))[0]
+    torch.testing.assert_close(rm.run()[1], real, atol=1e-5, rtol=0)
+    # layer 1's MLP output holds what layer 0's features write to it
+    only_layer0 = [rm.activations[0], torch.zeros_like(rm.activations[1])]
+    expected = rm.activations[0] @ rm.decoder(0, 1) + rm.transcoders.b_dec(1)
+    torch.testing.assert_close(rm.output(1, only_layer0), expected)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_every_cross_layer_edge_equals_the_effect_of_removing_its_source(kind):
+    lm, transcoders_ = tiny_lm(kind), clt()
+    graph = attribute(lm, transcoders_, PROMPT)
+    _check_every_edge(lm, transcoders_, graph)
+    rows = list(range(graph.n_features)) + [graph.logit_index(k) for k in range(graph.n_logits)]
+    reference = _reference_rows(ReplacementModel(lm, transcoders_, PROMPT), graph)
+    torch.testing.assert_close(graph.adjacency[rows], reference, atol=1e-12, rtol=1e-10)
+    for batch_size in (1, 5):
+        other = attribute(lm, transcoders_, PROMPT, batch_size=batch_size)
+        torch.testing.assert_close(other.adjacency, graph.adjacency, atol=1e-12, rtol=1e-10)
+    # a layer-0 feature's edge to a logit includes its direct write to layer 1 (a per-layer set has none)
+    without_bridge = clt()
+    with torch.no_grad():
+        without_bridge.W_dec[0][:, 1] = 0
+    bridged = attribute(lm, without_bridge, PROMPT)
+    assert not torch.allclose(bridged.adjacency, graph.adjacency)
+    document = graph_json(prune(graph), lm)
+    ids = [node["node_id"] for node in document["nodes"]]
+    assert len(ids) == len(set(ids))
+
+
+def test_cross_layer_transcoders_that_miss_a_layer_are_refused():
+    lm = tiny_lm("llama")
+    short = random_clt(1, D_MODEL, D_TC).double()
+    with pytest.raises(DictionarySetError, match="every MLP must be replaced"):
+        attribute(lm, short, PROMPT)

@@ -224,3 +224,35 @@ def test_structural_errors_are_found_beyond_the_schema(document):
     assert any("links/0/weight: nan is not a finite number" in e for e in errors)
     assert any("nodes/1/ctx_idx: 6 is past the 6 prompt tokens" in e for e in errors)
     assert graph_errors(document) == []
+
+
+# ---- cross-layer transcoders --------------------------------------------------------------------
+def test_a_cross_layer_transcoder_gives_the_same_graph_in_both_layouts_with_labels(assets, tmp_path):
+    """`--transcoders` takes a CLT folder (saelab's) or circuit-tracer's cross_layer_transcoder; labels come
+    from the CLT's one store, feature f of layer l being latent l * width + f."""
+    from saelab.dictionaries.io import save_dictionary
+    from saelab.dictionaries.transcoders import save_clt
+    from tests.helpers import random_clt
+
+    model, _, _ = assets
+    clt = random_clt(N_LAYERS, HIDDEN, D_TC)
+    clt.cfg.metadata["model_name"] = str(model)
+    folder = save_dictionary(clt, tmp_path / "clt")
+    save_clt(clt, tmp_path / "tracer", model_name=str(model))
+    with FeatureStore(folder / "features.db") as fs:
+        fs.begin_analysis({"hook_name": clt.cfg.hook_name, "dictionary": clt.cfg.to_dict()})
+        fs.write_results(_feature_rows(clt.cfg.d_sae), [], [], {"batches": 1, "contexts": 1, "tokens": 1})
+        for latent in range(clt.cfg.d_sae):
+            fs.set_explanation(latent, f"latent {latent}")
+    docs = []
+    for source in (folder, tmp_path / "tracer"):
+        out = tmp_path / f"{source.name}.json"
+        code, stdout, err = run_graph(
+            PROMPT, "--transcoders", source, "--store", folder, "--out", out, *COMMON
+        )
+        assert code == 0, err
+        docs.append(json.loads(out.read_text()))
+    assert schema_errors(docs[0]) == [] and graph_errors(docs[0]) == []
+    assert [n["node_id"] for n in docs[0]["nodes"]] == [n["node_id"] for n in docs[1]["nodes"]]
+    features = [n for n in docs[0]["nodes"] if n["feature_type"] == "cross layer transcoder"]
+    assert features and all(n["clerp"] == f"latent {int(n['layer']) * D_TC + n['feature']}" for n in features)

@@ -69,14 +69,25 @@ def _served_hook(state: ServerState) -> str | None:
 
 
 def _feature_link(state: ServerState, hook: str | None, latent) -> str | None:
-    """The feature page of a node that is a latent of the served dictionary, else None."""
-    ok = (
-        hook is not None
-        and hook == _served_hook(state)
-        and isinstance(latent, int)
-        and latent in state.latents
-    )
-    return f"/feature/{latent}" if ok else None
+    """The feature page of a node that is a latent of the served dictionary, else None.
+
+    A served cross-layer transcoder (hook `blocks.{i}...`, `layers` in its config) numbers its latents
+    layer-major, so feature f of layer l is latent l * width + f.
+    """
+    if hook is None or not isinstance(latent, int):
+        return None
+    served = _served_hook(state) or ""
+    if "{i}" in served:
+        cfg = state.meta.get("dictionary") or {}
+        layers = cfg.get("layers") or []
+        width = int(cfg.get("d_sae") or 0) // max(1, len(layers))
+        match = next((i for i, layer in enumerate(layers) if served.replace("{i}", str(layer)) == hook), None)
+        if match is None or not 0 <= latent < width:
+            return None
+        latent = match * width + latent
+    elif hook != served:
+        return None
+    return f"/feature/{latent}" if latent in state.latents else None
 
 
 def _number(x) -> float | None:
