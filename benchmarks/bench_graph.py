@@ -1,4 +1,5 @@
-"""Time an attribution graph (attribute + prune) on the embedded model over a per-layer transcoder set.
+"""Time an attribution graph (attribute + prune) on the embedded model over a per-layer transcoder set
+or a cross-layer transcoder (`--transcoders` takes either, in saelab's or circuit-tracer's layout).
 
 Prints the machine, the graph's size and the seconds and peak RSS. `--save` writes the adjacency so a
 later run (say, after a change to the graph code) can `--compare` against it: the largest difference
@@ -21,7 +22,7 @@ from saelab.circuits.graph import attribute, prune
 from saelab.cli.graph import prompt_ids
 from saelab.core.devices import describe_machine
 from saelab.core.models import load_model
-from saelab.dictionaries.sets import load_dictionary_set
+from saelab.dictionaries.transcoders import load_transcoders
 
 TRANSCODERS = "runs/circuits/transcoders/sets/transcoder-batchtopk-k16-w1024"
 
@@ -41,7 +42,7 @@ def main() -> int:
         torch.set_num_threads(args.threads)
 
     lm = load_model(None, device="cpu")
-    dset = load_dictionary_set(args.transcoders).to(lm.device)
+    dset = load_transcoders(args.transcoders).to(lm.device)
     ids, has_bos = prompt_ids(lm, args.prompt)
     print(describe_machine(str(lm.model.dtype).removeprefix("torch.")))
     for _ in range(args.repeat):
