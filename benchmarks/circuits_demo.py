@@ -50,8 +50,12 @@ def main() -> int:
     parser.add_argument("--tokens", type=int, default=262_144, help="transcoder training tokens (streamed)")
     parser.add_argument("--width", type=int, default=1024)
     parser.add_argument("--k", type=int, default=16, help="active transcoder latents per token")
-    parser.add_argument("--clt-width", type=int, default=512, help="cross-layer transcoder features per layer")
-    parser.add_argument("--clt-tokens", type=int, default=131_072, help="cross-layer transcoder training tokens")
+    parser.add_argument(
+        "--clt-width", type=int, default=512, help="cross-layer transcoder features per layer"
+    )
+    parser.add_argument(
+        "--clt-tokens", type=int, default=131_072, help="cross-layer transcoder training tokens"
+    )
     parser.add_argument("--no-clt", action="store_true", help="skip the cross-layer transcoder and its graph")
     parser.add_argument("--sae", type=Path, default=Path("runs/demo/saes/topk-k32-w4608"))
     parser.add_argument("--prompt", default="The capital of France is")
@@ -91,7 +95,14 @@ def main() -> int:
         if clt_ok:
             step(
                 "graph (CLT)",
-                ["graph", args.prompt, "--transcoders", str(clt_dir / "saes" / clt_name), "--out", str(clt_graph)],
+                [
+                    "graph",
+                    args.prompt,
+                    "--transcoders",
+                    str(clt_dir / "saes" / clt_name),
+                    "--out",
+                    str(clt_graph),
+                ],
                 clt_graph,
                 timings,
             )
