@@ -74,7 +74,7 @@ def plot_nu_scatter(
     ax.set_ylim(-0.5, limit)
     ax.set_xlabel("ν^ε  (complete shrinkage)")
     ax.set_ylabel("ν^r  (latent decoupling)")
-    ax.set_title(title or "Latent Scaling")
+    ax.set_title(title or "Latent Scaling", fontsize=9)
     ax.legend(fontsize=8, loc="upper right")
     fig.tight_layout()
     path = Path(path)
