@@ -316,7 +316,10 @@ def evaluate(
     _check_width(lm, dictionary)
     dictionary = dictionary.to(lm.device).eval()
     metrics, density = reconstruction_metrics(lm, dictionary, data, cfg, progress)
-    if cfg.ce_contexts > 0:
+    # A multi-hook dictionary is spliced in only if it is a transcoder from each layer to its own and
+    # later layers (a CLT); a crosscoder's members feed back into each other's inputs in no defined order.
+    spliceable = not dictionary.cfg.layers or hasattr(dictionary, "layer_writes")
+    if cfg.ce_contexts > 0 and spliceable:
         metrics.update(downstream_metrics(lm, dictionary, data, cfg, progress))
     metrics.update(
         {

@@ -81,7 +81,7 @@ def sweep_configs(
                 DictionaryConfig(
                     architecture=arch,
                     d_in=d_in,
-                    d_sae=d_sae * len(layers) if fam.cross_layer else d_sae,
+                    d_sae=d_sae * len(layers) if per_layer(fam) else d_sae,
                     layers=list(layers) if fam.cross_layer else None,
                     hook_name=hook,
                     output_hook_name=output_hook,
@@ -91,6 +91,11 @@ def sweep_configs(
                 )
             )
     return configs
+
+
+def per_layer(fam) -> bool:
+    """Whether --width counts a family's latents per layer (a CLT) rather than in all (a crosscoder)."""
+    return fam.cross_layer and getattr(fam.cls, "latents_per_layer", True)
 
 
 def layer_configs(architecture, width, k, l1, target_l0, hook, output_hook, layers, seed, encoder_dtype):

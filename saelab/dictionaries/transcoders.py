@@ -21,8 +21,9 @@ import yaml
 from saelab.core.fileio import atomic_folder, atomic_save_tensors, atomic_write_text
 from saelab.dictionaries.base import Dictionary
 from saelab.dictionaries.config import DictionaryConfig
+from saelab.dictionaries.families.clt import CrossLayerTranscoder
 from saelab.dictionaries.io import _read_safetensors, load_dictionary
-from saelab.dictionaries.registry import build_dictionary, family
+from saelab.dictionaries.registry import build_dictionary
 from saelab.dictionaries.sets import (
     SET_INDEX,
     TRANSCODER_SET_INDEX,
@@ -38,8 +39,8 @@ CLT_KIND = "cross_layer_transcoder"
 
 
 def is_cross_layer(dictionary) -> bool:
-    """Whether `dictionary` is one cross-layer dictionary (rather than a set or a single-hook one)."""
-    return isinstance(dictionary, Dictionary) and family(dictionary.cfg.architecture).cross_layer
+    """Whether `dictionary` is a cross-layer transcoder (not a set, a single-hook dictionary or a crosscoder)."""
+    return isinstance(dictionary, CrossLayerTranscoder)
 
 
 def _suffix(template: str | None) -> str:

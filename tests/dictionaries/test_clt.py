@@ -187,3 +187,25 @@ def test_bad_clt_folders_get_clear_errors(tmp_path):
     (tmp_path / "bad" / "config.yaml").write_text("model_kind: something\n")
     with pytest.raises(DictionaryFileError):
         load_clt(tmp_path / "bad")
+
+
+def test_a_crosscoder_is_not_taken_for_a_cross_layer_transcoder(tmp_path):
+    """Both read several hooks at once, but only a CLT replaces MLPs: graphs and save_clt refuse a crosscoder."""
+    from saelab.circuits.transcoders import Transcoders
+    from saelab.cli.train import layer_configs
+
+    crosscoder = build_dictionary(
+        DictionaryConfig(architecture="crosscoder", d_in=8, d_sae=16, hook_name=IN, layers=[0, 1], k=4)
+    )
+    with pytest.raises(DictionarySetError, match="transcoder at every layer"):
+        Transcoders(crosscoder)
+    with pytest.raises(DictionarySetError, match="cross-layer transcoder"):
+        save_clt(crosscoder, tmp_path / "x")
+    save_dictionary(crosscoder, tmp_path / "cc")
+    with pytest.raises(DictionarySetError, match="transcoder at every layer"):
+        load_transcoders(tmp_path / "cc")
+    # --width counts a CLT's latents per layer, a crosscoder's in all (they are shared by its members)
+    configs = layer_configs(
+        ["clt_batchtopk", "crosscoder"], [16], [4], [1.0], [4.0], IN, OUT, [0, 1, 2], 0, "auto"
+    )
+    assert [(c.architecture, c.d_sae) for c in configs] == [("clt_batchtopk", 48), ("crosscoder", 16)]
