@@ -20,8 +20,11 @@ from saelab.cli.common import (
 
 def harvest(
     out: Path = typer.Option(Path("runs/activations"), help="Folder for the activation cache."),
-    model: str = typer.Option(
-        None, help="HF hub id, local HF folder or .gguf file; default: embedded SmolLM2-135M-Instruct."
+    model: list[str] = typer.Option(
+        None,
+        help="HF hub id, local HF folder or .gguf file; default: embedded SmolLM2-135M-Instruct. Repeat it "
+        "for paired activations of models that share a tokenizer (a base and its fine-tune): one data pass, "
+        "hooks stored as model0/<hook>, model1/<hook>, ... for a crosscoder.",
     ),
     hook: list[str] = typer.Option(
         [DEFAULT_HOOK], help="Hook point(s) to capture, TransformerLens names; repeat for several."
@@ -48,7 +51,15 @@ def harvest(
     """Harvest activations into a memory-mapped, resumable disk cache that training can read many times."""
     from saelab.core.activations import harvest_to_cache
 
-    lm = load_lm(model, device=device, dtype=dtype)
+    models = list(model or [None])
+    lms = [load_lm(name, device=device, dtype=dtype) for name in models]
+    if len(lms) > 1:
+        from saelab.diffing.paired import PairedModels, member_hook
+
+        lm = PairedModels(lms)
+        hook = [member_hook(i, h) for i in range(len(lms)) for h in hook]
+    else:
+        lm = lms[0]
     cfg = data_config(data, split, text_field, context_size, exclude_bos, exclude_special)
     start = time.perf_counter()
     with removed_on_error(out):
