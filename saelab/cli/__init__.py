@@ -12,6 +12,7 @@ from saelab.cli import (
     analyze,
     circuit,
     demo,
+    diff,
     direction,
     evaluate,
     explain,
@@ -39,6 +40,7 @@ app.command()(analyze.analyze)
 app.command()(explain.explain)
 app.command()(circuit.circuit)
 app.command("graph")(graph.graph_command)
+app.command("diff")(diff.diff_command)
 app.command()(serve.serve)
 app.command("export")(serve.export_command)
 app.command()(demo.demo)

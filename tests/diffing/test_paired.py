@@ -78,3 +78,22 @@ def test_models_that_cannot_read_the_same_tokens_are_refused(assets, tmp_path):
         PairedModels([HookedLM(make_model(n_layers=2, hidden=16), make_tokenizer())] * 2).hook_dim("model2/x")
     with pytest.raises(DiffingError, match="at least two models"):
         PairedModels([HookedLM(make_model(n_layers=2, hidden=16), make_tokenizer())])
+
+
+def test_saelab_diff_tags_the_latents_of_a_crosscoder_trained_on_a_paired_cache(assets, tmp_path):
+    (base, tuned), corpus = assets
+    cache = tmp_path / "cache"
+    assert run("harvest", "--model", base, "--model", tuned, "--hook", HOOK, "--data", corpus, "--tokens", 1024,
+               "--context-size", 16, "--out", cache, "--dtype", "float32")[0] == 0  # fmt: skip
+    assert run("train", "--run-dir", tmp_path / "run", "--activations", cache, "--architecture", "crosscoder_batchtopk",
+               "--layers", "0-1", "--hook", "model{i}/" + HOOK, "--width", 32, "--k", 4, "--tokens", 1024,
+               "--batch-size", 64, "--no-eval")[0] == 0  # fmt: skip
+    folder = tmp_path / "run" / "saes" / "crosscoder_batchtopk-k4-M2-w32"
+    code, stdout, err = run("diff", folder, "--activations", cache, "--tokens", 1024)
+    assert code == 0, err
+    result = json.loads((folder / "diff" / "diff.json").read_text())
+    assert len(result["latents"]) == 32 and sum(result["counts"].values()) >= 32
+    assert (folder / "diff" / "delta_norm.png").is_file() and (folder / "diff" / "nu_scatter.png").is_file()
+    assert "model-specific latents" in " ".join(stdout.split())
+    message = refused("diff", tmp_path / "nothing")
+    assert "nothing" in message
