@@ -16,6 +16,7 @@ from saelab.cli import (
     direction,
     evaluate,
     explain,
+    finetune,
     graph,
     harvest,
     serve,
@@ -41,6 +42,7 @@ app.command()(explain.explain)
 app.command()(circuit.circuit)
 app.command("graph")(graph.graph_command)
 app.command("diff")(diff.diff_command)
+app.command("finetune")(finetune.finetune_command)
 app.command()(serve.serve)
 app.command("export")(serve.export_command)
 app.command()(demo.demo)
