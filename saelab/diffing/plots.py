@@ -37,12 +37,7 @@ def plot_delta_norm(diff: LatentDiff, path: str | Path, title: str | None = None
         or f"B-only {counts['b_only']}, A-only {counts['a_only']}, shared {counts['shared']}, "
         f"other {counts['other']}, dead {counts['dead']}"
     )
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_nu_scatter(
@@ -76,6 +71,12 @@ def plot_nu_scatter(
     ax.set_ylabel("ν^r  (latent decoupling)")
     ax.set_title(title or "Latent Scaling", fontsize=9)
     ax.legend(fontsize=8, loc="upper right")
+    return _save(fig, path)
+
+
+def _save(fig, path: str | Path) -> Path:
+    """Write the figure (creating its folder) and free it."""
+    plt = _pyplot()
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
