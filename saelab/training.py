@@ -21,7 +21,13 @@ import torch
 from tqdm.auto import tqdm
 
 from saelab.core import distributed, sources
-from saelab.core.activations import CachedActivations, StreamingActivations, harvest_to_cache, steps_for
+from saelab.core.activations import (
+    CachedActivations,
+    CacheInfo,
+    StreamingActivations,
+    harvest_to_cache,
+    steps_for,
+)
 from saelab.core.data import DataConfig
 from saelab.core.fileio import atomic_folder, atomic_write_json, atomic_write_text
 from saelab.core.sources import ActivationSource
@@ -588,18 +594,22 @@ def _save_member(member: _Member, cfg: TrainConfig, run_dir: Path) -> Path:
         density = member.fire_counts.double() / member.density_tokens
         sparsity = density.clamp_min(1e-10).log10().float()
     dcfg = member.dictionary.cfg
+    cached: dict = {}  # what a cache's manifest says of the model(s) it came from
     if cfg.source is not None:
         kind, settings = sources.resolve_source(cfg.source)
         source = kind.metadata(settings)
     else:
+        cached = CacheInfo.read(cfg.activations).source if cfg.activations and cfg.model is None else {}
         source = {
-            "model_name": cfg.model or "HuggingFaceTB/SmolLM2-135M-Instruct",
+            "model_name": cfg.model or cached.get("model") or "HuggingFaceTB/SmolLM2-135M-Instruct",
             "context_size": cfg.data.context_size,
             "prepend_bos": cfg.data.prepend_bos,
             "dataset_path": cfg.data.source or "saelab:embedded",
             "exclude_special_tokens": cfg.data.exclude_special,
             "exclude_bos": cfg.data.exclude_bos,
         }
+    if cached.get("models") and dcfg.layers and dcfg.hook_name.startswith("model{i}/"):
+        source["member_models"] = [cached["models"][i] for i in dcfg.layers]  # a crosscoder across models
     dcfg.metadata.update({**source, "hook_name": dcfg.hook_name, "training_tokens": member.count_tokens})
     return save_dictionary(
         member.dictionary, run_dir / "saes" / member.name, sparsity=sparsity, training_config=cfg.to_dict()

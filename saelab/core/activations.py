@@ -390,6 +390,8 @@ def harvest_to_cache(
     hooks = list(dict.fromkeys(hooks))
     dims = {hook: lm.hook_dim(hook) for hook in hooks}
     source = {"model": lm.name, "data": data.to_dict(), "seed": seed, "shard_tokens": shard_tokens}
+    if getattr(lm, "names", None):  # several models on the same tokens (saelab.diffing.paired): each one
+        source["models"] = list(lm.names)
     if (out / MANIFEST).exists():
         info = CacheInfo.read(out)
         if (

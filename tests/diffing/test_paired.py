@@ -57,6 +57,8 @@ def test_one_pass_fills_one_cache_with_both_models_on_the_same_tokens(assets, tm
         (tmp_path / "run" / "saes" / "crosscoder_batchtopk-k4-M2-w32" / "cfg.json").read_text()
     )
     assert saved["d_sae"] == 32 and saved["saelab"]["config"]["layers"] == [0, 1]
+    members = saved["saelab"]["config"]["metadata"]["member_models"]  # each member's model, from the cache
+    assert [m.rstrip("/").split("/")[-1] for m in members] == ["base", "tuned"]
     assert np.isfinite(json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])["fvu"])
 
 
