@@ -28,6 +28,13 @@ from pathlib import Path
 AGREEMENT = ("agreement_simple", "agreement_across_pp", "agreement_across_rc", "agreement_within_rc")
 
 
+def train_transcoders(run_dir: Path, architecture: str, k: int, width: int, tokens: int) -> list[str]:
+    """`saelab train` arguments for transcoders from every layer's MLP input to its output, one pass."""
+    return ["train", "--run-dir", str(run_dir), "--layers", "0-29", "--hook", "blocks.{i}.ln2.hook_normalized",
+            "--output-hook", "blocks.{i}.hook_mlp_out", "--architecture", architecture, "--k", str(k),
+            "--width", str(width), "--tokens", str(tokens)]  # fmt: skip
+
+
 def step(name: str, command: list[str], done: Path, timings: dict) -> bool:
     """Run one saelab command unless `done` exists; record its wall time."""
     if done.exists():
@@ -68,9 +75,7 @@ def main() -> int:
     name = f"transcoder-batchtopk-k{args.k}-w{args.width}"
     ok = step(
         "transcoders",
-        ["train", "--run-dir", str(run_dir), "--layers", "0-29", "--hook", "blocks.{i}.ln2.hook_normalized",
-         "--output-hook", "blocks.{i}.hook_mlp_out", "--architecture", "batchtopk", "--k", str(args.k),
-         "--width", str(args.width), "--tokens", str(args.tokens), "--no-eval"],
+        train_transcoders(run_dir, "batchtopk", args.k, args.width, args.tokens) + ["--no-eval"],
         run_dir / "DONE.json", timings,
     )  # fmt: skip
     graph = args.out / "graph-capital.json"
@@ -87,9 +92,7 @@ def main() -> int:
         clt_name = f"transcoder-clt_batchtopk-k{args.k}-L30-w{30 * args.clt_width}"
         clt_ok = step(
             "clt",
-            ["train", "--run-dir", str(clt_dir), "--layers", "0-29", "--hook", "blocks.{i}.ln2.hook_normalized",
-             "--output-hook", "blocks.{i}.hook_mlp_out", "--architecture", "clt_batchtopk", "--k", str(args.k),
-             "--width", str(args.clt_width), "--tokens", str(args.clt_tokens)],
+            train_transcoders(clt_dir, "clt_batchtopk", args.k, args.clt_width, args.clt_tokens),
             clt_dir / "DONE.json", timings,
         )  # fmt: skip
         if clt_ok:

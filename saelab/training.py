@@ -420,8 +420,9 @@ def train(
     sources = distributed.gather_object(source.state_dict())  # collective: outside rank 0's block
     if main:
         try:
+            source, paired_models = _data_metadata(cfg)
             for member in members:
-                saved[member.name] = _save_member(member, cfg, run_dir)
+                saved[member.name] = _save_member(member, cfg, run_dir, source, paired_models)
             if layered:
                 _write_sets(run_dir, members, saved)
             _write_checkpoint(run_dir, members, sources, step, metrics_path)
@@ -588,28 +589,33 @@ def _write_checkpoint(run_dir, members, sources, step, metrics_path) -> None:
         torch.save(state, tmp / "state.pt")
 
 
-def _save_member(member: _Member, cfg: TrainConfig, run_dir: Path) -> Path:
+def _data_metadata(cfg: TrainConfig) -> tuple[dict, list[str]]:
+    """What every dictionary of the run records of its data, and the models of a paired cache (else [])."""
+    if cfg.source is not None:
+        kind, settings = sources.resolve_source(cfg.source)
+        return kind.metadata(settings), []
+    cached = CacheInfo.read(cfg.activations).source if cfg.activations and cfg.model is None else {}
+    return {
+        "model_name": cfg.model or cached.get("model") or "HuggingFaceTB/SmolLM2-135M-Instruct",
+        "context_size": cfg.data.context_size,
+        "prepend_bos": cfg.data.prepend_bos,
+        "dataset_path": cfg.data.source or "saelab:embedded",
+        "exclude_special_tokens": cfg.data.exclude_special,
+        "exclude_bos": cfg.data.exclude_bos,
+    }, cached.get("models") or []
+
+
+def _save_member(
+    member: _Member, cfg: TrainConfig, run_dir: Path, source: dict, paired_models: list[str]
+) -> Path:
     sparsity = None
     if member.density_tokens > 0:  # none if the data ran out before the density window
         density = member.fire_counts.double() / member.density_tokens
         sparsity = density.clamp_min(1e-10).log10().float()
     dcfg = member.dictionary.cfg
-    cached: dict = {}  # what a cache's manifest says of the model(s) it came from
-    if cfg.source is not None:
-        kind, settings = sources.resolve_source(cfg.source)
-        source = kind.metadata(settings)
-    else:
-        cached = CacheInfo.read(cfg.activations).source if cfg.activations and cfg.model is None else {}
-        source = {
-            "model_name": cfg.model or cached.get("model") or "HuggingFaceTB/SmolLM2-135M-Instruct",
-            "context_size": cfg.data.context_size,
-            "prepend_bos": cfg.data.prepend_bos,
-            "dataset_path": cfg.data.source or "saelab:embedded",
-            "exclude_special_tokens": cfg.data.exclude_special,
-            "exclude_bos": cfg.data.exclude_bos,
-        }
-    if cached.get("models") and dcfg.layers and dcfg.hook_name.startswith("model{i}/"):
-        source["member_models"] = [cached["models"][i] for i in dcfg.layers]  # a crosscoder across models
+    source = dict(source)
+    if paired_models and dcfg.layers and dcfg.hook_name.startswith("model{i}/"):
+        source["member_models"] = [paired_models[i] for i in dcfg.layers]  # a crosscoder across models
     dcfg.metadata.update({**source, "hook_name": dcfg.hook_name, "training_tokens": member.count_tokens})
     return save_dictionary(
         member.dictionary, run_dir / "saes" / member.name, sparsity=sparsity, training_config=cfg.to_dict()

@@ -25,6 +25,7 @@ from saelab.core.data import DataConfig, exclusion_mask, token_batches
 from saelab.core.fileio import atomic_write_json
 from saelab.core.models import HookedLM
 from saelab.dictionaries import Dictionary
+from saelab.dictionaries.transcoders import is_cross_layer
 from saelab.errors import DataError, DimensionMismatchError
 
 DENSE_THRESHOLD = 0.1
@@ -182,7 +183,7 @@ def downstream_metrics(
     """CE and KL of the LM with the dictionary spliced in, against clean and zero-ablated runs."""
     dcfg = dictionary.cfg
     in_hook, out_hook = dcfg.hook_name, dcfg.output_hook_name or dcfg.hook_name
-    cross_layer = bool(dcfg.layers)
+    cross_layer = is_cross_layer(dictionary)
     totals = {"ce_clean": 0.0, "ce_sae": 0.0, "ce_zero": 0.0, "kl_sae": 0.0, "kl_zero": 0.0}
     count = 0
     bar = tqdm(total=cfg.ce_contexts, desc="eval: CE/KL", unit="ctx", disable=not progress, leave=False)
@@ -318,7 +319,7 @@ def evaluate(
     metrics, density = reconstruction_metrics(lm, dictionary, data, cfg, progress)
     # A multi-hook dictionary is spliced in only if it is a transcoder from each layer to its own and
     # later layers (a CLT); a crosscoder's members feed back into each other's inputs in no defined order.
-    spliceable = not dictionary.cfg.layers or hasattr(dictionary, "layer_writes")
+    spliceable = not dictionary.cfg.layers or is_cross_layer(dictionary)
     if cfg.ce_contexts > 0 and spliceable:
         metrics.update(downstream_metrics(lm, dictionary, data, cfg, progress))
     metrics.update(

@@ -212,19 +212,11 @@ def _sources(rm: ReplacementModel, graph: Graph) -> _Sources:
             feature_writes.append(acts * rm.decoder(layer, target)[f])
             feature_sites.append((target + 1) * n_pos + p)
             feature_columns.append(chosen.to(device))
-    empty = torch.zeros(0, dtype=torch.long, device=device)
-    feature_columns = torch.cat(feature_columns) if feature_columns else empty
-    n_errors_tokens = n_sites
-    columns = torch.cat([feature_columns, graph.n_features + torch.arange(n_errors_tokens, device=device)])
-    d = rm.embeddings.shape[-1]
-    writes = torch.cat([*feature_writes, rm.embeddings.new_zeros(0, d), *rm.errors, rm.embeddings])
+    # errors (layer by layer, position by position) and tokens: one column and one site each
+    columns = torch.cat([*feature_columns, graph.n_features + torch.arange(n_sites, device=device)])
+    writes = torch.cat([*feature_writes, *rm.errors, rm.embeddings])
     site = torch.cat(
-        [
-            *feature_sites,
-            empty,
-            torch.arange(n_pos, n_sites, device=device),  # errors: layer by layer, position by position
-            torch.arange(n_pos, device=device),  # tokens
-        ]
+        [*feature_sites, torch.arange(n_pos, n_sites, device=device), torch.arange(n_pos, device=device)]
     )
     sources = _pieces(site, writes, n_sites)
     if not torch.equal(columns, torch.arange(columns.numel(), device=device)):

@@ -108,8 +108,10 @@ class Transcoders:
 
     def preacts(self, layer: int, mlp_input: Tensor) -> Tensor:
         """[..., F]: pre-activations of the features of `layer` (what an edge into a feature changes)."""
-        x = mlp_input.to(self.encoder(layer).dtype)
-        return x @ self.encoder(layer) + self._b_enc(layer)
+        if self.cross_layer:
+            return self.source.layer_preacts(layer, mlp_input)
+        member = self.source[layer]
+        return member.preacts(mlp_input.to(member.W_enc.dtype))
 
     def encoder(self, layer: int) -> Tensor:
         """[d, F]: how the features of `layer` read its MLP input (input scale folded in)."""
@@ -121,14 +123,6 @@ class Transcoders:
                 weight = member.W_enc * member.input_scale
             self._cache["enc", layer] = weight.detach()
         return self._cache["enc", layer]
-
-    def _b_enc(self, layer: int) -> Tensor:
-        if self.cross_layer:
-            return self.source.b_enc[layer].detach()
-        member = self.source[layer]
-        if member.cfg.apply_b_dec_to_input:  # never for a transcoder, but keep the algebra right
-            return (member.b_enc - (member.b_dec * member.input_scale) @ member.W_enc).detach()
-        return member.b_enc.detach()
 
     def decoder(self, source: int, target: int) -> Tensor:
         """[F, d]: how the features of layer `source` write to the MLP output of layer `target`."""
@@ -151,14 +145,6 @@ class Transcoders:
             return (self.source.b_dec[layer] / self.source.output_scale[layer]).detach()
         member = self.source[layer]
         return (member.b_dec / member.output_scale).detach()
-
-    def output(self, layer: int, activations: list[Tensor]) -> Tensor:
-        """[..., d]: the transcoders' output at `layer` from every layer's feature activations."""
-        out = self.b_dec(layer).to(activations[0].dtype)
-        for source in range(layer + 1):
-            if layer in self.targets(source):
-                out = out + activations[source] @ self.decoder(source, layer).to(activations[source].dtype)
-        return out
 
     def feature_store_index(self, layer: int, feature: int) -> int:
         """The latent's index in its dictionary's feature store (a CLT numbers latents layer-major)."""

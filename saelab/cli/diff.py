@@ -65,15 +65,15 @@ def diff_command(
     for r in rows[:top]:
         nus = (r["nu_eps"], r["nu_r"])
         genuine = "-" if None in nus else ("yes" if max(nus) < GENUINE_NU else "no")
-        fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
         table.add_row(
             str(r["latent"]),
             r["tag"],
-            fmt(r["delta_norm"]),
-            fmt(r["cosine"]),
-            fmt(nus[0]),
-            fmt(nus[1]),
+            *map(_number, (r["delta_norm"], r["cosine"], *nus)),
             genuine,
         )
     console.print(table)
     console.print(f"wrote {out / 'diff.json'} and the plots in {out}")
+
+
+def _number(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"

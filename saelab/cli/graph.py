@@ -162,7 +162,7 @@ def store_labels(
     from saelab.analysis.store import FeatureStore
 
     if dset.cross_layer:
-        by_layer = {layer: _clt_store(store_paths(path, set_folder), dset) for layer in dset.layers}
+        by_layer = dict.fromkeys(dset.layers, _clt_store(store_paths(path, set_folder), dset))
     else:
         by_layer = _stores_by_layer(store_paths(path, set_folder), dset.source)
     labels = {}

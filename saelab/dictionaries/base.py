@@ -126,9 +126,15 @@ class Dictionary(nn.Module, ABC):
 
     # ---- training helpers --------------------------------------------------------------------
     def training_inputs(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(inputs, targets) from a batch of activations by hook name (targets: the inputs for an SAE)."""
-        x = batch[self.cfg.hook_name]
-        return x, (batch[self.cfg.output_hook_name] if self.cfg.output_hook_name else x)
+        """(inputs, targets) from activations by hook name (targets: the inputs for an SAE); a dictionary
+        reading several hooks (cfg.layers) gets them stacked as [..., n, d]."""
+        x = self._stacked(batch, self.cfg.input_hooks)
+        return x, (self._stacked(batch, self.cfg.output_hooks) if self.cfg.output_hook_name else x)
+
+    def _stacked(self, captured: dict[str, torch.Tensor], hooks: list[str]) -> torch.Tensor:
+        if self.cfg.layers is None:
+            return captured[hooks[0]]
+        return torch.stack([captured[hook] for hook in hooks], dim=-2)
 
     def normalized(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         self.check_input(x)
@@ -149,8 +155,7 @@ class Dictionary(nn.Module, ABC):
 
     def capture_inputs(self, captured: dict[str, torch.Tensor]) -> torch.Tensor:
         """The dictionary's input from activations captured at `cfg.input_hooks` (stacked per layer if several)."""
-        hooks = self.cfg.input_hooks
-        return captured[hooks[0]] if len(hooks) == 1 else torch.stack([captured[h] for h in hooks], dim=-2)
+        return self._stacked(captured, self.cfg.input_hooks)
 
     @abstractmethod
     def training_loss(self, x: torch.Tensor, y: torch.Tensor, ctx: StepContext) -> TrainOutput:

@@ -47,6 +47,12 @@ from saelab.errors import DimensionMismatchError, SaelabError
 AUX_ROWS = 256  # AuxK rows per step: a dead layer-0 feature decodes to every layer, so rows cost L·d each
 
 
+def _nonzero_entries(acts: torch.Tensor):
+    """(rows, cols, values) of the nonzero entries of dense latents [n, F], rows sorted."""
+    rows, cols = acts.nonzero(as_tuple=True)
+    return rows, cols, acts[rows, cols]
+
+
 class _ShiftedSum(torch.autograd.Function):
     """Sum of per-layer writes: the i-th input [batch, (L - i) * d] lands on layers i..L-1 of [batch, L, d].
 
@@ -117,11 +123,6 @@ class CrossLayerTranscoder(Dictionary):
                 "on the second-to-last dimension."
             )
 
-    def training_inputs(self, batch):
-        x = torch.stack([batch[hook] for hook in self.cfg.input_hooks], dim=1)
-        y = torch.stack([batch[hook] for hook in self.cfg.output_hooks], dim=1)
-        return x, y
-
     # ---- inference on raw activations --------------------------------------------------------
     def encoder_input(self, x):
         return x * self.input_scale[:, None]
@@ -144,25 +145,29 @@ class CrossLayerTranscoder(Dictionary):
         acts = latents.unflatten(-1, (self.n_layers, self.width))
         lead = acts.shape[:-2]
         flat = acts.reshape(-1, self.n_layers, self.width)
-        written = [self._sparse_writes(layer, flat[:, layer]) for layer in range(self.n_layers)]
-        recon = _ShiftedSum.apply(self.cfg.out_dim, *written) + self.b_dec
+        entries = [_nonzero_entries(flat[:, layer]) for layer in range(self.n_layers)]
+        recon = self._decode_entries(entries, flat.shape[0])
         return (recon / self.output_scale[:, None]).reshape(*lead, self.n_layers, self.cfg.out_dim)
 
-    def _sparse_writes(self, layer: int, acts: torch.Tensor) -> torch.Tensor:
-        """[n, (L - layer) * d]: what layer `layer`'s features (dense [n, F], mostly zero) write, by their
-        nonzero entries only (a dense product would cost L/2 times an SAE's decoder per layer)."""
-        rows, cols = acts.nonzero(as_tuple=True)
-        return sparse_decode_flat(rows, cols, acts[rows, cols], self.W_dec[layer].flatten(1), acts.shape[0])
+    def _sparse_writes(self, layer: int, entries, batch: int) -> torch.Tensor:
+        """[batch, (L - layer) * d]: what layer `layer`'s active (rows, cols, values) entries write, by
+        those entries only (a dense product would cost L/2 times an SAE's decoder per layer)."""
+        return sparse_decode_flat(*entries, self.W_dec[layer].flatten(1), batch)
+
+    def layer_preacts(self, index: int, x: torch.Tensor) -> torch.Tensor:
+        """[..., F]: the pre-activations of the `index`-th layer's features for its raw input [..., d_in]."""
+        return (x.to(self.W_enc.dtype) * self.input_scale[index]) @ self.W_enc[index] + self.b_enc[index]
 
     def layer_latents(self, index: int, x: torch.Tensor) -> torch.Tensor:
         """[..., F]: the latents of the `index`-th layer's features for its raw input [..., d_in]."""
-        pre = (x.to(self.W_enc.dtype) * self.input_scale[index]) @ self.W_enc[index] + self.b_enc[index]
+        pre = self.layer_preacts(index, x)
         return pre * (pre > self.threshold[index]).to(pre.dtype)
 
     def layer_writes(self, index: int, latents: torch.Tensor) -> torch.Tensor:
         """[..., L - index, d_out]: what the `index`-th layer's latents add to that layer's output and each later one's (raw)."""
         lead = latents.shape[:-1]
-        written = self._sparse_writes(index, latents.reshape(-1, self.width))
+        flat = latents.reshape(-1, self.width)
+        written = self._sparse_writes(index, _nonzero_entries(flat), flat.shape[0])
         written = written.reshape(*lead, self.n_layers - index, self.cfg.out_dim)
         return written / self.output_scale[index:, None]
 
@@ -217,8 +222,7 @@ class CrossLayerTranscoder(Dictionary):
     def _decode_entries(self, entries, batch: int) -> torch.Tensor:
         """Normalised reconstruction [batch, L, d] from each layer's (rows, cols, values) active entries."""
         written = [
-            sparse_decode_flat(rows, cols, values, self.W_dec[layer].flatten(1), batch)
-            for layer, (rows, cols, values) in enumerate(entries)
+            self._sparse_writes(layer, layer_entries, batch) for layer, layer_entries in enumerate(entries)
         ]
         return _ShiftedSum.apply(self.cfg.out_dim, *written) + self.b_dec
 
@@ -337,8 +341,7 @@ class TanhCLT(CrossLayerTranscoder):
         norms = self.decoder_norms().view(self.n_layers, self.width)
         c = self.cfg.options["tanh_scale"]
         sparsity = torch.tanh(c * acts * norms).sum((1, 2)).mean()
-        threshold = self.log_threshold.exp()
-        preact = (F.relu(threshold - pre) * norms).sum((1, 2)).mean()
+        preact = (F.relu(self.threshold - pre) * norms).sum((1, 2)).mean()
         loss = (
             unexplained
             + l1_weight(self.cfg, ctx) * sparsity

@@ -103,10 +103,6 @@ class Crosscoder(Dictionary):
                 f"{tuple(x.shape)}. Stack the members' activations on the second-to-last dimension."
             )
 
-    def training_inputs(self, batch):
-        x = torch.stack([batch[hook] for hook in self.cfg.input_hooks], dim=1)
-        return x, x
-
     # ---- inference on raw activations --------------------------------------------------------
     def encoder_input(self, x):
         return x * self.input_scale[:, None]
