@@ -93,7 +93,10 @@ def neuronpedia_record(page: FeaturePage, model_id: str, layer: str) -> dict:
         "topkCosSimValues": [n.cosine for n in f.neighbours],
         "explanations": [_neuronpedia_explanation(e) for e in f.explanations],
         "activations": [_activation_record(w) for w in page.examples],
-    }
+        # saelab's extra (a key Neuronpedia ignores): a crosscoder latent's member models and diff
+        **({"saelab_crosscoder": {"members": [m.api() for m in f.members], "diff": f.diff and f.diff.api()}}
+           if f.members else {}),
+    }  # fmt: skip
 
 
 def _page(store: FeatureStore, context: DisplayContext, idx: int) -> FeaturePage:

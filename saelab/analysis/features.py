@@ -33,6 +33,12 @@ number of active entries, not with tokens x d_sae. What is computed, and how:
 * Geometry (no data): logit effects (decoder row * final-norm weight @ W_U^T, normalisation scale
   ignored), top/bottom tokens and a histogram over the vocabulary; nearest latents by decoder
   cosine similarity. Both in chunks of latents.
+* Crosscoders: `lm` holds the member models (`lm.lms`, as `saelab.diffing.paired.PairedModels` does;
+  a plain model for a crosscoder across its own layers). Each latent also gets, per member m, its
+  decoder norm ||d_i^m|| (normalised space) and the logit effects of d_i^m through model m's own final
+  norm and unembedding; the main logit columns are those of the member it writes most into. A
+  two-member crosscoder's latents are tagged from Δnorm with their decoder cosine (the figures of
+  `saelab.diffing.diff_latents` without data), or from `latent_diff` rows (`saelab diff`'s, with ν).
 * Resume: every `checkpoint_every_batches` batches the whole accumulator state, generator included,
   is saved atomically beside the database (``<db>.state.pt``) and the store's progress row updated;
   ``resume=True`` skips the contexts already seen, so the final database is identical to an
@@ -62,7 +68,8 @@ from saelab.core.data import DataConfig
 from saelab.core.fileio import atomic_torch_save
 from saelab.core.models import HookedLM
 from saelab.dictionaries import Dictionary
-from saelab.errors import DimensionMismatchError, RunFolderError
+from saelab.dictionaries.families.crosscoder import Crosscoder, relative_decoder_norm, tag_latents
+from saelab.errors import DimensionMismatchError, ModelNotFoundError, RunFolderError
 
 HIST_EDGES = torch.logspace(-6, 6, 241, dtype=torch.float64)
 N_HIST = len(HIST_EDGES) + 1  # underflow + 240 bins + overflow
@@ -523,13 +530,83 @@ def decoder_neighbours(W_dec: Tensor, n: int, chunk: int):
             yield [[o, v] for o, v in zip(o_row, v_row, strict=True)]
 
 
-def _feature_rows(state: dict, dictionary: Dictionary, lm: HookedLM, cfg: AnalysisConfig, edges: Tensor):
+def member_models(lm, dictionary: Crosscoder) -> list[HookedLM]:
+    """The model each member of a crosscoder writes into, for its logit lens: the paired models (`lm.lms`,
+    duck-typed so that analysis needs nothing of saelab.diffing), or `lm` itself for every member of a
+    crosscoder across one model's layers."""
+    n = dictionary.n_members
+    lms = getattr(lm, "lms", None)
+    hooks = dictionary.cfg.input_hooks
+    if lms is None and any(h.startswith("model") and "/" in h for h in hooks):
+        raise ModelNotFoundError(
+            f"this crosscoder reads {n} models ({', '.join(hooks)}) but one model was given. Analyse it over "
+            "its member models: analyze(PairedModels([lm_a, lm_b]), ...) (saelab.diffing.paired), or "
+            "`saelab analyze CROSSCODER`, which loads its member_models (or --model once per member)."
+        )
+    if lms is None:
+        return [lm] * n
+    if len(lms) != n:
+        raise ModelNotFoundError(
+            f"the crosscoder has {n} members ({', '.join(dictionary.members)}) but {len(lms)} models were "
+            f"given. Pass one model per member, in member order."
+        )
+    return list(lms)
+
+
+def _latent_diff(dictionary: Crosscoder, rows) -> list[dict] | None:
+    """Per latent: tag, Δnorm and decoder cosine from the decoders (two members only), updated by `rows`
+    (LatentDiff.rows() or diff.json's "latents": they add ν^ε, ν^r and firing counts)."""
+    if dictionary.n_members != 2:
+        return None
+    decoders = dictionary.normalized_decoders().detach().double().cpu()  # as diff_latents computes them
+    norm_a, norm_b = decoders[:, 0].norm(dim=-1), decoders[:, 1].norm(dim=-1)
+    delta = relative_decoder_norm(norm_a, norm_b)
+    cosine = F.cosine_similarity(decoders[:, 0], decoders[:, 1], dim=-1, eps=1e-12)
+    out = [
+        {"tag": tag, "delta_norm": d, "cosine": c, "nu_eps": None, "nu_r": None, "fired": None}
+        for tag, d, c in zip(tag_latents(delta), delta.float().tolist(), cosine.float().tolist(), strict=True)
+    ]
+    rows = list(rows.rows() if hasattr(rows, "rows") else rows or [])
+    if rows and len(rows) != len(out):
+        raise DimensionMismatchError(
+            f"the latent diff has {len(rows)} rows but the crosscoder has {len(out)} latents: it is another "
+            "crosscoder's. Re-run saelab diff on this crosscoder, or leave the diff out."
+        )
+    for i, row in enumerate(rows):
+        out[i].update({k: row[k] for k in out[i] if row.get(k) is not None})
+    return out
+
+
+def _crosscoder_geometry(lm, dictionary: Crosscoder, cfg: AnalysisConfig, latent_diff):
+    """Per latent: the main logit columns (its strongest member's), `members` and `diff` (see the module doc)."""
+    lms = member_models(lm, dictionary)
+    norms = dictionary.member_decoder_norms().detach().float().cpu()
+    effects = [
+        logit_effects(lms[m], dictionary.decoder(m).detach(), cfg) for m in range(dictionary.n_members)
+    ]
+    diffs = _latent_diff(dictionary, latent_diff)
+    for i, (row, per_member) in enumerate(zip(norms.tolist(), zip(*effects, strict=True), strict=True)):
+        home = max(range(len(row)), key=row.__getitem__)
+        yield {
+            **per_member[home],
+            "members": [{"decoder_norm": n, **e} for n, e in zip(row, per_member, strict=True)],
+            "diff": diffs[i] if diffs else None,
+        }
+
+
+def _feature_rows(
+    state: dict, dictionary: Dictionary, lm: HookedLM, cfg: AnalysisConfig, edges: Tensor, latent_diff=None
+):
     n_active = state["n_active"]
     density = n_active.double() / max(state["tokens"], 1)
     mean = state["sum_act"] / n_active.clamp(min=1)
     stats = zip(density.tolist(), mean.tolist(), state["max_act"].tolist(), n_active.tolist(), strict=True)
+    if isinstance(dictionary, Crosscoder):
+        logits = _crosscoder_geometry(lm, dictionary, cfg, latent_diff)
+    else:
+        logits = logit_effects(lm, dictionary.residual_directions(), cfg)
     geometry = zip(
-        logit_effects(lm, dictionary.residual_directions(), cfg),
+        logits,
         decoder_neighbours(dictionary.residual_directions(), cfg.neighbours, cfg.geometry_chunk),
         strict=True,
     )
@@ -559,18 +636,27 @@ def state_path_for(store_path: str | Path) -> Path:
 def _run_meta(
     lm: HookedLM, dictionary: Dictionary, data: DataConfig, cfg: AnalysisConfig, extra: dict | None
 ) -> dict:
+    crosscoder = {}
+    if isinstance(dictionary, Crosscoder):
+        lms = member_models(lm, dictionary)
+        crosscoder = {
+            "members": getattr(lm, "names", None) or dictionary.members,
+            "member_models": [{"name": m.name, "hf_id": m.hf_id} for m in lms],
+        }
     return {
         "dictionary": dictionary.cfg.to_dict(),
-        "model": {"name": lm.name, "hf_id": lm.hf_id},
+        "model": {"name": lm.name, "hf_id": getattr(lm, "hf_id", None)},  # paired models have no hub id
         "hook_name": dictionary.cfg.hook_name,
         "data": data.to_dict(),
         "config": cfg.to_dict(),
         "hist_edges": HIST_EDGES.tolist(),
+        **crosscoder,
         **(extra or {}),
     }
 
 
 def _vocab(lm: HookedLM) -> list[str]:
+    lm = getattr(lm, "lms", [lm])[0]  # paired models share one tokenizer; the first one's unembedding
     n = lm.unembed.shape[0]
     known = min(n, len(lm.tokenizer))
     return lm.tokenizer.batch_decode([[i] for i in range(known)]) + [""] * (n - known)
@@ -622,13 +708,19 @@ def analyze(
     stop_after_batches: int | None = None,
     resume: bool = False,
     extra_meta: dict | None = None,
+    latent_diff=None,
 ) -> dict:
     """Stream the data once and write every latent's dashboard data into the store at `store_path`.
+
+    A crosscoder is analysed over its member models (`lm.lms`: `saelab.diffing.paired.PairedModels`);
+    `latent_diff` (`saelab diff`'s rows) adds Latent Scaling's ν to its latents' tags.
 
     Returns {"complete", "batches", "contexts", "tokens"}. With `stop_after_batches` it stops after
     that many batches of this call, checkpointed, so that `resume=True` continues the same pass.
     """
     cfg = cfg or AnalysisConfig()
+    if isinstance(dictionary, Crosscoder):
+        member_models(lm, dictionary)  # refuse a missing member model before any data is read
     _check_width(lm, dictionary)
     dictionary = dictionary.to(lm.device).eval()
     hooks, d = dictionary.cfg.input_hooks, dictionary.cfg.d_sae
@@ -678,7 +770,7 @@ def analyze(
             return {"complete": False, **summary}
         edges = quantile_edges(state["hist"], state["max_act"], cfg.n_quantiles)
         store.write_results(
-            _feature_rows(state, dictionary, lm, cfg, edges),
+            _feature_rows(state, dictionary, lm, cfg, edges, latent_diff),
             _example_rows(state, cfg, edges),
             _top_partners(state, cfg.coactivation_top, cfg.geometry_chunk),
             summary,

@@ -31,6 +31,16 @@ a newer version is refused):
   prompt on a run's Pareto front of activation against cross-entropy; ``run_key`` names the run's
   settings (a rerun with the same key replaces its rows), ``source_json`` holds the run's config,
   target, seed and timing. Kept when an analysis is re-written. (Added in schema 3.)
+* ``members(feature, member, decoder_norm, logits_pos_json, logits_neg_json, logit_hist_json)``: a
+  crosscoder's latents, one row per latent and member (model): ||d_i^m|| in the normalised space the
+  crosscoder was trained in (what tags a latent; an example's activation times it is what the latent
+  writes into that member), and the logit effects of d_i^m through that member's own unembedding.
+  ``meta.members`` names the members. (Added in schema 4; empty for other dictionaries.)
+* ``latent_diff(feature PRIMARY KEY, tag, delta_norm, cosine, nu_eps, nu_r, fired)``: model diffing of
+  a two-member crosscoder (saelab.diffing): tag shared / a_only / b_only / other from Δnorm, the
+  decoder cosine, and Latent Scaling's ν when known (NULL otherwise). Written by the analysis from the
+  decoders and by `set_latent_diff` (``saelab diff``); ``meta.latent_diff`` records its source.
+  Indexed on tag and on delta_norm. (Added in schema 4.)
 * ``progress(id = 0, status, batches, contexts, tokens, state_file)``: 'running' while an
   analysis is under way (its accumulator state lives in ``state_file``), 'complete' after.
 
@@ -53,8 +63,8 @@ from pathlib import Path
 from saelab.errors import FeatureStoreError
 
 FORMAT = "saelab-feature-store"
-SCHEMA_VERSION = 3
-SORT_KEYS = ("density", "max_act", "mean_act", "n_active", "idx", "score")
+SCHEMA_VERSION = 4
+SORT_KEYS = ("density", "max_act", "mean_act", "n_active", "idx", "score", "delta_norm")
 KINDS = ("human", "auto", "self")
 DETECTION = "detection"  # the scorer that ranks explanations ("best") and sorts the feature list
 
@@ -109,7 +119,21 @@ CREATE TABLE IF NOT EXISTS dreams (
 );
 CREATE INDEX IF NOT EXISTS dreams_feature ON dreams (feature, run_key);
 """
-_SCHEMA += _V2_TABLES + _V3_TABLES
+# What schema 4 added to version 3: crosscoder latents' members and model-diffing tags.
+_V4_TABLES = """
+CREATE TABLE IF NOT EXISTS members (
+    feature INTEGER NOT NULL, member INTEGER NOT NULL, decoder_norm REAL NOT NULL, logits_pos_json TEXT,
+    logits_neg_json TEXT, logit_hist_json TEXT, PRIMARY KEY (feature, member)
+);
+CREATE TABLE IF NOT EXISTS latent_diff (
+    feature INTEGER PRIMARY KEY, tag TEXT NOT NULL, delta_norm REAL NOT NULL, cosine REAL, nu_eps REAL,
+    nu_r REAL, fired INTEGER
+);
+CREATE INDEX IF NOT EXISTS latent_diff_tag ON latent_diff (tag, feature);
+CREATE INDEX IF NOT EXISTS latent_diff_delta_norm ON latent_diff (delta_norm, feature);
+"""
+_SCHEMA += _V2_TABLES + _V3_TABLES + _V4_TABLES
+_DIFF_FIELDS = ("tag", "delta_norm", "cosine", "nu_eps", "nu_r", "fired")
 
 # The best explanation first: highest detection score, then human before others, then newest.
 _BEST_ORDER = "s.score IS NULL, s.score DESC, e.kind = 'human' DESC, e.created DESC, e.id DESC"
@@ -202,9 +226,19 @@ def _migrate_2_to_3(db: sqlite3.Connection) -> None:
     _set_version(db, 3)
 
 
+def _migrate_3_to_4(db: sqlite3.Connection) -> None:
+    """Schema 3 -> 4 inside the caller's transaction: the crosscoder tables (nothing else changes)."""
+    _run_script(db, _V4_TABLES)
+    _set_version(db, 4)
+
+
 # version -> the step to the next one; an old file runs every step from its version, in one transaction.
-_MIGRATIONS = {1: _migrate_1_to_2, 2: _migrate_2_to_3}
-_WHAT_CHANGES = {1: "its explanations become 'human' ones", 2: "a table for dreamed prompts is added"}
+_MIGRATIONS = {1: _migrate_1_to_2, 2: _migrate_2_to_3, 3: _migrate_3_to_4}
+_WHAT_CHANGES = {
+    1: "its explanations become 'human' ones",
+    2: "a table for dreamed prompts is added",
+    3: "tables for crosscoder members and model-diffing tags are added",
+}
 
 
 def _finite(name: str, value, optional: bool = False) -> float | None:
@@ -214,6 +248,28 @@ def _finite(name: str, value, optional: bool = False) -> float | None:
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
         raise FeatureStoreError(f"{name} must be a finite number, got {value!r}")
     return float(value)
+
+
+def _member_values(member: dict) -> tuple:
+    """One member of a latent as a `members` row's values after (feature, member)."""
+    return (
+        _finite("decoder_norm", member.get("decoder_norm")),
+        *(None if member.get(k) is None else json.dumps(member[k]) for k in ("logits_pos", "logits_neg", "logit_hist")),
+    )  # fmt: skip
+
+
+def _diff_values(latent, diff: dict) -> tuple:
+    """A latent's model-diffing figures as a `latent_diff` row; NaN or None ν (no data) become NULL."""
+    tag = diff.get("tag")
+    if not isinstance(tag, str) or not tag:
+        raise FeatureStoreError(f"latent {latent}: tag must be a non-empty string, got {tag!r}")
+    optional = []
+    for name in ("cosine", "nu_eps", "nu_r"):
+        v = diff.get(name)
+        optional.append(None if v is None or (isinstance(v, float) and math.isnan(v)) else _finite(name, v))
+    fired = diff.get("fired")
+    return (latent, tag, _finite("delta_norm", diff.get("delta_norm")), *optional,
+            None if fired is None else int(fired))  # fmt: skip
 
 
 def _json_text(name: str, value) -> str:
@@ -330,7 +386,7 @@ class FeatureStore:
             if vocab is not None:
                 db.execute("DELETE FROM vocab")
                 db.executemany("INSERT INTO vocab VALUES (?, ?)", enumerate(vocab))
-            for table in ("features", "examples", "coactivation", "progress"):
+            for table in ("features", "examples", "coactivation", "members", "latent_diff", "progress"):
                 db.execute(f"DELETE FROM {table}")
             db.execute("INSERT INTO progress VALUES (0, 'running', 0, 0, 0, NULL)")
 
@@ -359,17 +415,32 @@ class FeatureStore:
         progress: dict,
         meta: dict | None = None,
     ) -> None:
-        """Replace all results and mark the analysis complete, in one transaction."""
+        """Replace all results and mark the analysis complete, in one transaction.
+
+        A crosscoder's feature rows also carry ``members`` (per member: decoder_norm, logits_pos,
+        logits_neg, logit_hist) and ``diff`` (tag, delta_norm, cosine, nu_eps, nu_r, fired, or None)."""
+        members: list[tuple] = []
+        diffs: list[tuple] = []
+
+        def feature_rows():  # members and diff rows are set aside as the features stream past
+            for row in features:
+                for m, member in enumerate(row.get("members") or ()):
+                    members.append((row["idx"], m, *_member_values(member)))
+                if row.get("diff"):
+                    diffs.append(_diff_values(row["idx"], row["diff"]))
+                yield _encoded(row, _FEATURE_COLUMNS)
+
         with self.transaction() as db:
             if meta:
                 self._write_meta(db, meta)
-            for table in ("features", "examples", "coactivation"):
+            for table in ("features", "examples", "coactivation", "members", "latent_diff"):
                 db.execute(f"DELETE FROM {table}")
             marks = ", ".join("?" * len(_FEATURE_COLUMNS))
             db.executemany(
-                f"INSERT INTO features ({', '.join(_FEATURE_COLUMNS)}) VALUES ({marks})",
-                (_encoded(row, _FEATURE_COLUMNS) for row in features),
+                f"INSERT INTO features ({', '.join(_FEATURE_COLUMNS)}) VALUES ({marks})", feature_rows()
             )
+            db.executemany("INSERT INTO members VALUES (?, ?, ?, ?, ?, ?)", members)
+            db.executemany("INSERT INTO latent_diff VALUES (?, ?, ?, ?, ?, ?, ?)", diffs)
             marks = ", ".join("?" * len(_EXAMPLE_COLUMNS))
             db.executemany(
                 f"INSERT INTO examples ({', '.join(_EXAMPLE_COLUMNS)}) VALUES ({marks})",
@@ -380,6 +451,30 @@ class FeatureStore:
                 "INSERT OR REPLACE INTO progress VALUES (0, 'complete', ?, ?, ?, NULL)",
                 (progress["batches"], progress["contexts"], progress["tokens"]),
             )
+
+    def set_latent_diff(self, rows: Iterable[dict], source: dict | None = None) -> int:
+        """Replace the model-diffing figures (``saelab diff``'s rows: latent, tag, delta_norm, cosine,
+        nu_eps, nu_r, fired) in one transaction; returns how many latents were written. Refused unless
+        every row names a stored latent, so figures of another crosscoder cannot land here."""
+        values = [_diff_values(r.get("latent"), r) for r in rows]
+        with self.transaction() as db:
+            n = db.execute("SELECT COUNT(*) FROM features").fetchone()[0]
+            bad = [v[0] for v in values if not (isinstance(v[0], int) and 0 <= v[0] < n)]
+            if bad or (values and len(values) != n):
+                raise FeatureStoreError(
+                    f"the diff rows do not match {self.path}: it holds {n} latents, the rows name {len(values)}"
+                    + (f" (unknown latents {bad[:5]})" if bad else "")
+                    + ". Write the diff of the crosscoder this store was analysed from, or re-run saelab analyze."
+                )
+            db.execute("DELETE FROM latent_diff")
+            db.executemany("INSERT INTO latent_diff VALUES (?, ?, ?, ?, ?, ?, ?)", values)
+            self._write_meta(db, {"latent_diff": source or {}})
+        return len(values)
+
+    def latent_diff_counts(self) -> dict[str, int]:
+        """Latents per tag (empty for a store without model-diffing figures)."""
+        rows = self._db.execute("SELECT tag, COUNT(*) FROM latent_diff GROUP BY tag ORDER BY tag")
+        return {r[0]: r[1] for r in rows}
 
     def _require_feature(self, db: sqlite3.Connection, idx) -> int:
         if isinstance(idx, bool) or not isinstance(idx, numbers.Integral) or not -(2**63) <= idx < 2**63:
@@ -535,7 +630,8 @@ class FeatureStore:
 
         ``explanation`` is its newest human label, else its best explanation's text (what v1 called
         the explanation); ``explanations`` all of them, best first, each with its scores; ``dreams`` its
-        dreamed prompts (see `dreams`)."""
+        dreamed prompts (see `dreams`); ``members`` a crosscoder latent's rows per member (else []) and
+        ``diff`` its model-diffing figures (else None)."""
         row = self._db.execute("SELECT * FROM features WHERE idx = ?", (idx,)).fetchone()
         if row is None:
             return None
@@ -543,6 +639,11 @@ class FeatureStore:
         out["explanations"] = self.explanations(idx)
         out["explanation"] = self._label(out["explanations"])
         out["dreams"] = self.dreams(idx)
+        out["members"] = self.members(idx)
+        diff = self._db.execute(
+            f"SELECT {', '.join(_DIFF_FIELDS)} FROM latent_diff WHERE feature = ?", (idx,)
+        ).fetchone()
+        out["diff"] = None if diff is None else dict(diff)
         out["coactivation"] = [
             {"other": r["other"], "count": r["count"]}
             for r in self._db.execute(
@@ -550,6 +651,16 @@ class FeatureStore:
             )
         ]
         return out
+
+    def members(self, idx: int) -> list[dict]:
+        """A crosscoder latent's rows per member model: {member, decoder_norm, logits_pos, logits_neg,
+        logit_hist}, by member; [] for other dictionaries."""
+        rows = self._db.execute(
+            "SELECT member, decoder_norm, logits_pos_json, logits_neg_json, logit_hist_json FROM members "
+            "WHERE feature = ? ORDER BY member",
+            (idx,),
+        )
+        return [_decode_row(r) for r in rows]
 
     @staticmethod
     def _label(explanations: list[dict]) -> str | None:
@@ -608,8 +719,11 @@ class FeatureStore:
         return [_decode_row(r) for r in rows]
 
     @staticmethod
-    def _filters(min_density, max_density, include_dead, min_score=None) -> tuple[str, list]:
+    def _filters(min_density, max_density, include_dead, min_score=None, tag=None) -> tuple[str, list]:
         clauses, params = [], []
+        if tag is not None:
+            clauses.append("idx IN (SELECT feature FROM latent_diff WHERE tag = ?)")
+            params.append(tag)
         if not include_dead:
             clauses.append("n_active > 0")
         if min_density is not None:
@@ -625,10 +739,12 @@ class FeatureStore:
 
     # Each latent's best detection score, for sorting and filtering in SQL: one pass over the detection
     # rows of `scores` (its scores_scorer index), joined to the latents (used only when a query needs it).
+    # A crosscoder's Δnorm comes along (from latent_diff) for sorting by it.
     _SCORED = (
-        "(SELECT f.idx, f.density, f.mean_act, f.max_act, f.n_active, b.score FROM features f LEFT JOIN "
-        "(SELECT e.feature, MAX(s.score) AS score FROM scores s JOIN explanations e ON e.id = s.explanation_id "
-        f"WHERE s.scorer = '{DETECTION}' GROUP BY e.feature) b ON b.feature = f.idx)"
+        "(SELECT f.idx, f.density, f.mean_act, f.max_act, f.n_active, b.score, d.delta_norm FROM features f "
+        "LEFT JOIN (SELECT e.feature, MAX(s.score) AS score FROM scores s JOIN explanations e ON "
+        f"e.id = s.explanation_id WHERE s.scorer = '{DETECTION}' GROUP BY e.feature) b ON b.feature = f.idx "
+        "LEFT JOIN latent_diff d ON d.feature = f.idx)"
     )
 
     def list_features(
@@ -641,22 +757,24 @@ class FeatureStore:
         max_density: float | None = None,
         include_dead: bool = True,
         min_score: float | None = None,
+        tag: str | None = None,
     ) -> list[dict]:
         """One page of latents sorted in SQL: statistics, ``explanation`` (as in `feature`), ``score`` (the
         best detection score, or None), ``best`` (the best explanation with its scores, or None) and
         ``top_tokens`` (the strongest top example's window of token ids, or None).
 
         sort="score" puts latents without a detection score last in either order; `min_score` keeps only
-        latents whose best detection score is at least that."""
+        latents whose best detection score is at least that. A crosscoder's latents also carry ``tag`` and
+        ``delta_norm`` (None elsewhere); `tag` keeps one tag, sort="delta_norm" puts untagged ones last."""
         if sort not in SORT_KEYS:
             raise ValueError(f"sort must be one of {', '.join(SORT_KEYS)}, got {sort!r}")
-        where, params = self._filters(min_density, max_density, include_dead, min_score)
+        where, params = self._filters(min_density, max_density, include_dead, min_score, tag)
         order = "DESC" if descending else "ASC"
-        if sort == "score":
-            by = f"score IS NULL, score {order}, idx ASC"
+        if sort in ("score", "delta_norm"):
+            by = f"{sort} IS NULL, {sort} {order}, idx ASC"
         else:
             by = f"{sort} {order}" + ("" if sort == "idx" else ", idx ASC")
-        source = self._SCORED if sort == "score" or min_score is not None else "features"
+        source = self._SCORED if sort in ("score", "delta_norm") or min_score is not None else "features"
         rows = [
             dict(r)
             for r in self._db.execute(
@@ -668,6 +786,7 @@ class FeatureStore:
         idxs = [r["idx"] for r in rows]
         explained = {}
         top = {}
+        diffs = {}
         for chunk in range(0, len(idxs), 500):
             part = idxs[chunk : chunk + 500]
             marks = ", ".join("?" * len(part))
@@ -678,13 +797,19 @@ class FeatureStore:
                 part,
             ):
                 top[r["feature"]] = json.loads(r["tokens_json"])
+            for r in self._db.execute(
+                f"SELECT feature, tag, delta_norm FROM latent_diff WHERE feature IN ({marks})", part
+            ):
+                diffs[r["feature"]] = (r["tag"], r["delta_norm"])
         out = []
         for r in rows:
             found = explained.get(r["idx"], [])  # best first
             best = found[0] if found else None
             detection = best["scores"].get(DETECTION) if best else None
             out.append({**r, "explanation": self._label(found), "score": detection["score"] if detection else None,
-                        "best": best, "top_tokens": top.get(r["idx"])})  # fmt: skip
+                        "best": best, "top_tokens": top.get(r["idx"]),
+                        "tag": diffs.get(r["idx"], (None, None))[0],
+                        "delta_norm": diffs.get(r["idx"], (None, None))[1]})  # fmt: skip
         return out
 
     def count_features(
@@ -693,8 +818,9 @@ class FeatureStore:
         max_density: float | None = None,
         include_dead: bool = True,
         min_score: float | None = None,
+        tag: str | None = None,
     ) -> int:
-        where, params = self._filters(min_density, max_density, include_dead, min_score)
+        where, params = self._filters(min_density, max_density, include_dead, min_score, tag)
         source = self._SCORED if min_score is not None else "features"
         return self._db.execute(f"SELECT COUNT(*) FROM {source}{where}", params).fetchone()[0]
 
@@ -738,7 +864,7 @@ class FeatureStore:
         """Every table's rows in a fixed order: for comparing two stores row by row."""
         order = {
             "examples": "feature, kind, quantile, rank", "coactivation": "feature, other",
-            "scores": "explanation_id, scorer", "dreams": "feature, id",
+            "scores": "explanation_id, scorer", "dreams": "feature, id", "members": "feature, member",
         }  # fmt: skip
         tables = (
             "meta",
@@ -749,6 +875,8 @@ class FeatureStore:
             "explanations",
             "scores",
             "dreams",
+            "members",
+            "latent_diff",
             "progress",
         )
         return {

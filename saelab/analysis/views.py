@@ -143,9 +143,30 @@ class WindowToken:
         return {"id": self.id, "text": self.text, "value": self.value}
 
 
+def member_label(name: str) -> str:
+    """A member model's short name for tables: the last part of its path or hub id."""
+    return name.rstrip("/").rsplit("/", 1)[-1] or name
+
+
+@dataclass(frozen=True)
+class MemberValue:
+    """What a crosscoder latent writes into one member model on an example: activation x ||d_i^m||."""
+
+    member: str
+    value: float
+
+    @property
+    def label(self) -> str:
+        return member_label(self.member)
+
+    def api(self) -> dict:
+        return {"member": self.member, "label": self.label, "value": self.value}
+
+
 @dataclass(frozen=True)
 class ExampleWindow:
-    """One stored example without its padding; `center` indexes the activating token in `tokens`."""
+    """One stored example without its padding; `center` indexes the activating token in `tokens`;
+    `members` (crosscoders only) the activation as written into each member model."""
 
     rank: int
     quantile: int | None
@@ -154,6 +175,7 @@ class ExampleWindow:
     position: int
     center: int | None
     tokens: list[WindowToken]
+    members: list[MemberValue] = field(default_factory=list)
 
     @property
     def peak(self) -> int:
@@ -174,6 +196,7 @@ class ExampleWindow:
         return {
             "rank": self.rank, "quantile": self.quantile, "value": self.value, "context_id": self.context_id,
             "position": self.position, "center": self.center, "tokens": [t.api() for t in self.tokens],
+            **({"members": [m.api() for m in self.members]} if self.members else {}),  # crosscoders only
         }  # fmt: skip
 
 
@@ -268,6 +291,48 @@ class Dream:
 
 
 @dataclass(frozen=True)
+class Member:
+    """One member model of a crosscoder latent: its decoder norm ||d_i^m|| (normalised space), its share of
+    the latent's norms, and the logit effects of d_i^m through that model's unembedding."""
+
+    index: int
+    name: str
+    decoder_norm: float
+    share: float
+    logits_pos: list[LogitEntry]
+    logits_neg: list[LogitEntry]
+
+    @property
+    def label(self) -> str:
+        return member_label(self.name)
+
+    def api(self) -> dict:
+        return {
+            "index": self.index, "name": self.name, "label": self.label, "decoder_norm": self.decoder_norm,
+            "share": self.share,
+            "logits_pos": [e.api() for e in self.logits_pos], "logits_neg": [e.api() for e in self.logits_neg],
+        }  # fmt: skip
+
+
+@dataclass(frozen=True)
+class LatentDiffView:
+    """A crosscoder latent's model-diffing figures (saelab.diffing): tag, Δnorm, decoder cosine, and
+    Latent Scaling's ν^ε and ν^r when `saelab diff` ran with data (else None)."""
+
+    tag: str
+    delta_norm: float
+    cosine: float | None
+    nu_eps: float | None
+    nu_r: float | None
+
+    def api(self) -> dict:
+        return {
+            "tag": self.tag, "delta_norm": self.delta_norm, "cosine": self.cosine, "nu_eps": self.nu_eps,
+            "nu_r": self.nu_r,
+        }  # fmt: skip
+
+
+@dataclass(frozen=True)
 class FeatureSummary:
     """One row of the feature list: statistics, the label, the best explanation with its detection score
     and controls, and a one-line preview of the strongest top example."""
@@ -280,6 +345,8 @@ class FeatureSummary:
     explanation: str | None
     best: Explanation | None
     preview: str
+    tag: str | None = None  # crosscoders: the model-diffing tag and Δnorm
+    delta_norm: float | None = None
 
     def api(self) -> dict:
         best = self.best
@@ -293,6 +360,7 @@ class FeatureSummary:
                 "detection": detection.api() if detection else None,
             },
             "preview": self.preview,
+            **({"tag": self.tag, "delta_norm": self.delta_norm} if self.tag is not None else {}),  # crosscoders
         }  # fmt: skip
 
 
@@ -316,6 +384,8 @@ class FeatureView:
     coactivation: list[CoFiring]
     explanations: list[Explanation] = field(default_factory=list)  # best first
     dreams: list[Dream] = field(default_factory=list)  # newest run first, each by cross-entropy
+    members: list[Member] = field(default_factory=list)  # a crosscoder latent's member models
+    diff: LatentDiffView | None = None
 
     @property
     def dead(self) -> bool:
@@ -347,6 +417,9 @@ class FeatureView:
             "coactivation": [{"idx": c.idx, "count": c.count} for c in self.coactivation],
             "explanations": [e.api() for e in self.explanations],
             "dreams": [d.api() for d in self.dreams],
+            # A crosscoder latent's member models and diffing figures (other dictionaries: absent).
+            **({"members": [m.api() for m in self.members]} if self.members else {}),
+            **({"diff": self.diff.api()} if self.diff is not None else {}),
         }
 
 
@@ -371,6 +444,7 @@ class DisplayContext:
     vocab: list[str]
     hist_edges: list[float]
     window_left: int
+    members: list[str] = field(default_factory=list)  # a crosscoder's member models, by member index
 
     @classmethod
     def of(cls, store: FeatureStore, vocab: list[str] | None = None) -> DisplayContext:
@@ -379,7 +453,22 @@ class DisplayContext:
             vocab if vocab is not None else store.vocab(),
             meta.get("hist_edges") or [],
             int((meta.get("config") or {}).get("window_left", 0)),
+            [str(m) for m in meta.get("members") or []],
         )
+
+    def member_name(self, index: int) -> str:
+        return self.members[index] if 0 <= index < len(self.members) else f"member {index}"
+
+    def member_views(self, rows: list[dict] | None) -> list[Member]:
+        """A `FeatureStore.feature` row's ``members`` as views, each with its share of the decoder norms."""
+        rows = rows or []
+        total = sum(r["decoder_norm"] for r in rows)
+        return [
+            Member(r["member"], self.member_name(r["member"]), r["decoder_norm"],
+                   r["decoder_norm"] / total if total > 0 else 0.0,
+                   self.logit_table(r.get("logits_pos")), self.logit_table(r.get("logits_neg")))
+            for r in rows
+        ]  # fmt: skip
 
     def token_text(self, token_id: int) -> str:
         return token_text(self.vocab, token_id)
@@ -405,7 +494,12 @@ class DisplayContext:
             coactivation=[CoFiring(c["other"], c["count"]) for c in row.get("coactivation") or []],
             explanations=[Explanation.of(e) for e in row.get("explanations") or []],
             dreams=[self.dream(d, row["max_act"]) for d in row.get("dreams") or []],
-        )
+            members=self.member_views(row.get("members")),
+            diff=None if not row.get("diff") else LatentDiffView(
+                row["diff"]["tag"], row["diff"]["delta_norm"], row["diff"].get("cosine"),
+                row["diff"].get("nu_eps"), row["diff"].get("nu_r"),
+            ),
+        )  # fmt: skip
 
     def dream(self, row: dict, max_act: float) -> Dream:
         """A `FeatureStore.dreams` row as a view, its activation against the latent's dataset maximum."""
@@ -425,10 +519,13 @@ class DisplayContext:
             explanation=row.get("explanation"),
             best=None if row.get("best") is None else Explanation.of(row["best"]),
             preview=preview_text(self.vocab, row.get("top_tokens")),
+            tag=row.get("tag"),
+            delta_norm=row.get("delta_norm"),
         )
 
-    def window(self, row: dict) -> ExampleWindow:
-        """A `FeatureStore.examples` row as a window: padding (token id < 0) dropped."""
+    def window(self, row: dict, members: list[Member] | None = None) -> ExampleWindow:
+        """A `FeatureStore.examples` row as a window: padding (token id < 0) dropped; with a crosscoder
+        latent's `members`, the activation each member model receives (value x ||d_i^m||)."""
         tokens, center = [], None
         for j, (t, v) in enumerate(zip(row["tokens"], row["values"], strict=True)):
             if t < 0:
@@ -436,18 +533,33 @@ class DisplayContext:
             if j == self.window_left:
                 center = len(tokens)
             tokens.append(WindowToken(t, self.token_text(t), v))
+        written = [MemberValue(m.name, row["value"] * m.decoder_norm) for m in members or []]
         return ExampleWindow(
-            row["rank"], row["quantile"], row["value"], row["context_id"], row["position"], center, tokens
+            row["rank"],
+            row["quantile"],
+            row["value"],
+            row["context_id"],
+            row["position"],
+            center,
+            tokens,
+            written,
         )
 
-    def windows(self, store: FeatureStore, idx: int, kind: str) -> list[ExampleWindow]:
-        return [self.window(r) for r in store.examples(idx, kind)]
+    def windows(
+        self, store: FeatureStore, idx: int, kind: str, members: list[Member] | None = None
+    ) -> list[ExampleWindow]:
+        if members is None and self.members:  # a crosscoder store: each example's per-member activation
+            members = self.member_views(store.members(idx))
+        return [self.window(r, members) for r in store.examples(idx, kind)]
 
     def page(self, store: FeatureStore, idx: int) -> FeaturePage | None:
         """Latent `idx` with its examples, or None if the store has no such latent."""
         row = store.feature(idx)
         if row is None:
             return None
+        view = self.feature(row)
         return FeaturePage(
-            self.feature(row), self.windows(store, idx, "top"), self.windows(store, idx, "quantile")
+            view,
+            self.windows(store, idx, "top", view.members),
+            self.windows(store, idx, "quantile", view.members),
         )

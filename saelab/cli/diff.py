@@ -3,6 +3,8 @@
 Reads the crosscoder and a paired activation cache (`saelab harvest --model A --model B`), and writes
 `diff.json` (every latent's Δnorm, tag, decoder cosine, ν^ε and ν^r), the Δnorm histogram and the ν
 scatter of B-only latents, then prints the tag counts and the B-only latents Latent Scaling keeps.
+When the crosscoder has a feature store (`saelab analyze`'s features.db beside it), the tags and ν go
+there too, for the app's tag filter and feature pages.
 """
 
 from __future__ import annotations
@@ -49,6 +51,10 @@ def diff_command(
         data = batches()
     result = diff_latents(model, data)
     result.save_json(out / "diff.json")
+    from saelab.cli.analyze import write_latent_diff  # tags and ν into the crosscoder's feature store
+
+    source = {"diff_json": str(out / "diff.json"), "activations": activations and str(activations)}
+    stored = write_latent_diff(Path(crosscoder) / "features.db", result.rows(), source)
     plot_delta_norm(result, out / "delta_norm.png")
     if activations is not None:
         plot_nu_scatter(result, out / "nu_scatter.png")
@@ -72,7 +78,9 @@ def diff_command(
             genuine,
         )
     console.print(table)
-    console.print(f"wrote {out / 'diff.json'} and the plots in {out}")
+    console.print(
+        f"wrote {out / 'diff.json'} and the plots in {out}" + (f"; tagged {stored}" if stored else "")
+    )
 
 
 def _number(value: float | None) -> str:

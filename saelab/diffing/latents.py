@@ -31,11 +31,17 @@ from pathlib import Path
 
 import torch
 
-from saelab.dictionaries.families.crosscoder import Crosscoder
+from saelab.dictionaries.families.crosscoder import (  # the tags live with the family: analysis reads them too
+    A_ONLY_ABOVE,  # noqa: F401 (re-exported)
+    B_ONLY_BELOW,  # noqa: F401
+    SHARED_RANGE,  # noqa: F401
+    TAGS,
+    Crosscoder,
+    relative_decoder_norm,
+    tag_latents,
+)
 from saelab.errors import DiffingError, DimensionMismatchError
 
-TAGS = ("shared", "a_only", "b_only", "other")
-B_ONLY_BELOW, A_ONLY_ABOVE, SHARED_RANGE = 0.1, 0.9, (0.4, 0.6)
 GENUINE_NU = 0.2  # a model-specific latent is genuine when both ν^ε and ν^r are below this
 
 
@@ -52,27 +58,6 @@ def check_crosscoder(dictionary, members: int | None = 2) -> Crosscoder:
             f"({', '.join(dictionary.members)}). Pass members=(a, b) to pick two of them."
         )
     return dictionary
-
-
-def relative_decoder_norm(norm_a: torch.Tensor, norm_b: torch.Tensor) -> torch.Tensor:
-    """Δnorm per latent: 0 for B-only, 1 for A-only, 0.5 for equal norms (0.5 where both are zero)."""
-    top = torch.maximum(norm_a, norm_b)
-    ratio = torch.where(top > 0, (norm_a - norm_b) / top.clamp_min(1e-30), torch.zeros_like(top))
-    return 0.5 * (ratio + 1)
-
-
-def tag_latents(delta: torch.Tensor) -> list[str]:
-    """shared / a_only / b_only / other from Δnorm, with the published thresholds (in Δ's own dtype)."""
-    low, high = SHARED_RANGE
-    tags = [TAGS[3]] * delta.numel()
-    for tag, mask in (
-        ("b_only", delta < B_ONLY_BELOW),
-        ("a_only", delta > A_ONLY_ABOVE),
-        ("shared", (delta >= low) & (delta <= high)),
-    ):
-        for i in mask.nonzero().flatten().tolist():
-            tags[i] = tag
-    return tags
 
 
 def _batches(crosscoder: Crosscoder, data) -> Iterable[torch.Tensor]:

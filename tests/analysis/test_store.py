@@ -217,11 +217,12 @@ def test_a_v1_store_is_upgraded_in_place_and_keeps_everything(tmp_path):
     _v1_store(path)
     before = _raw(path)
     with pytest.warns(
-        UserWarning, match=r"schema version 1 feature store: upgrading it in place to version 3"
+        UserWarning,
+        match=rf"schema version 1 feature store: upgrading it in place to version {SCHEMA_VERSION}",
     ):
         store = FeatureStore(path, create=False)
     with store:
-        assert store.meta()["schema_version"] == SCHEMA_VERSION == 3
+        assert store.meta()["schema_version"] == SCHEMA_VERSION
         assert store.meta()["hook_name"] == "blocks.0.hook_resid_post"
         after = _raw(path)
         for table in ("features", "examples", "vocab", "coactivation", "progress"):
@@ -242,7 +243,7 @@ def test_a_v1_store_is_upgraded_in_place_and_keeps_everything(tmp_path):
         store.set_explanation(0, "dog tokens")  # the v1 API still works on the upgraded file
         assert [e["text"] for e in store.explanations(0)] == ["dog tokens"]
     with warnings.catch_warnings():
-        warnings.simplefilter("error")  # a second open is silent: the file is version 3 now
+        warnings.simplefilter("error")  # a second open is silent: the file is the current version now
         with FeatureStore(path, create=False) as again:
             assert again.feature(0)["explanation"] == "dog tokens"
 
@@ -267,7 +268,7 @@ def test_a_failed_upgrade_leaves_the_v1_file_as_it_was(tmp_path, monkeypatch, er
     assert _raw(path) == before  # still schema 1, the old explanations table, no scores table
     monkeypatch.undo()
     with pytest.warns(UserWarning, match="upgrading"), FeatureStore(path, create=False) as store:
-        assert store.feature(0)["explanation"] == "dogs" and store.meta()["schema_version"] == 3
+        assert store.feature(0)["explanation"] == "dogs" and store.meta()["schema_version"] == SCHEMA_VERSION
 
 
 # saelab/analysis/store.py's tables added at schema version 2, verbatim (what a v2 file holds beside v1's).
@@ -304,14 +305,14 @@ def test_a_v2_store_gains_the_dreams_table_and_keeps_everything(tmp_path):
     path = tmp_path / "v2.db"
     _v2_store(path)
     before = _raw(path)
-    with pytest.warns(UserWarning, match=r"schema version 2 feature store: upgrading it in place to version 3 "
-                      r"\(a table for dreamed prompts is added; nothing is lost\)"):  # fmt: skip
+    with pytest.warns(UserWarning, match=rf"schema version 2 feature store: upgrading it in place to version {SCHEMA_VERSION} "
+                      r"\(a table for dreamed prompts is added; .*nothing is lost\)"):  # fmt: skip
         store = FeatureStore(path, create=False)
     with store:
         after = _raw(path)
         for table in ("features", "examples", "vocab", "coactivation", "progress", "explanations", "scores"):
             assert after[table] == before[table], table
-        assert store.meta()["schema_version"] == 3 and store.dreams(0) == []
+        assert store.meta()["schema_version"] == SCHEMA_VERSION and store.dreams(0) == []
         assert store.best_explanation(0)["scores"]["detection"]["score"] == 0.8
         store.set_dreams(0, [{"token_ids": [5, 6], "text": "dog s", "activation": 2.5, "cross_entropy": 3.0,
                               "lam": 1.0}], run_key="k")  # fmt: skip
@@ -365,9 +366,12 @@ def test_a_newer_store_is_refused(tmp_path):
     path = tmp_path / "new.db"
     FeatureStore(path).close()
     with sqlite3.connect(path) as db:
-        db.execute("UPDATE meta SET value = '4' WHERE key = 'schema_version'")
+        db.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(SCHEMA_VERSION + 1),))
     before = _raw(path)
-    with pytest.raises(FeatureStoreError, match="schema version 4, but this saelab reads version 3"):
+    with pytest.raises(
+        FeatureStoreError,
+        match=f"schema version {SCHEMA_VERSION + 1}, but this saelab reads version {SCHEMA_VERSION}",
+    ):
         FeatureStore(path)
     assert _raw(path) == before
 

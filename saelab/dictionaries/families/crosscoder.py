@@ -51,6 +51,31 @@ from saelab.errors import DimensionMismatchError, SaelabError
 
 MEMBER_SCALES = "member_scales"  # cfg.metadata key: each member's folded normalisation scale
 MEMBER_MODELS = "member_models"  # cfg.metadata key: where each member's activations came from
+# Model-diffing tags from the relative decoder norm Δnorm (Minder et al. 2025; saelab.diffing.latents):
+# here, beside the decoder norms they read, so that the feature store can tag latents too.
+TAGS = ("shared", "a_only", "b_only", "other")
+B_ONLY_BELOW, A_ONLY_ABOVE, SHARED_RANGE = 0.1, 0.9, (0.4, 0.6)
+
+
+def relative_decoder_norm(norm_a: torch.Tensor, norm_b: torch.Tensor) -> torch.Tensor:
+    """Δnorm per latent: 0 for B-only, 1 for A-only, 0.5 for equal norms (0.5 where both are zero)."""
+    top = torch.maximum(norm_a, norm_b)
+    ratio = torch.where(top > 0, (norm_a - norm_b) / top.clamp_min(1e-30), torch.zeros_like(top))
+    return 0.5 * (ratio + 1)
+
+
+def tag_latents(delta: torch.Tensor) -> list[str]:
+    """shared / a_only / b_only / other from Δnorm, with the published thresholds (in Δ's own dtype)."""
+    low, high = SHARED_RANGE
+    tags = [TAGS[3]] * delta.numel()
+    for tag, mask in (
+        ("b_only", delta < B_ONLY_BELOW),
+        ("a_only", delta > A_ONLY_ABOVE),
+        ("shared", (delta >= low) & (delta <= high)),
+    ):
+        for i in mask.nonzero().flatten().tolist():
+            tags[i] = tag
+    return tags
 
 
 class Crosscoder(Dictionary):

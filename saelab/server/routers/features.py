@@ -7,6 +7,7 @@ from typing import Literal
 from fastapi import APIRouter, Query
 from fastapi.exceptions import RequestValidationError
 
+from saelab.dictionaries.families.crosscoder import TAGS
 from saelab.server.deps import Display, FeatureIdx, OpenStore, State
 from saelab.server.limits import MAX_PAGE
 
@@ -26,7 +27,7 @@ def check_offset(offset: int, n: int) -> None:
 @router.get("/api/features")
 def api_features(
     state: State,
-    sort: Literal["density", "max_act", "mean_act", "n_active", "idx", "score"] = "density",
+    sort: Literal["density", "max_act", "mean_act", "n_active", "idx", "score", "delta_norm"] = "density",
     order: Literal["desc", "asc"] = "desc",
     offset: int = Query(0, ge=0, description="at most the number of latents"),
     limit: int = Query(100, ge=1, le=MAX_PAGE),
@@ -36,17 +37,22 @@ def api_features(
     min_score: float | None = Query(
         None, ge=0.0, le=1.0, description="keep latents whose best detection score is at least this"
     ),
+    tag: Literal[TAGS] | None = Query(  # type: ignore[valid-type]
+        None, description="a crosscoder's latents of one model-diffing tag (shared, a_only, b_only, other)"
+    ),
 ) -> dict:
     """One page of latents sorted server-side: {total (matching the filters), offset, limit, items}.
 
     Each item has the latent's statistics, its label (`explanation`), its best explanation with the
     detection score and both controls (`best`, `score`), and a one-line `preview` of its top example.
-    sort=score orders by the best detection score (unscored latents last)."""
+    sort=score orders by the best detection score (unscored latents last). A crosscoder's latents carry
+    their model-diffing `tag` and `delta_norm`; sort=delta_norm orders by Δnorm (0: only model B)."""
     check_offset(offset, state.n_features)
     with state.open_store() as s:
         filters = dict(
-            min_density=min_density, max_density=max_density, include_dead=include_dead, min_score=min_score
-        )
+            min_density=min_density, max_density=max_density, include_dead=include_dead, min_score=min_score,
+            tag=tag,
+        )  # fmt: skip
         total = s.count_features(**filters)
         rows = s.list_features(sort, order == "desc", offset, limit, **filters)
     items = [state.display.summary(r).api() for r in rows]
@@ -70,7 +76,8 @@ def api_examples(
     idx: FeatureIdx, open_store: OpenStore, display: Display, kind: Literal["top", "quantile"] = "top"
 ) -> dict:
     """Stored examples: windows of {id, text, value} tokens (padding dropped); `center` is the
-    activating token's index in `tokens`."""
+    activating token's index in `tokens`; a crosscoder latent's examples carry `members`, the activation
+    as written into each member model (value x its decoder norm there)."""
     with open_store() as s:
-        rows = s.examples(idx, kind)
-    return {"idx": idx, "kind": kind, "items": [display.window(r).api() for r in rows]}
+        windows = display.windows(s, idx, kind)
+    return {"idx": idx, "kind": kind, "items": [w.api() for w in windows]}

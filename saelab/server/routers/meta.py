@@ -19,6 +19,7 @@ def api_meta(state: State) -> dict:
         alive = s.count_features(include_dead=False)
         dense = s.count_features(min_density=math.nextafter(DENSE_THRESHOLD, 1.0))
         progress = s.progress()
+        tag_counts = s.latent_diff_counts()
     meta, n_features = state.meta, state.n_features
     return {
         "dictionary": meta.get("dictionary"),
@@ -26,6 +27,8 @@ def api_meta(state: State) -> dict:
         "hook_name": meta.get("hook_name"),
         "data": meta.get("data"),
         "config": meta.get("config"),
+        "members": meta.get("members"),  # a crosscoder's member models
+        "tag_counts": tag_counts or None,  # its latents per model-diffing tag
         "progress": progress,
         "n_features": n_features,
         "n_alive": alive,

@@ -24,7 +24,10 @@ def page(request: Request, state: State, name: str, status: int = 200, **context
 
 @router.get("/", response_class=HTMLResponse)
 def index_page(request: Request, state: State):
-    return page(request, state, "index.html", dense_threshold=DENSE_THRESHOLD)
+    from saelab.dictionaries.families.crosscoder import TAGS
+
+    tags = TAGS if state.display.members else ()  # the tag filter, for a crosscoder's store only
+    return page(request, state, "index.html", dense_threshold=DENSE_THRESHOLD, tags=tags)
 
 
 @router.get("/feature/{idx}", response_class=HTMLResponse)

@@ -119,6 +119,8 @@ function initIndex() {
   if (params.get("sort")) $("sort-select").value = params.get("sort");
   if (params.get("order")) $("order-select").value = params.get("order");
   if (params.get("offset")) state.offset = Math.max(0, parseInt(params.get("offset"), 10) || 0);
+  const tagSelect = $("tag-select");  // a crosscoder's store only
+  if (tagSelect && params.get("tag")) tagSelect.value = params.get("tag");
 
   async function load() {
     const limit = parseInt($("page-size").value, 10);
@@ -126,6 +128,7 @@ function initIndex() {
     if ($("hide-dead").checked) q.set("include_dead", "false");
     if ($("hide-dense").checked) q.set("max_density", $("dense-threshold").value || "0.1");
     if ($("min-score").value !== "") q.set("min_score", $("min-score").value);
+    if (tagSelect && tagSelect.value) q.set("tag", tagSelect.value);
     try {
       const data = await api(`/api/features?${q}`);
       showError("");
@@ -135,6 +138,7 @@ function initIndex() {
         el("td", { text: fmt(f.max_act) }),
         el("td", { text: fmt(f.mean_act) }),
         el("td", { text: String(f.n_active) }),
+        ...(tagSelect ? [tagCell(f.tag), el("td", { class: "delta-norm", text: fmt(f.delta_norm) })] : []),
         bestCell(f),
         detectionCell(f.best && f.best.detection),
         el("td", { class: "preview", title: f.preview, text: f.preview })));
@@ -144,11 +148,14 @@ function initIndex() {
       $("total-count").textContent = `${data.total} matching`;
       $("prev-page").disabled = state.offset === 0;
       $("next-page").disabled = end >= data.total;
-      history.replaceState(null, "", `?sort=${q.get("sort")}&order=${q.get("order")}&offset=${state.offset}`);
+      const tag = q.get("tag") ? `&tag=${encodeURIComponent(q.get("tag"))}` : "";
+      history.replaceState(null, "", `?sort=${q.get("sort")}&order=${q.get("order")}&offset=${state.offset}${tag}`);
     } catch (e) { showError(e.message); }
   }
   const reset = () => { state.offset = 0; load(); };
-  for (const id of ["sort-select", "order-select", "hide-dead", "hide-dense", "dense-threshold", "min-score", "page-size"]) $(id).addEventListener("change", reset);
+  for (const id of ["sort-select", "order-select", "hide-dead", "hide-dense", "dense-threshold", "min-score", "page-size", "tag-select"]) {
+    if ($(id)) $(id).addEventListener("change", reset);
+  }
   $("prev-page").addEventListener("click", () => { state.offset = Math.max(0, state.offset - parseInt($("page-size").value, 10)); load(); });
   $("next-page").addEventListener("click", () => { state.offset += parseInt($("page-size").value, 10); load(); });
   $("list-controls").addEventListener("submit", (ev) => {
@@ -157,6 +164,38 @@ function initIndex() {
     if (idx !== "") location.href = `/feature/${parseInt(idx, 10)}`;
   });
   load();
+}
+
+// A crosscoder latent's model-diffing tag (shared, a_only, b_only, other).
+function tagCell(tag) {
+  const cell = el("td", { class: "tag-cell" });
+  if (tag) cell.append(el("span", { class: `tag tag-${tag}`, text: tag }));
+  return cell;
+}
+
+// A crosscoder latent's member models: tag, Δnorm, cosine and ν, then per member its decoder norm, share
+// and logit effects (as macros.html renders it); the section stays hidden for other dictionaries.
+function renderCrosscoder(container, f) {
+  container.replaceChildren();
+  container.hidden = !f.members;
+  if (!f.members) return;
+  const dash = (x) => (x === null || x === undefined ? "\u2013" : fmt(x));
+  container.append(el("h2", { text: "Member models" }));
+  if (f.diff) {
+    const d = f.diff, tag = el("dd", {}, el("span", { class: `tag tag-${d.tag}`, text: d.tag }));
+    const stats = [["\u0394norm", dash(d.delta_norm)], ["decoder cosine", dash(d.cosine)], ["\u03bd\u03b5", dash(d.nu_eps)], ["\u03bdr", dash(d.nu_r)]];
+    container.append(el("dl", { class: "stats diff" }, el("dt", { text: "tag" }), tag,
+      ...stats.flatMap(([k, v]) => [el("dt", { text: k }), el("dd", { text: v })])));
+  }
+  const tokens = (rows) => rows.map((r) => `${JSON.stringify(r.token)} ${r.value >= 0 ? "+" : ""}${fmt(r.value)}`).join(", ");
+  const table = el("table", { class: "data members" },
+    el("tr", {}, ...["Member model", "Decoder norm", "Share", "Top promoted tokens", "Top suppressed tokens"].map((h) => el("th", { text: h }))));
+  for (const m of f.members) {
+    table.append(el("tr", { "data-member": String(m.index) }, el("td", { title: m.name, text: m.label }),
+      el("td", { text: fmt(m.decoder_norm) }), el("td", { text: `${Math.round(100 * m.share)}%` }),
+      el("td", { text: tokens(m.logits_pos) }), el("td", { text: tokens(m.logits_neg) })));
+  }
+  container.append(table);
 }
 
 // The list's best-explanation cell: its kind and text (or the human label when nothing is scored).
@@ -240,6 +279,10 @@ function renderExamples(container, items, kind) {
     const scale = Math.max(...ex.tokens.map((t) => t.value), ex.value, 1e-9);
     const row = el("div", { class: "example", "data-value": String(ex.value) },
       el("span", { class: "ex-value", text: fmt(ex.value) }));
+    if (ex.members) {  // a crosscoder latent: the activation as written into each member model
+      row.append(el("span", { class: "ex-members" }, ...ex.members.map((m, i) => el("span",
+        { class: "ex-member", "data-member": String(i), title: `activation \u00d7 decoder norm in ${m.member}`, text: `${m.label} ${fmt(m.value)}` }))));
+    }
     ex.tokens.forEach((t, i) => row.append(tokenSpan(t.text, t.value, scale, i === ex.center ? "center" : "")));
     container.append(row);
   }
@@ -268,6 +311,7 @@ async function initFeature() {
     $("explanation-input").value = text || "";
   };
   showExplanation(f.explanation);
+  renderCrosscoder($("crosscoder"), f);
   renderExplanations($("explanations"), f.explanations);
   renderDreams($("dreams"), f.dreams);
   barChart($("act-hist"), f.hist.bins.map((b) => ({ label: `${fmt(b.lo)}–${b.hi === null ? "∞" : fmt(b.hi)}`, count: b.count })),
