@@ -595,13 +595,18 @@ def _data_metadata(cfg: TrainConfig) -> tuple[dict, list[str]]:
         kind, settings = sources.resolve_source(cfg.source)
         return kind.metadata(settings), []
     cached = CacheInfo.read(cfg.activations).source if cfg.activations and cfg.model is None else {}
+    data = cfg.data
+    if cached.get("data", {}).get("chat"):  # a cache of chat tokens: its roles are what was trained on
+        data = DataConfig.from_dict(cached["data"])
+    chat = {"chat": True, "roles": data.roles} if data.chat else {}  # read back by evaluate and analyze
     return {
         "model_name": cfg.model or cached.get("model") or "HuggingFaceTB/SmolLM2-135M-Instruct",
-        "context_size": cfg.data.context_size,
-        "prepend_bos": cfg.data.prepend_bos,
-        "dataset_path": cfg.data.source or "saelab:embedded",
-        "exclude_special_tokens": cfg.data.exclude_special,
-        "exclude_bos": cfg.data.exclude_bos,
+        "context_size": data.context_size,
+        "prepend_bos": data.prepend_bos,
+        "dataset_path": data.source or "saelab:embedded",
+        "exclude_special_tokens": data.exclude_special,
+        "exclude_bos": data.exclude_bos,
+        **chat,
     }, cached.get("models") or []
 
 

@@ -14,14 +14,14 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from saelab.core.data import DataConfig, exclusion_mask, token_batches
+from saelab.core.data import DataConfig
 from saelab.core.fileio import atomic_write_json
 from saelab.core.models import HookedLM
 from saelab.dictionaries import Dictionary
@@ -87,17 +87,8 @@ class _Sums:
 
 
 def _batches(lm: HookedLM, data: DataConfig, n_contexts: int, batch_contexts: int, split: str):
-    return token_batches(
-        data.source,
-        lm.tokenizer,
-        context_size=data.context_size,
-        batch_size=batch_contexts,
-        prepend_bos=data.prepend_bos,
-        split=split,
-        text_field=data.text_field,
-        dataset_config=data.dataset_config,
-        max_contexts=n_contexts,
-    )
+    """(input_ids, keep) batches of `split` of the data (keep: `DataConfig.masked_batches`)."""
+    return replace(data, split=split).masked_batches(lm.tokenizer, batch_contexts, max_contexts=n_contexts)
 
 
 def _check_width(lm: HookedLM, dictionary: Dictionary) -> None:
@@ -141,10 +132,7 @@ def reconstruction_metrics(
         disable=not progress,
         leave=False,
     )
-    for input_ids in _batches(lm, data, n_contexts, cfg.batch_contexts, cfg.split):
-        keep = ~exclusion_mask(
-            input_ids, lm.tokenizer, exclude_bos=data.exclude_bos, exclude_special=data.exclude_special
-        )
+    for input_ids, keep in _batches(lm, data, n_contexts, cfg.batch_contexts, cfg.split):
         acts = lm.capture(input_ids.to(lm.device), hooks)
         keep = keep.to(lm.device)
         x, y = dictionary.training_inputs({hook: acts[hook][keep].float() for hook in hooks})
@@ -187,16 +175,8 @@ def downstream_metrics(
     totals = {"ce_clean": 0.0, "ce_sae": 0.0, "ce_zero": 0.0, "kl_sae": 0.0, "kl_zero": 0.0}
     count = 0
     bar = tqdm(total=cfg.ce_contexts, desc="eval: CE/KL", unit="ctx", disable=not progress, leave=False)
-    for input_ids in _batches(lm, data, cfg.ce_contexts, cfg.batch_contexts, cfg.split):
-        input_ids = input_ids.to(lm.device)
-        keep = (
-            ~exclusion_mask(
-                input_ids.cpu(),
-                lm.tokenizer,
-                exclude_bos=data.exclude_bos,
-                exclude_special=data.exclude_special,
-            )
-        ).to(lm.device)
+    for input_ids, keep in _batches(lm, data, cfg.ce_contexts, cfg.batch_contexts, cfg.split):
+        input_ids, keep = input_ids.to(lm.device), keep.to(lm.device)
         seen: dict[str, torch.Tensor] = {}
 
         def record(value, name=in_hook):

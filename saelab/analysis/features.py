@@ -738,7 +738,7 @@ def analyze(
         if "generator" in state:
             gen.set_state(state["generator"])
         n_contexts = math.ceil(cfg.n_tokens / data.context_size)
-        batches = data.batches(
+        batches = data.masked_batches(
             lm.tokenizer, cfg.batch_contexts, max_contexts=n_contexts - state["contexts"],
             skip_contexts=state["contexts"],
         )  # fmt: skip
@@ -746,8 +746,7 @@ def analyze(
             total=n_contexts, initial=state["contexts"], desc="features", unit="ctx", disable=not progress
         )
         done_here = 0
-        for input_ids in batches:
-            keep = ~data.mask(input_ids, lm.tokenizer)
+        for input_ids, keep in batches:
             x = dictionary.capture_inputs(lm.capture(input_ids.to(lm.device), hooks))
             acts = dictionary.encode(x).float().cpu()
             acts[~keep] = 0  # in place: excluded positions are few, a product would copy every value

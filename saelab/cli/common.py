@@ -90,10 +90,35 @@ def resolved_device(name: str) -> str:
     return str(resolve_device(name))
 
 
+CHAT_HELP = (
+    'Read --data as chat: a .jsonl of conversations, one {"messages": [{"role": ..., "content": ...}]} a line, '
+    "rendered with the model's chat template (ChatML if it has none) and packed into contexts."
+)
+ROLES_HELP = (
+    "With --chat: keep only tokens of these roles, a comma list of system, user, assistant (e.g. assistant); "
+    "default: every role. A turn's header tokens belong to its role."
+)
+
+
+def parse_roles(roles: str | None) -> list[str] | None:
+    """`--roles user,assistant` -> ["user", "assistant"] (None: every role); unknown roles are refused later."""
+    if roles is None:
+        return None
+    return [role.strip() for role in roles.split(",") if role.strip()]
+
+
 def data_config(
-    data, split, text_field, context_size, exclude_bos, exclude_special, dataset_config=None
+    data,
+    split,
+    text_field,
+    context_size,
+    exclude_bos,
+    exclude_special,
+    dataset_config=None,
+    chat=False,
+    roles=None,
 ) -> DataConfig:
-    """The data options of a command as a DataConfig (BOS always prepended)."""
+    """The data options of a command as a DataConfig (BOS always prepended); `roles` as --roles gives it."""
     from saelab.core.data import DataConfig
 
     return DataConfig(
@@ -105,6 +130,8 @@ def data_config(
         prepend_bos=True,
         exclude_bos=exclude_bos,
         exclude_special=exclude_special,
+        chat=chat,
+        roles=parse_roles(roles) if isinstance(roles, str) else roles,
     )
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from saelab.cli.common import DEVICE_OPTION, DTYPE_OPTION, console
+from saelab.cli.common import CHAT_HELP, DEVICE_OPTION, DTYPE_OPTION, ROLES_HELP, console
 from saelab.cli.sae_inputs import sae_folders, with_models
 
 _COLUMNS = [
@@ -34,12 +34,16 @@ def evaluate_folders(
     device: str,
     out: Path | None = None,
     dtype: str = "auto",
+    chat: bool | None = None,
+    roles: str | list[str] | None = None,
 ) -> dict[str, dict]:
-    """Metrics per SAE folder name; eval.json and density.png go beside each SAE, or under `out`."""
+    """Metrics per SAE folder name; eval.json and density.png go beside each SAE, or under `out`.
+
+    `chat`/`roles` None: as each SAE was trained (see `with_models`)."""
     from saelab.analysis.evaluation import EvalConfig, evaluate
 
     results = {}
-    for folder, dictionary, lm, cfg in with_models(folders, model, data, "eval", device, dtype):
+    for folder, dictionary, lm, cfg in with_models(folders, model, data, "eval", device, dtype, chat, roles):
         target = Path(out) / folder.name if out and len(folders) > 1 else (Path(out) if out else folder)
         results[folder.name] = evaluate(
             lm, dictionary, cfg, EvalConfig(n_tokens=tokens, ce_contexts=ce_contexts), out_dir=target
@@ -68,6 +72,8 @@ def eval_command(
         None, help="Model to splice into; default: the one named in the SAE's metadata."
     ),
     data: str = typer.Option(None, help="Evaluation text; default: the training source's held-out split."),
+    chat: bool = typer.Option(False, help=CHAT_HELP),
+    roles: str = typer.Option(None, help=ROLES_HELP),
     tokens: int = typer.Option(65536, min=1, help="Tokens for reconstruction metrics and density."),
     ce_contexts: int = typer.Option(
         128, min=0, help="Contexts for CE / KL with the SAE spliced in (0 to skip)."
@@ -77,5 +83,7 @@ def eval_command(
     dtype: str = DTYPE_OPTION,
 ):
     """Evaluate dictionaries: L0, MSE, explained variance, CE/KL loss recovered, dead/dense latents."""
-    results = evaluate_folders(sae_folders(path), model, data, tokens, ce_contexts, device, out, dtype)
+    results = evaluate_folders(
+        sae_folders(path), model, data, tokens, ce_contexts, device, out, dtype, chat or None, roles
+    )
     print_results(results)

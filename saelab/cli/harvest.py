@@ -8,9 +8,11 @@ from pathlib import Path
 import typer
 
 from saelab.cli.common import (
+    CHAT_HELP,
     DEFAULT_HOOK,
     DEVICE_OPTION,
     DTYPE_OPTION,
+    ROLES_HELP,
     console,
     data_config,
     load_lm,
@@ -34,6 +36,8 @@ def harvest(
         help="Text: a .txt/.jsonl/.parquet file or folder, or a HF dataset name; default: embedded corpus.",
     ),
     text_field: str = typer.Option("text", help="Field holding the text in .jsonl/.parquet/HF datasets."),
+    chat: bool = typer.Option(False, help=CHAT_HELP),
+    roles: str = typer.Option(None, help=ROLES_HELP),
     split: str = typer.Option("train", help="Dataset split ('train'/'eval' for the embedded corpus)."),
     context_size: int = typer.Option(128, min=2, help="Tokens per context (BOS included)."),
     tokens: int = typer.Option(
@@ -51,6 +55,9 @@ def harvest(
     """Harvest activations into a memory-mapped, resumable disk cache that training can read many times."""
     from saelab.core.activations import harvest_to_cache
 
+    cfg = data_config(
+        data, split, text_field, context_size, exclude_bos, exclude_special, chat=chat, roles=roles
+    )
     models = list(model or [None])
     lms = [load_lm(name, device=device, dtype=dtype) for name in models]
     if len(lms) > 1:
@@ -60,7 +67,6 @@ def harvest(
         hook = [member_hook(i, h) for i in range(len(lms)) for h in hook]
     else:
         lm = lms[0]
-    cfg = data_config(data, split, text_field, context_size, exclude_bos, exclude_special)
     start = time.perf_counter()
     with removed_on_error(out):
         info = harvest_to_cache(lm, cfg, hook, tokens, out, batch_contexts=batch_contexts, seed=seed)

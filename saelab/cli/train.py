@@ -9,9 +9,11 @@ from pathlib import Path
 import typer
 
 from saelab.cli.common import (
+    CHAT_HELP,
     DEFAULT_HOOK,
     DEVICE_OPTION,
     DTYPE_OPTION,
+    ROLES_HELP,
     console,
     data_config,
     model_dtype_name,
@@ -170,6 +172,8 @@ def train(
         None, help="Text source (file, folder or HF dataset); default: embedded corpus."
     ),
     text_field: str = typer.Option("text", help="Field holding the text."),
+    chat: bool = typer.Option(False, help=CHAT_HELP),
+    roles: str = typer.Option(None, help=ROLES_HELP),
     context_size: int = typer.Option(128, min=2, help="Tokens per context."),
     activations: Path = typer.Option(
         None, help="Train from this `saelab harvest` cache instead of harvesting."
@@ -228,7 +232,9 @@ def train(
     cfg = TrainConfig(
         run_dir=str(run_dir),
         model=resolve_model(model),
-        data=data_config(data, "train", text_field, context_size, exclude_bos, exclude_special),
+        data=data_config(
+            data, "train", text_field, context_size, exclude_bos, exclude_special, chat=chat, roles=roles
+        ),
         dictionaries=dictionaries,
         activations=str(activations) if activations else None,
         stream=stream,
@@ -268,6 +274,8 @@ def train(
                 128,
                 ran.device,
                 dtype=ran.model_dtype,
+                chat=ran.data.chat or None,
+                roles=ran.data.roles,
             )
             print_results(results)
     distributed.cleanup()

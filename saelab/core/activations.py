@@ -21,7 +21,7 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from saelab.core import distributed
-from saelab.core.data import DataConfig, exclusion_mask, token_batches
+from saelab.core.data import DataConfig
 from saelab.core.fileio import atomic_write_json
 from saelab.core.models import HookedLM
 from saelab.errors import ActivationError, DataError
@@ -57,7 +57,8 @@ def harvest(
     """Yield ({hook: [kept_tokens, d] float32}, contexts_used) batches until n_tokens kept tokens.
 
     One forward pass per batch captures every hook and stops after the last needed layer. Excluded
-    positions (the position-0 attention sink / BOS, special tokens) never leave this function.
+    positions (the position-0 attention sink / BOS, special tokens, chat tokens of roles not chosen:
+    `DataConfig.masked_batches`) never leave this function.
     With world_size > 1 only this rank's contexts are read (see `token_batches`); skip_contexts
     and contexts_used then count this rank's contexts.
     """
@@ -66,24 +67,11 @@ def harvest(
         lm.hook_dim(hook)  # raises UnknownHookError early with the list of valid names
     produced = 0
     bar = tqdm(total=n_tokens, desc=desc, unit="tok", unit_scale=True, disable=not progress, leave=False)
-    batches = token_batches(
-        data.source,
-        lm.tokenizer,
-        context_size=data.context_size,
-        batch_size=batch_contexts,
-        prepend_bos=data.prepend_bos,
-        split=data.split,
-        text_field=data.text_field,
-        dataset_config=data.dataset_config,
-        skip_contexts=skip_contexts,
-        rank=rank,
-        world_size=world_size,
+    batches = data.masked_batches(
+        lm.tokenizer, batch_contexts, skip_contexts=skip_contexts, rank=rank, world_size=world_size
     )
     try:
-        for input_ids in batches:
-            keep = ~exclusion_mask(
-                input_ids, lm.tokenizer, exclude_bos=data.exclude_bos, exclude_special=data.exclude_special
-            )
+        for input_ids, keep in batches:
             captured = lm.capture(input_ids.to(lm.device), hooks)
             keep = keep.to(lm.device)
             acts = {hook: captured[hook][keep].float().cpu() for hook in hooks}

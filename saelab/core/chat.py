@@ -9,7 +9,7 @@ ChatML, the template of SmolLM2 and many other instruct models.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from saelab.errors import DataError
@@ -71,31 +71,68 @@ def ensure_chat_template(tokenizer) -> None:
 
 @dataclass
 class RenderedChat:
-    """One conversation as token ids, with the positions of assistant tokens (the ones trained on)."""
+    """One conversation as token ids, with the assistant tokens (fine-tuning targets) and each token's role.
+
+    `assistant` marks what a fine-tune learns to emit: an assistant turn's text and end-of-turn token, not
+    its header (the generation prompt, given at inference). `roles` gives every token the role of the turn
+    the template wrote it for, header included, so `<|im_start|>assistant\n` is assistant: the positions
+    where the model reads "now I answer" belong to the answer when harvesting by role. What a template
+    writes before the first message (a BOS, a default system prompt like SmolLM2's) is system.
+    """
 
     input_ids: list[int]
     assistant: list[bool]
+    roles: list[str] = field(default_factory=list)
 
 
 def render(tokenizer, messages: list[dict], max_length: int | None = None) -> RenderedChat:
-    """Token ids of the conversation in the tokenizer's chat template, and which are assistant tokens.
+    """Token ids of the conversation in the tokenizer's chat template, its assistant tokens and roles.
 
-    An assistant turn's tokens are those the template adds after the generation prompt: its text and its
-    end-of-turn token, which the model must learn to emit.
+    A turn's tokens are those its message adds to the render of the turns before it (templates render
+    prefixes of a conversation as prefixes of its tokens); an assistant turn's trained tokens start after
+    the generation prompt.
     """
     ensure_chat_template(tokenizer)
     ids = _ids(tokenizer, messages, generation_prompt=False)
     mask = [False] * len(ids)
+    roles = [messages[0]["role"]] * len(ids)
+    head = min(_preamble(tokenizer, messages[0]), len(ids))
+    roles[:head] = ["system"] * head
     for turn, message in enumerate(messages):
-        if message["role"] != "assistant":
-            continue
-        start = len(_ids(tokenizer, messages[:turn], generation_prompt=True)) if turn else 0
-        end = len(_ids(tokenizer, messages[: turn + 1], generation_prompt=False))
-        for pos in range(start, min(end, len(ids))):
-            mask[pos] = True
+        end = min(len(_ids(tokenizer, messages[: turn + 1], generation_prompt=False)), len(ids))
+        if turn:
+            start = min(len(_ids(tokenizer, messages[:turn], generation_prompt=False)), end)
+            roles[start:end] = [message["role"]] * (end - start)
+        if message["role"] == "assistant":
+            start = len(_ids(tokenizer, messages[:turn], generation_prompt=True)) if turn else 0
+            for pos in range(start, end):
+                mask[pos] = True
     if max_length is not None:
-        ids, mask = ids[:max_length], mask[:max_length]
-    return RenderedChat(ids, mask)
+        ids, mask, roles = ids[:max_length], mask[:max_length], roles[:max_length]
+    return RenderedChat(ids, mask, roles)
+
+
+def _preamble(tokenizer, first: dict) -> int:
+    """How many tokens the template writes before the first message's own turn (0 if none, or unknown).
+
+    The first turn alone, rendered after a system message, is its own tokens; whatever more the template
+    writes when that turn opens the conversation is preamble (a BOS, a default system prompt).
+    """
+    if first["role"] == "system":
+        return 0
+    try:
+        system = [{"role": "system", "content": "."}]
+        turn = _ids(tokenizer, system + [first], False)[len(_ids(tokenizer, system, False)) :]
+    except Exception:  # a template that refuses a system message (Gemma's) writes no system preamble
+        return 0
+    alone = _ids(tokenizer, [first], False)
+    extra = len(alone) - len(turn)
+    return extra if extra > 0 and alone[extra:] == turn else 0
+
+
+def conversation_key(messages: list[dict]) -> str:
+    """The text the train/eval split hashes for a conversation (`saelab.core.splits`): its messages as JSON."""
+    return json.dumps(messages, sort_keys=True, ensure_ascii=False)
 
 
 def _ids(tokenizer, messages: list[dict], generation_prompt: bool) -> list[int]:

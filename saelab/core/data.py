@@ -11,7 +11,13 @@ text (1 in 50 documents is eval, see `saelab.core.splits`), so evaluation never 
 text; ``"all"`` keeps every document. For a Hugging Face dataset another split name
 ("validation", "test", ...) is passed through to the dataset unchanged.
 
-Everything streams: no source is read whole into memory, and the same arguments always give the
+Chat data (``DataConfig(chat=True, roles=...)``): a local ``.jsonl`` of conversations
+(`saelab.core.chat`), rendered with the tokenizer's chat template and packed like documents; every
+token carries its role, and positions whose role is not chosen are excluded like special tokens
+(`chat_batches`, `DataConfig.masked_batches`). The split hashes each conversation.
+
+Everything streams: no text source is read whole into memory (a chat file is read and checked whole
+first, so a malformed line is refused before any work), and the same arguments always give the
 same contexts in the same order (which is what makes ``skip_contexts`` resumption exact).
 """
 
@@ -26,6 +32,7 @@ from pathlib import Path
 
 import torch
 
+from saelab.core.chat import ROLES, conversation_key, load_conversations, render
 from saelab.core.corpus import build_embedded_corpus
 from saelab.core.splits import is_eval_text
 from saelab.errors import DataError
@@ -283,16 +290,157 @@ def token_batches(
     ``skip_contexts`` and ``max_contexts`` then count this rank's contexts. Every rank tokenizes
     the whole text (cheap next to the model's forward passes) and keeps only its own contexts.
     """
-    if world_size < 1 or not 0 <= rank < world_size:
-        raise DataError(f"rank {rank} is not a rank of a world of {world_size} processes.")
     name = "the embedded corpus" if source is None else f"dataset {os.fspath(source)!r} (split {split!r})"
     texts = iter_texts(source, split=split, text_field=text_field, dataset_config=dataset_config)
     contexts = iter_contexts(texts, tokenizer, context_size, prepend_bos, source_name=name)
+    for batch in _shard(contexts, batch_size, max_contexts, skip_contexts, rank, world_size):
+        yield torch.stack(batch)
+
+
+def _shard(contexts: Iterator, batch_size, max_contexts, skip_contexts, rank, world_size) -> Iterator[list]:
+    """This rank's contexts after the skip, capped, in lists of batch_size (see `token_batches`)."""
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise DataError(f"rank {rank} is not a rank of a world of {world_size} processes.")
     start = rank + skip_contexts * world_size
     stop = None if max_contexts is None else rank + (skip_contexts + max_contexts) * world_size
     contexts = islice(contexts, start, stop, world_size)
     while batch := list(islice(contexts, batch_size)):
-        yield torch.stack(batch)
+        yield batch
+
+
+# --- chat ----------------------------------------------------------------------------------------
+
+
+def role_codes(roles: Iterable[str]) -> list[int]:
+    """Roles as the small ints a chat batch carries per token: 0 is no role (a prepended BOS)."""
+    return [ROLES.index(role) + 1 for role in roles]
+
+
+def check_roles(roles: Iterable[str] | None) -> list[str] | None:
+    """The chosen roles in canonical order (None: every role), or a DataError naming the valid ones."""
+    if roles is None:
+        return None
+    roles = [roles] if isinstance(roles, str) else list(roles)
+    unknown = [r for r in roles if r not in ROLES]
+    if unknown:
+        raise DataError(
+            f"unknown role {unknown[0]!r}; choose from {', '.join(ROLES)} (a comma list, e.g. assistant "
+            "or user,assistant)."
+        )
+    if not roles:
+        raise DataError(f"no role chosen; choose from {', '.join(ROLES)}.")
+    return [r for r in ROLES if r in roles]
+
+
+def split_conversations(source: str | os.PathLike | None, split: str = "train") -> list[list[dict]]:
+    """The conversations of a chat .jsonl in file order, checked whole (line-numbered DataError), of one split.
+
+    ``train``/``eval`` split by the stable hash of each conversation (`saelab.core.splits`); ``all`` keeps all.
+    """
+    if source is None or not Path(source).expanduser().is_file() or Path(source).suffix.lower() != ".jsonl":
+        raise DataError(
+            f'chat data must be a local .jsonl file of conversations, one {{"messages": [...]}} a line; '
+            f"got {source!r}."
+        )
+    if split not in ("train", "eval", "all"):
+        raise DataError(f"Unknown split '{split}' for '{source}'. Use 'train', 'eval' or 'all'.")
+    conversations = load_conversations(Path(source).expanduser())
+    if split == "all":
+        return conversations
+    return [c for c in conversations if is_eval_text(conversation_key(c)) == (split == "eval")]
+
+
+def iter_chat_contexts(
+    conversations: Iterable[list[dict]],
+    tokenizer,
+    context_size: int,
+    prepend_bos: bool = True,
+    source_name: str = "the chat data",
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(LongTensor[context_size] ids, ByteTensor[context_size] role codes): conversations packed like documents.
+
+    Rendered conversations are concatenated and cut into contexts exactly as `iter_contexts` cuts
+    documents (BOS first with ``prepend_bos``, role 0; the leftover dropped). Packing, not one padded
+    conversation per row: every forward is full, no pad positions, and a long conversation is read
+    whole across contexts. No separator is added: the template's own turn tokens (and BOS, where the
+    template writes one) already mark where a conversation starts.
+    """
+    bos = _special_id(tokenizer, "bos_token_id", "eos_token_id")
+    if prepend_bos and bos is None:
+        raise DataError(
+            "The tokenizer has no BOS or EOS token to start contexts with; use prepend_bos=False."
+        )
+    n = context_size - 1 if prepend_bos else context_size
+    if n < 1:
+        raise DataError(f"context_size={context_size} is too small; use at least 2 (128 is typical).")
+    head_ids = torch.tensor([bos] if prepend_bos else [], dtype=torch.long)
+    head_roles = torch.zeros(len(head_ids), dtype=torch.uint8)
+    ids: list[int] = []
+    roles: list[int] = []
+    seen_tokens = produced = 0
+    for messages in conversations:
+        chat = render(tokenizer, messages)
+        ids.extend(chat.input_ids)
+        roles.extend(role_codes(chat.roles))
+        seen_tokens += len(chat.input_ids)
+        k = len(ids) // n
+        if k:
+            rows = torch.tensor(ids[: k * n], dtype=torch.long).view(k, n)
+            row_roles = torch.tensor(roles[: k * n], dtype=torch.uint8).view(k, n)
+            del ids[: k * n], roles[: k * n]
+            for row, row_role in zip(rows, row_roles, strict=True):
+                produced += 1
+                yield torch.cat([head_ids, row]), torch.cat([head_roles, row_role])
+    if not produced:
+        raise DataError(
+            f"{source_name} gave {seen_tokens} tokens; it needs at least {n} (one context of "
+            f"context_size={context_size}{' with BOS' if prepend_bos else ''}). Add conversations, check "
+            "the split, or use a smaller context_size."
+        )
+
+
+def chat_batches(
+    source: str | os.PathLike,
+    tokenizer,
+    context_size: int = 128,
+    batch_size: int = 32,
+    prepend_bos: bool = True,
+    split: str = "train",
+    max_contexts: int | None = None,
+    skip_contexts: int = 0,
+    rank: int = 0,
+    world_size: int = 1,
+    roles: Iterable[str] | None = None,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(LongTensor[B, context_size] ids, ByteTensor[B, context_size] role codes) of a chat .jsonl.
+
+    Deterministic, resumable and sharded exactly like `token_batches` (the same skip_contexts,
+    max_contexts, rank and world_size rules). The file is read and checked before the first batch,
+    and refused when no token of the chosen `roles` (None: any) is in this split.
+    """
+    roles = check_roles(roles)
+    name = f"chat data {os.fspath(source)!r} (split {split!r})"
+    conversations = split_conversations(source, split)
+    if not conversations:
+        raise DataError(f"{name} holds no conversation; use split 'all' or add conversations.")
+    if roles is not None:
+        _check_role_tokens(conversations, tokenizer, roles, name)
+    contexts = iter_chat_contexts(conversations, tokenizer, context_size, prepend_bos, source_name=name)
+    for batch in _shard(contexts, batch_size, max_contexts, skip_contexts, rank, world_size):
+        yield torch.stack([ids for ids, _ in batch]), torch.stack([codes for _, codes in batch])
+
+
+def _check_role_tokens(conversations: list[list[dict]], tokenizer, roles: list[str], name: str) -> None:
+    """Refuse chat data whose chosen roles have no token (rendering stops at the first that has one)."""
+    found: set[str] = set()
+    for messages in conversations:
+        found |= set(render(tokenizer, messages).roles)
+        if found & set(roles):
+            return
+    raise DataError(
+        f"{name} has no {'/'.join(roles)} token to keep (its tokens are {', '.join(sorted(found))}); "
+        "choose other roles with --roles, or give conversations with those turns."
+    )
 
 
 def check_enough_tokens(source, tokenizer, context_size: int = 128, **kwargs) -> None:
@@ -324,7 +472,11 @@ def exclusion_mask(
 
 @dataclass
 class DataConfig:
-    """Where the tokens come from and how they are packed; saved as JSON beside every artifact."""
+    """Where the tokens come from, how they are packed and which positions count; saved beside every artifact.
+
+    ``chat=True`` reads ``source`` as a chat .jsonl; ``roles`` (None: every role) keeps only the tokens of
+    those roles. Plain-text configs serialise without the two chat keys, as before they existed.
+    """
 
     source: str | None = None
     split: str = "train"
@@ -334,9 +486,21 @@ class DataConfig:
     prepend_bos: bool = True
     exclude_bos: bool = True
     exclude_special: bool = True
+    chat: bool = False
+    roles: list[str] | None = None
+
+    def __post_init__(self):
+        self.roles = check_roles(self.roles)
+        if self.roles is not None and not self.chat:
+            raise DataError(
+                "roles only apply to chat data; pass chat=True (--chat) with a conversations .jsonl."
+            )
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        if not self.chat:
+            del d["chat"], d["roles"]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> DataConfig:
@@ -345,10 +509,40 @@ class DataConfig:
         return cls(**{k: v for k, v in d.items() if k in names})
 
     def batches(self, tokenizer, batch_size: int = 32, **kwargs) -> Iterator[torch.Tensor]:
+        """Token batches only (for timing and forward passes that keep every position)."""
+        if self.chat:
+            return (ids for ids, _ in self._chat(tokenizer, batch_size, **kwargs))
         return token_batches(
             self.source, tokenizer, self.context_size, batch_size, self.prepend_bos, self.split,
             self.text_field, self.dataset_config, **kwargs,
         )  # fmt: skip
 
+    def masked_batches(
+        self, tokenizer, batch_size: int = 32, **kwargs
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """(input_ids, keep) batches: keep is False at excluded positions (the BOS sink, special tokens, and
+        for chat data tokens of roles not chosen). Every consumer that drops positions reads this.
+
+        kwargs: max_contexts, skip_contexts, rank, world_size, as for `token_batches`.
+        """
+        if not self.chat:
+            for input_ids in self.batches(tokenizer, batch_size, **kwargs):
+                yield input_ids, ~self.mask(input_ids, tokenizer)
+            return
+        chosen = None if self.roles is None else torch.tensor(role_codes(self.roles), dtype=torch.uint8)
+        for input_ids, codes in self._chat(tokenizer, batch_size, **kwargs):
+            keep = ~self.mask(input_ids, tokenizer)
+            if chosen is not None:
+                keep &= torch.isin(codes, chosen)
+            yield input_ids, keep
+
+    def _chat(self, tokenizer, batch_size: int, **kwargs):
+        return chat_batches(
+            self.source, tokenizer, self.context_size, batch_size, self.prepend_bos, self.split,
+            roles=self.roles, **kwargs,
+        )  # fmt: skip
+
     def mask(self, input_ids: torch.Tensor, tokenizer) -> torch.Tensor:
+        """Excluded positions that the token ids alone tell (BOS sink, special tokens); roles need
+        `masked_batches`."""
         return exclusion_mask(input_ids, tokenizer, self.exclude_bos, self.exclude_special)

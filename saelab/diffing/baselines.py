@@ -26,8 +26,7 @@ from saelab.interventions.decompose import Decomposition, decompose
 
 def _batches(paired: PairedModels, data: DataConfig, n_tokens: int, batch_contexts: int):
     n_contexts = math.ceil(n_tokens / max(1, data.context_size - 1))
-    for input_ids in data.batches(paired.tokenizer, batch_contexts, max_contexts=n_contexts):
-        yield input_ids, ~data.mask(input_ids, paired.tokenizer)
+    yield from data.masked_batches(paired.tokenizer, batch_contexts, max_contexts=n_contexts)
 
 
 @dataclass
