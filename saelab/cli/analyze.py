@@ -16,7 +16,6 @@ from saelab.cli.common import (
     DTYPE_OPTION,
     ROLES_HELP,
     console,
-    data_config,
     load_lm,
     resolve_model,
 )
@@ -65,7 +64,7 @@ def analyze(
         )
     inputs = itertools.chain(  # lazily: one dictionary at a time
         with_models(single, models[0] if models else None, data, "train", device, dtype, chat or None, roles),
-        with_member_models(paired, models, data, "train", device, dtype),
+        with_member_models(paired, models, data, "train", device, dtype, chat or None, roles),
     )
     for folder, dictionary, lm, data_cfg in inputs:
         if out is None:
@@ -104,13 +103,20 @@ def reads_several_models(folder: Path) -> bool:
 
 
 def with_member_models(
-    folders: list[Path], models: list[str], data: str | None, split: str, device: str, dtype: str
+    folders: list[Path],
+    models: list[str],
+    data: str | None,
+    split: str,
+    device: str,
+    dtype: str,
+    chat: bool | None = None,
+    roles: str | list[str] | None = None,
 ) -> Iterator[tuple[Path, Dictionary, object, DataConfig]]:
     """(folder, crosscoder, its member models as one PairedModels, its data config) per crosscoder folder.
 
     The members are `models` if given (one per member, in member order), else the crosscoder's
-    `member_models`; each is loaded once."""
-    from saelab.cli.sae_inputs import _dataset_of
+    `member_models`; each is loaded once. The data is read as `with_models` reads it (chat and roles too)."""
+    from saelab.cli.sae_inputs import sae_data_config
     from saelab.dictionaries.families.crosscoder import MEMBER_MODELS
     from saelab.dictionaries.io import load_dictionary
     from saelab.diffing.paired import PairedModels
@@ -144,14 +150,7 @@ def with_member_models(
                         f"{fix} (a folder or hub id of each model it was trained on)."
                     ) from None
             lms.append(loaded[key])
-        cfg = data_config(
-            data if data is not None else _dataset_of(meta),
-            split,
-            "text",
-            int(meta.get("context_size") or 128),
-            bool(meta.get("exclude_bos", True)),
-            bool(meta.get("exclude_special_tokens", True)),
-        )
+        cfg = sae_data_config(meta, data, split, chat, roles)
         yield folder, crosscoder, PairedModels(lms), cfg
 
 
