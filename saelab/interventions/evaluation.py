@@ -21,11 +21,15 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+import torch.nn.functional as F
+
+from saelab.core.data import DataConfig
 from saelab.core.fileio import save_figure
 from saelab.core.models import HookedLM
 from saelab.errors import DataError
 from saelab.interventions.generation import GenerationConfig, completion_loss, generate
-from saelab.interventions.hooks import Intervention
+from saelab.interventions.hooks import Intervention, steer
 
 Keyword = str | re.Pattern
 
@@ -233,3 +237,33 @@ def plot_sweep(result: SweepResult, path, title: str | None = None, min_rate: fl
     ax.set_title(title or result.meta.get("title", "steering sweep"), fontsize=10)
     fig.tight_layout()
     return save_figure(fig, path, dpi=120)
+
+
+# ---- what an intervention costs on ordinary text ------------------------------------------------
+@torch.no_grad()
+def corpus_loss(
+    lm: HookedLM,
+    data: DataConfig,
+    n_contexts: int = 64,
+    interventions: Iterable[Intervention] = (),
+    batch_contexts: int = 16,
+) -> float:
+    """Mean next-token cross-entropy of `lm` on `n_contexts` contexts of `data`, under `interventions`.
+
+    The price of an edit on text it was not aimed at: positions the data config excludes (the attention
+    sink, special tokens) are neither scored nor predicted from.
+    """
+    interventions = list(interventions)
+    total, count = 0.0, 0
+    with steer(lm, interventions):
+        for input_ids, keep in data.masked_batches(lm.tokenizer, batch_contexts, max_contexts=n_contexts):
+            logits = lm.forward(input_ids.to(lm.device)).float()
+            nll = F.cross_entropy(
+                logits[:, :-1].transpose(1, 2), input_ids[:, 1:].to(logits.device), reduction="none"
+            )
+            scored = (keep[:, 1:] & keep[:, :-1]).to(nll.device)
+            total += float(nll[scored].sum())
+            count += int(scored.sum())
+    if count == 0:
+        raise DataError("the data gave no tokens to score; point it at a non-empty source.")
+    return total / count
