@@ -10,6 +10,7 @@ import typer
 
 from saelab.cli import (
     analyze,
+    audit,
     circuit,
     demo,
     diff,
@@ -43,6 +44,7 @@ app.command()(circuit.circuit)
 app.command("graph")(graph.graph_command)
 app.command("diff")(diff.diff_command)
 app.command("finetune")(finetune.finetune_command)
+app.command("audit")(audit.audit_command)
 app.command()(serve.serve)
 app.command("export")(serve.export_command)
 app.command()(demo.demo)
