@@ -267,24 +267,37 @@ def _features(ctx: AuditContext) -> None:
         latent_diff=json.loads((diff_dir(ctx.out) / "diff.json").read_text())["latents"],
     )
     candidates = [c["latent"] for c in _load_candidates(ctx)]
+    summary = None
     if ctx.cfg.explainer and len(candidates) >= 2:
-        _explain(ctx, crosscoder, candidates)
-    atomic_write_json(ctx.out / "features.json", {"store": str(crosscoder_dir(ctx.out) / "features.db")})
+        summary = _explain(ctx, crosscoder, candidates)
+    record = {"store": str(crosscoder_dir(ctx.out) / "features.db")}
+    if summary is not None:
+        record["explain"] = {k: summary.get(k) for k in ("explained", "scored", "failures")}
+    atomic_write_json(ctx.out / "features.json", record)
 
 
-def _explain(ctx: AuditContext, crosscoder, latents: list[int]) -> None:
+def _explain(ctx: AuditContext, crosscoder, latents: list[int]) -> dict:
     from saelab.diffing.paired import PairedModels
     from saelab.explain.clients import make_client
     from saelab.explain.pipeline import ExplainConfig, explain_features
 
     client = make_client(ctx.cfg.explainer)
-    explain_features(
+    return explain_features(
         crosscoder_dir(ctx.out) / "features.db",
         PairedModels([ctx.base, ctx.organism]),
         crosscoder,
         client,
         client,
-        ExplainConfig(features=latents, n_explanations=1, scorers=[]),
+        # One label per latent, scored by detection on small example sets: an honest score in minutes.
+        ExplainConfig(
+            features=latents,
+            n_explain=20,
+            n_test=20,
+            n_random=20,
+            n_hard=0,
+            scorers=("detection",),
+            n_bootstrap=200,
+        ),  # fmt: skip
     )
 
 

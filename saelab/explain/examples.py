@@ -182,7 +182,7 @@ def latent_on_windows(
 ) -> list[float]:
     """The largest activation of latent `idx` on each window, each run on its own (a BOS prepended when the
     tokenizer has one and the window does not start with it; special tokens excluded as in the analysis)."""
-    tokenizer, hook = lm.tokenizer, dictionary.cfg.hook_name
+    tokenizer, hooks = lm.tokenizer, dictionary.cfg.input_hooks  # several for a CLT or a crosscoder
     bos = getattr(tokenizer, "bos_token_id", None)
     prefix = [bos] if isinstance(bos, int) else []
     out: list[float] = []
@@ -191,7 +191,7 @@ def latent_on_windows(
             (prefix if list(w[:1]) != prefix else []) + list(w) for w in windows[start : start + batch_size]
         ]
         ids, mask = pad_rows(rows, pad_token_id(tokenizer), left=False)
-        x = lm.capture(ids.to(lm.device), hook, attention_mask=mask.to(lm.device))[hook]
+        x = dictionary.capture_inputs(lm.capture(ids.to(lm.device), hooks, attention_mask=mask.to(lm.device)))
         acts = dictionary.encode(x)[..., idx].float().cpu()
         # The BOS is a special token, so excluding special tokens drops it wherever it sits.
         excluded = exclusion_mask(ids, tokenizer, exclude_bos=False) | (mask == 0)

@@ -179,3 +179,31 @@ def test_bad_input_is_refused_in_one_paragraph(planted, tmp_path):
     assert "at least 4" in refused(
         "audit", root / "base", root / "organism", "--prompts", few, "--hook", HOOK, "--out", tmp_path / "c"
     )
+
+
+def test_explainer_examples_read_a_crosscoder_through_every_member(planted):
+    """latent_on_windows (what the explainer's example sets are scored with) runs a crosscoder on both models."""
+    from saelab.dictionaries import DictionaryConfig, build_dictionary
+    from saelab.diffing.paired import PairedModels
+    from saelab.explain.examples import latent_on_windows
+
+    _, (base, organism), _, _, _ = planted
+    cfg = DictionaryConfig(
+        architecture="crosscoder_batchtopk",
+        d_in=32,
+        d_sae=16,
+        k=4,
+        hook_name="model{i}/" + HOOK,
+        layers=[0, 1],
+    )
+    crosscoder = build_dictionary(cfg).eval()
+    paired = PairedModels([base, organism])
+    windows = [[5, 6, 7, 8], [9, 10, 11]]
+    got = latent_on_windows(paired, crosscoder, 3, windows)
+    for window, value in zip(windows, got, strict=True):
+        ids = torch.tensor([[1, *window]])
+        with torch.no_grad():
+            acts = crosscoder.encode(crosscoder.capture_inputs(paired.capture(ids, cfg.input_hooks)))[
+                0, 1:, 3
+            ]
+        assert value == pytest.approx(float(acts.max()), abs=1e-6)
