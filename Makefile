@@ -13,7 +13,7 @@ STARTED := $(shell date +%s)
 SHELL   := bash
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 
-.PHONY: demo test lint unit integration bench toy circuits browser lock upgrade-check clean
+.PHONY: demo test lint unit integration bench toy circuits organism audit browser lock upgrade-check clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -64,6 +64,24 @@ toy: $(CORE)
 # Transcoders at every layer of the embedded model, an attribution graph, agreement circuits (not in CI).
 circuits: $(CORE)
 	$(BIN)/python benchmarks/circuits_demo.py $(CIRCUITS_ARGS)
+
+# A model organism: the embedded model fine-tuned to work dark chocolate into savoury recipes (see
+# examples/organism), and its behaviour rate and corpus loss against the base (not in CI).
+ORGANISM ?= runs/organism
+ORGANISM_DATA := examples/organism/chocolate_chats.jsonl
+organism: $(ORGANISM)/measure.json
+
+$(ORGANISM)/config.json: $(ORGANISM_DATA) | $(CORE)
+	$(BIN)/saelab finetune $(ORGANISM_DATA) --out $(ORGANISM) $(FINETUNE_ARGS)
+
+$(ORGANISM)/measure.json: $(ORGANISM)/config.json
+	$(BIN)/python examples/organism/measure.py $(ORGANISM)
+
+# The blind audit of the organism against the embedded model, then its findings checked against the
+# behaviour that only examples/organism knows (not in CI).
+audit: $(ORGANISM)/config.json
+	$(BIN)/saelab audit embedded $(ORGANISM) --out runs/audit $(AUDIT_ARGS)
+	$(BIN)/python examples/organism/measure.py $(ORGANISM) --audit runs/audit
 
 # Rewrite the lock from what pip resolves today for pyproject.toml's ranges (then run `make test`).
 lock:
