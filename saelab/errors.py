@@ -27,6 +27,10 @@ class DictionarySetError(SaelabError):
     """A dictionary set with a missing layer, or a member at the wrong hook, layer or width."""
 
 
+class DictionaryConfigError(SaelabError, ValueError):
+    """A dictionary setting that cannot work (e.g. Matryoshka prefix widths that do not nest up to d_sae)."""
+
+
 class DataError(SaelabError):
     """A dataset that is empty, too short, unreadable or of an unknown format."""
 

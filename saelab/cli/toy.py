@@ -98,6 +98,61 @@ def toy_bench(
     console.print(f"benchmark finished in {results['wall_seconds']:.0f} s; table in {out / 'results.md'}")
 
 
+@toy_app.command("hierarchy")
+def toy_hierarchy(
+    out: Path = typer.Option(Path("runs/toy/hierarchy"), "--out", help="Folder for the run, table and plot."),
+    architecture: list[str] = typer.Option(
+        ["batchtopk", "matryoshka_batchtopk"], help="Families to train on the same data; repeat."
+    ),
+    n_parents: int = typer.Option(16, min=1, help="Parent features."),
+    n_children: int = typer.Option(4, min=2, help="Mutually exclusive children per parent."),
+    d: int = typer.Option(96, min=1, help="Activation width (orthogonal features when >= all features)."),
+    parent_probability: float = typer.Option(0.1, help="Each parent fires with this probability."),
+    child_probability: float = typer.Option(
+        1.0, help="P(one child fires | its parent fires); below 1 the parent sometimes fires alone."
+    ),
+    width: int = typer.Option(128, min=1, help="Latents of every dictionary."),
+    k: int = typer.Option(
+        None, min=1, help="Active latents per sample of every k family (default: true L0)."
+    ),
+    matryoshka_widths: str = typer.Option(
+        None, help="Matryoshka prefix widths, e.g. 16,128 (default: n_parents, width)."
+    ),
+    samples: int = typer.Option(1200 * 1024, min=1, help="Training samples."),
+    quick: bool = _QUICK,
+    seed: int = _SEED,
+):
+    """Parents with exclusive children: does each family recover the parents or absorb them into children?"""
+    from saelab.cli.train import parse_numbers
+    from saelab.toy.hierarchy import HierarchyBench, HierarchyConfig, quick_bench, run_hierarchy
+
+    if quick:
+        bench = quick_bench(seed)
+        bench.families = tuple(architecture)
+    else:
+        bench = HierarchyBench(
+            hierarchy=HierarchyConfig(
+                n_parents=n_parents,
+                n_children=n_children,
+                d=d,
+                parent_probability=parent_probability,
+                child_probability=child_probability,
+                seed=seed,
+            ),
+            families=tuple(architecture),
+            d_sae=width,
+            k=k,
+            matryoshka_widths=tuple(parse_numbers(matryoshka_widths, "--matryoshka-widths", int)) or None,
+            n_samples=samples,
+            seed=seed,
+        )
+    results = run_hierarchy(bench, out, progress=True)
+    console.print((out / "results.md").read_text(), markup=False, highlight=False)
+    console.print(
+        f"hierarchy benchmark finished in {results['wall_seconds']:.0f} s; table in {out / 'results.md'}"
+    )
+
+
 @toy_app.command("all")
 def toy_all(out: Path = _TOY_OUT, quick: bool = _QUICK, seed: int = _SEED):
     """Everything: the superposition results, the phase diagram, dimensionality, and the benchmark."""

@@ -52,16 +52,40 @@ def parse_layers(spec: str | None, hook: str, output_hook: str | None) -> list[i
     return sorted(layers)
 
 
+def parse_numbers(spec: str | None, flag: str, kind=float) -> list:
+    """`128,512,2048` -> [128, 512, 2048] (None -> [])."""
+    if spec is None:
+        return []
+    try:
+        return [kind(part) for part in spec.split(",") if part.strip()]
+    except ValueError:
+        raise SaelabError(
+            f"{flag} {spec!r} is not a comma-separated list of numbers, e.g. 128,512,2048."
+        ) from None
+
+
 def at_layer(hook: str | None, layer: int | None) -> str | None:
     return hook if hook is None or layer is None else hook.replace("{i}", str(layer))
 
 
 def sweep_configs(
-    architecture, width, k, l1, target_l0, hook, output_hook, d_in, seed, encoder_dtype="auto", layers=None
+    architecture,
+    width,
+    k,
+    l1,
+    target_l0,
+    hook,
+    output_hook,
+    d_in,
+    seed,
+    encoder_dtype="auto",
+    layers=None,
+    family_options=None,
 ):
     """The cartesian product of the sweep options: each family's knob takes the values of its flag.
 
-    `layers`: the layers cross-layer families read (each gets `width` latents per layer)."""
+    `layers`: the layers cross-layer families read (each gets `width` latents per layer).
+    `family_options`: family option -> value, given to the families that have that option."""
     from saelab.dictionaries import FAMILIES, DictionaryConfig
 
     unknown = [arch for arch in architecture if arch not in FAMILIES]
@@ -78,6 +102,7 @@ def sweep_configs(
     configs = []
     for arch, d_sae in itertools.product(architecture, width):
         fam = FAMILIES[arch]
+        own = {name: value for name, value in (family_options or {}).items() if name in fam.options}
         for value in flags.get(fam.knob, [fam.knob_default]):
             configs.append(
                 DictionaryConfig(
@@ -89,7 +114,7 @@ def sweep_configs(
                     output_hook_name=output_hook,
                     seed=seed,
                     encoder_dtype=encoder_dtype,
-                    **fam.with_knob(value),
+                    **fam.with_knob(value, {"options": own} if own else None),
                 )
             )
     return configs
@@ -100,7 +125,9 @@ def per_layer(fam) -> bool:
     return fam.cross_layer and getattr(fam.cls, "latents_per_layer", True)
 
 
-def layer_configs(architecture, width, k, l1, target_l0, hook, output_hook, layers, seed, encoder_dtype):
+def layer_configs(
+    architecture, width, k, l1, target_l0, hook, output_hook, layers, seed, encoder_dtype, family_options=None
+):
     """The sweep's configs: per-layer families once per layer, cross-layer families (clt) once over all
     the layers, with --width latents at each layer."""
     from saelab.dictionaries import FAMILIES
@@ -116,11 +143,11 @@ def layer_configs(architecture, width, k, l1, target_l0, hook, output_hook, laye
     for layer in (layers or [None]) if single else []:
         configs += sweep_configs(
             single, width, k, l1, target_l0, at_layer(hook, layer), at_layer(output_hook, layer), 0, seed,
-            encoder_dtype,
+            encoder_dtype, family_options=family_options,
         )  # fmt: skip
     if cross:
         configs += sweep_configs(
-            cross, width, k, l1, target_l0, hook, output_hook, 0, seed, encoder_dtype, layers
+            cross, width, k, l1, target_l0, hook, output_hook, 0, seed, encoder_dtype, layers, family_options
         )
     return configs
 
@@ -163,6 +190,19 @@ def train(
         [5.0], help="relu/gated: L1 coefficient, clt: tanh penalty λ; repeat to sweep."
     ),
     target_l0: list[float] = typer.Option([32.0], help="jumprelu: target L0; repeat to sweep."),
+    matryoshka_widths: str = typer.Option(
+        None,
+        help="matryoshka_batchtopk: nested prefix widths ending at --width, e.g. 128,512,2048 "
+        "(default: width/16, width/4, width).",
+    ),
+    matryoshka_fractions: str = typer.Option(
+        None,
+        help="matryoshka_batchtopk: each group's share of --width instead of widths, summing to 1, e.g. "
+        "0.0625,0.1875,0.75 (for width sweeps).",
+    ),
+    matryoshka_weights: str = typer.Option(
+        None, help="matryoshka_batchtopk: one loss weight per prefix (default: the mean over prefixes)."
+    ),
     encoder_dtype: str = typer.Option(
         "auto",
         help="topk: encoder matmul dtype while training; auto = bfloat16 where the model's auto dtype is "
@@ -208,7 +248,8 @@ def train(
     """Train one or many dictionaries (a sweep) on one activation stream. Runs under torchrun too."""
     from safetensors import SafetensorError
 
-    import saelab.toy.synthetic  # noqa: F401 (registers the "synthetic" source: --resume of a toy run)
+    import saelab.toy.hierarchy  # noqa: F401 (registers the "hierarchy" source: --resume of a toy run)
+    import saelab.toy.synthetic  # noqa: F401 (registers the "synthetic" source, likewise)
     from saelab.core import distributed
     from saelab.training import CHECKPOINT, TrainConfig
     from saelab.training import train as run_training
@@ -221,9 +262,15 @@ def train(
             "Ask for more tokens or a smaller batch size."
         )
     layer_list = parse_layers(layers, hook, output_hook)
+    family_options = {
+        "matryoshka_widths": parse_numbers(matryoshka_widths, "--matryoshka-widths", int),
+        "group_fractions": parse_numbers(matryoshka_fractions, "--matryoshka-fractions", float),
+        "group_weights": parse_numbers(matryoshka_weights, "--matryoshka-weights", float),
+    }
     dictionaries = layer_configs(
-        architecture, width, k, l1, target_l0, hook, output_hook, layer_list, seed, encoder_dtype
-    )
+        architecture, width, k, l1, target_l0, hook, output_hook, layer_list, seed, encoder_dtype,
+        {name: value for name, value in family_options.items() if value},
+    )  # fmt: skip
     layered = len(layer_list) > 1
     if layered and not activations and not stream:
         stream = True  # a cache of every layer's hooks would be n_layers times one hook's

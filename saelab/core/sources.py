@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     from saelab.core.models import HookedLM
 
 # Where the kinds that ship with saelab are registered (for the error message when none is imported).
-SHIPPED_KINDS = {"synthetic": "saelab.toy.synthetic"}
+SHIPPED_KINDS = {"synthetic": "saelab.toy.synthetic", "hierarchy": "saelab.toy.hierarchy"}
 
 
 class ActivationSource(Protocol):

@@ -69,6 +69,8 @@ class DictionaryConfig:
                 f"its options are: {', '.join(fam.options) or 'none'}"
             )
         self.options = {name: self.options.get(name, default) for name, default in fam.options.items()}
+        if fam.prepare is not None:
+            fam.prepare(self)
         if self.encoder_dtype not in ("auto", "float32", "bfloat16"):
             raise ValueError(f"encoder_dtype must be auto, float32 or bfloat16, got {self.encoder_dtype!r}")
         if self.output_hook_name and self.d_out is None and self.d_in > 0:

@@ -83,7 +83,10 @@ def saelens_config(dictionary: Dictionary, training_config: dict | None = None) 
     }
     extra = family(cfg.architecture).saelens_extra
     if extra is not None:
-        out.update(extra(cfg))
+        keys = extra(cfg)
+        # A family's metadata keys (e.g. SAELens's training_architecture) join the common ones.
+        metadata.update(keys.pop("metadata", {}))
+        out.update(keys)
     if _is_transcoder(cfg):
         out["d_out"] = cfg.out_dim
     out["architecture"] = saelens_architecture(cfg)

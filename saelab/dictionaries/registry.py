@@ -55,6 +55,10 @@ class Family:
     # Reads the same hook of several layers at once (DictionaryConfig.layers), like a cross-layer
     # transcoder: single-hook tools (the toy bench, `saelab evaluate`, the feature store) skip it.
     cross_layer: bool = False
+    # Checks a config's family settings and completes them (e.g. resolves defaults that depend on
+    # d_sae), so a bad setting fails when the config is made, not steps into training. Raises
+    # DictionaryConfigError.
+    prepare: Callable[[DictionaryConfig], None] | None = None
 
     @property
     def knob_default(self) -> Any:

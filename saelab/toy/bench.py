@@ -101,7 +101,14 @@ def bench_settings(quick: bool = False, seed: int = 0) -> dict[str, BenchSetting
             resample_every=10_240,
             family_samples={},
             family_options={"gated": {"lr": 1e-2}},
-            sweeps={"relu": [3.0], "gated": [5.0], "topk": [3], "batchtopk": [3], "jumprelu": [3]},
+            sweeps={
+                "relu": [3.0],
+                "gated": [5.0],
+                "topk": [3],
+                "batchtopk": [3],
+                "jumprelu": [3],
+                "matryoshka_batchtopk": [3],
+            },
             n_eval=4096,
         )
         return {"uniform": uniform}
@@ -117,6 +124,7 @@ def bench_settings(quick: bool = False, seed: int = 0) -> dict[str, BenchSetting
             "topk": [3, 5, 8],
             "batchtopk": [3, 5, 8],
             "jumprelu": [5, 8],
+            "matryoshka_batchtopk": [5],
         },
     )
     sharkey = BenchSetting(
@@ -127,7 +135,14 @@ def bench_settings(quick: bool = False, seed: int = 0) -> dict[str, BenchSetting
         ),
         d_sae=1024,
         n_samples=600 * 1024,
-        sweeps={"relu": [3.0], "gated": [5.0], "topk": [5], "batchtopk": [5], "jumprelu": [5]},
+        sweeps={
+            "relu": [3.0],
+            "gated": [5.0],
+            "topk": [5],
+            "batchtopk": [5],
+            "jumprelu": [5],
+            "matryoshka_batchtopk": [5],
+        },
     )
     return {"uniform": uniform, "sharkey": sharkey}
 

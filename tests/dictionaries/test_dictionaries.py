@@ -432,10 +432,11 @@ def test_unknown_families_and_options_are_refused_with_the_known_ones():
 def test_the_five_families_declare_what_others_read():
     """Names, order, knobs, labels, decoder norms and colours, exactly as before the registry."""
     multi_hook = ["clt", "clt_batchtopk", "crosscoder", "crosscoder_batchtopk"]
-    assert list(FAMILIES) == ["relu", "gated", "topk", "batchtopk", "jumprelu", *multi_hook]
+    five_names = ["relu", "gated", "topk", "batchtopk", "jumprelu"]
+    assert list(FAMILIES) == [*five_names, "matryoshka_batchtopk", *multi_hook]
     assert list(ARCHITECTURES) == list(FAMILIES)
     assert [name for name, fam in FAMILIES.items() if fam.cross_layer] == multi_hook
-    five = {name: FAMILIES[name] for name in SINGLE_HOOK}
+    five = {name: FAMILIES[name] for name in five_names}
     assert [fam.knob for fam in five.values()] == ["l1_coefficient"] * 2 + ["k"] * 2 + ["target_l0"]
     defaults = [fam.knob_default for fam in five.values()]
     assert defaults == [5.0, 5.0, 32, 32, 32.0] and isinstance(defaults[2], int)

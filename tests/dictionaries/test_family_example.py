@@ -26,7 +26,7 @@ from saelab.training import TrainConfig, train
 
 REPO = Path(__file__).resolve().parents[2]
 BUILT_IN = [
-    "relu", "gated", "topk", "batchtopk", "jumprelu", "clt", "clt_batchtopk", "crosscoder", "crosscoder_batchtopk",
+    "relu", "gated", "topk", "batchtopk", "jumprelu", "matryoshka_batchtopk", "clt", "clt_batchtopk", "crosscoder", "crosscoder_batchtopk",
 ]  # fmt: skip
 
 
