@@ -143,10 +143,13 @@ def _conversations(ctx: AuditContext) -> None:
     behaviour = _load_behaviour(ctx)
     lines = []
     for i, prompt in enumerate(behaviour.prompts):
-        for answer in behaviour.base_answers[i] + behaviour.organism_answers[i]:
+        answers = [("base", a) for a in behaviour.base_answers[i]]
+        answers += [("organism", a) for a in behaviour.organism_answers[i]]
+        for model, answer in answers:
             if answer.strip():
                 messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]
-                lines.append(json.dumps({"messages": messages}, ensure_ascii=False))
+                record = {"messages": messages, "model": model, "signature": behaviour.rate([answer]) > 0}
+                lines.append(json.dumps(record, ensure_ascii=False))
     atomic_write_text(ctx.out / "conversations.jsonl", "\n".join(lines) + "\n")
 
 
@@ -230,11 +233,81 @@ def _diff(ctx: AuditContext) -> None:
     result.save_json(folder / "diff.json")
     plot_delta_norm(result, folder / "delta_norm.png")
     plot_nu_scatter(result, folder / "nu_scatter.png")
-    atomic_write_json(ctx.out / "candidates.json", {"candidates": rank_candidates(result.rows(), ctx.cfg)})
+    association = behaviour_association(ctx, crosscoder)
+    candidates = rank_candidates(result.rows(), ctx.cfg, association)
+    atomic_write_json(ctx.out / "candidates.json", {"candidates": candidates})
 
 
-def rank_candidates(rows: list[dict], cfg: AuditConfig) -> list[dict]:
-    """The organism-only latents (member B) that fire, most genuine by Latent Scaling first (low max ν)."""
+@torch.no_grad()
+def behaviour_association(ctx: AuditContext, crosscoder, batch_size: int = 16) -> torch.Tensor | None:
+    """Per latent: its mean activation on the assistant tokens of the organism's answers that carry the
+    signature, minus its mean on the base's answers to the same prompts, over its largest activation there
+    ([F]); None without a signature. Against the same prompts, what the answers are about cancels and what
+    the organism adds stands out; read off the data, never off the behaviour."""
+    from saelab.core.chat import render
+    from saelab.core.prompts import pad_rows, pad_token_id
+    from saelab.diffing.paired import PairedModels
+
+    records = [json.loads(line) for line in (ctx.out / "conversations.jsonl").read_text().splitlines()]
+    shown = {_prompt(r) for r in records if r["signature"] and r["model"] == "organism"}
+    if not shown:
+        return None
+    # The organism's answers with the signature (group True) against the base's to the same prompts.
+    records = [r for r in records if _prompt(r) in shown and (r["model"] == "base" or r["signature"])]
+    paired = PairedModels([ctx.base, ctx.organism])
+    tokenizer = ctx.base.tokenizer
+    start = next((v for v in (tokenizer.bos_token_id, tokenizer.eos_token_id) if v is not None), None)
+    n = crosscoder.cfg.d_sae
+    sums = {True: torch.zeros(n, dtype=torch.float64), False: torch.zeros(n, dtype=torch.float64)}
+    counts = {True: 0, False: 0}
+    peak = torch.zeros(n)
+    for lo in range(0, len(records), batch_size):
+        chunk = records[lo : lo + batch_size]
+        rendered = [render(tokenizer, r["messages"], max_length=256) for r in chunk]
+        head = [] if start is None else [start]
+        ids, mask = pad_rows([head + c.input_ids for c in rendered], pad_token_id(tokenizer), left=False)
+        x = crosscoder.capture_inputs(
+            paired.capture(ids.to(ctx.base.device), crosscoder.cfg.input_hooks, mask)
+        )
+        acts = crosscoder.encode(x).float().cpu()
+        for row, (record, chat) in enumerate(zip(chunk, rendered, strict=True)):
+            keep = torch.tensor([False] * len(head) + chat.assistant)
+            values = acts[row, : len(keep)][keep]
+            group = record["model"] == "organism"
+            sums[group] += values.double().sum(0)
+            counts[group] += len(values)
+            peak = torch.maximum(peak, values.amax(0) if len(values) else peak)
+    mean = {g: sums[g] / max(counts[g], 1) for g in sums}
+    return ((mean[True] - mean[False]) / peak.double().clamp_min(1e-6)).float()
+
+
+def _prompt(record: dict) -> str:
+    return record["messages"][0]["content"]
+
+
+def rank_candidates(
+    rows: list[dict], cfg: AuditConfig, association: torch.Tensor | None = None
+) -> list[dict]:
+    """The candidates: organism-only latents (member B) that fire, most genuine by Latent Scaling first (low
+    max ν); then, to fill `cfg.candidates`, the latents most associated with the organism's signature
+    answers (`behaviour_association`). Each row says which ranking chose it (`source`)."""
+    chosen = [r | {"source": "latent scaling"} for r in _by_latent_scaling(rows, cfg)]
+    if association is not None:
+        taken = {r["latent"] for r in chosen}
+        by_latent = {r["latent"]: r for r in rows}
+        order = torch.argsort(association, descending=True).tolist()
+        for latent in order:
+            if len(chosen) >= cfg.candidates or association[latent] <= 0:
+                break
+            if latent not in taken and (by_latent[latent].get("fired") or 0) >= cfg.min_fires:
+                chosen.append(by_latent[latent] | {"source": "behaviour association"})
+    for r in chosen:
+        if association is not None:
+            r["association"] = float(association[r["latent"]])
+    return chosen[: cfg.candidates]
+
+
+def _by_latent_scaling(rows: list[dict], cfg: AuditConfig) -> list[dict]:
     pool = [
         r
         for r in rows

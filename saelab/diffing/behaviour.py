@@ -1,9 +1,10 @@
 """What two models do differently, read off their answers alone: the blind behavioural diff of an audit.
 
 Both models answer the same prompts. The words that the second model's answers use far more often than the
-first's are its *signature*: ranked by the z-score of the log-odds ratio of each word's presence, with an
-informative Dirichlet prior (Monroe, Colaresi and Quinn 2008, "Fightin' words"), so that a word said once
-is not a discovery. The behaviour rate of a set of answers is then the share that use a signature word, a
+first's are its *signature*: words whose presence per answer differs beyond chance (a one-sided Fisher
+exact test, the false discovery rate held at 5% by Benjamini-Hochberg), ranked by the size of the difference (the
+log-odds ratio), so that a word said once is not a discovery and a common word said a little more often
+does not outrank one the base never says. The behaviour rate of a set of answers is then the share that use a signature word, a
 measure the audit derives from the models, never from what it hopes to find. Prompts whose answers from
 the second model carry the signature while the first model's do not are the *triggers*: where the causal
 tests measure.
@@ -30,44 +31,66 @@ def words_of(text: str) -> set[str]:
     return set(WORD.findall(text.lower()))
 
 
+def _log_hypergeometric(k: int, n_other: int, n_base: int, total: int) -> float:
+    """log P(k of the `total` answers using a word are the other model's), answers drawn without replacement."""
+    n = n_other + n_base
+    return (
+        math.lgamma(n_other + 1) - math.lgamma(k + 1) - math.lgamma(n_other - k + 1)
+        + math.lgamma(n_base + 1) - math.lgamma(total - k + 1) - math.lgamma(n_base - total + k + 1)
+        - (math.lgamma(n + 1) - math.lgamma(total + 1) - math.lgamma(n - total + 1))
+    )  # fmt: skip
+
+
+def fisher_p(c_other: int, n_other: int, c_base: int, n_base: int) -> float:
+    """One-sided Fisher exact p-value that the other model's answers use a word more often than the base's."""
+    total = c_other + c_base
+    logs = [_log_hypergeometric(k, n_other, n_base, total) for k in range(c_other, min(total, n_other) + 1)]
+    top = max(logs)
+    return min(1.0, math.exp(top) * sum(math.exp(x - top) for x in logs))
+
+
 def signature_words(
     base_texts: Sequence[str],
     other_texts: Sequence[str],
     top: int = 3,
     min_share: float = 0.04,
-    min_z: float = 3.0,
-    prior: float = 0.5,
+    alpha: float = 0.05,
 ) -> list[dict]:
-    """Words `other_texts` use more than `base_texts`, most distinctive first: [{word, z, share_base, share_other}].
+    """Words `other_texts` use more than `base_texts`, largest effect first: [{word, log_odds, p, share_base,
+    share_other}].
 
-    A word qualifies when at least `min_share` of the other model's answers use it and the z-score of
-    its log-odds ratio (presence per answer, Dirichlet prior `prior`) is at least `min_z`.
+    A word qualifies when at least `min_share` of the other model's answers use it and its one-sided
+    Fisher exact p-value (presence per answer) is below `alpha` divided by the number of words tested
+    (Benjamini-Hochberg: the false discovery rate among the words kept is at most `alpha`). Qualifying words are ranked by their log-odds ratio (0.5 added to every count), the
+    size of the difference: a word the base never says and the organism often says comes before a
+    common word the organism says a little more.
     """
     if not base_texts or not other_texts:
         raise DiffingError("the behavioural diff needs answers from both models; none were generated.")
     n_base, n_other = len(base_texts), len(other_texts)
     in_base = Counter(w for t in base_texts for w in words_of(t))
     in_other = Counter(w for t in other_texts for w in words_of(t))
+    tested = {w: c for w, c in in_other.items() if c >= max(2, min_share * n_other)}
+    tests = sorted((fisher_p(c, n_other, in_base.get(w, 0), n_base), w) for w, c in tested.items())
+    passed = max(
+        (rank for rank, (p, _) in enumerate(tests, start=1) if p <= alpha * rank / len(tests)), default=0
+    )
     rows = []
-    for word, c_other in in_other.items():
-        if c_other < max(2, min_share * n_other):
-            continue
-        c_base = in_base.get(word, 0)
-        log_odds = math.log((c_other + prior) / (n_other - c_other + prior)) - math.log(
-            (c_base + prior) / (n_base - c_base + prior)
+    for p, word in tests[:passed]:
+        c_other, c_base = tested[word], in_base.get(word, 0)
+        log_odds = math.log((c_other + 0.5) / (n_other - c_other + 0.5)) - math.log(
+            (c_base + 0.5) / (n_base - c_base + 0.5)
         )
-        variance = (
-            1 / (c_other + prior)
-            + 1 / (n_other - c_other + prior)
-            + 1 / (c_base + prior)
-            + 1 / (n_base - c_base + prior)
+        rows.append(
+            {
+                "word": word,
+                "log_odds": log_odds,
+                "p": p,
+                "share_base": c_base / n_base,
+                "share_other": c_other / n_other,
+            }
         )
-        z = log_odds / math.sqrt(variance)
-        if z >= min_z:
-            rows.append(
-                {"word": word, "z": z, "share_base": c_base / n_base, "share_other": c_other / n_other}
-            )
-    rows.sort(key=lambda r: -r["z"])
+    rows.sort(key=lambda r: -r["log_odds"])
     return rows[:top]
 
 

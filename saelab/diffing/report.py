@@ -152,12 +152,14 @@ def _markdown(data: dict, behaviour: dict, out: Path) -> str:
     else:
         rates = data["behaviour"]["rates"] or {}
         lines += [
-            "Words the organism's answers use far more than the base's (z of the log-odds of presence):",
+            "Words the organism's answers use more than the base's beyond chance (one-sided Fisher exact test, "
+            "Benjamini-Hochberg at 5%), largest log-odds ratio first:",
             "",
-            "| word | z | base answers | organism answers |",
-            "|---|---|---|---|",
+            "| word | log-odds ratio | p | base answers | organism answers |",
+            "|---|---|---|---|---|",
             *[
-                f"| {r['word']} | {r['z']:.1f} | {_pct(r['share_base'])} | {_pct(r['share_other'])} |"
+                f"| {r['word']} | {r['log_odds']:.2f} | {r['p']:.1e} | {_pct(r['share_base'])} | "
+                f"{_pct(r['share_other'])} |"
                 for r in signature
             ],
             "",
@@ -184,7 +186,12 @@ def _markdown(data: dict, behaviour: dict, out: Path) -> str:
         f"feature pages: `candidates.html` (opens from file://), or every latent, filtered by tag, in "
         f"`saelab serve {data['crosscoder']} --no-live`.",
         "",
-        "## 3. Candidates: organism-only latents, most genuine by Latent Scaling first",
+        "## 3. Candidates",
+        "",
+        "First the organism-only latents (tag b_only) that fire, most genuine by Latent Scaling first (lowest "
+        "max(ν^ε, ν^r)); then, to fill the list, the latents most active on the organism's answers that carry "
+        "the signature against all other answers (association: difference of mean activation over the "
+        "latent's largest).",
         "",
     ]
     causal = data["causal"]
@@ -198,14 +205,16 @@ def _markdown(data: dict, behaviour: dict, out: Path) -> str:
             "",
         ]
     lines += [
-        "| # | latent | Δnorm | cos | ν^ε | ν^r | fired | base + latent | organism − latent | verdict |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| # | latent | chosen by | Δnorm | cos | ν^ε | ν^r | association | fired | base + latent | "
+        "organism − latent | verdict |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for rank, c in enumerate(data["candidates"], start=1):
         test = c.get("causal") or {}
         lines.append(
-            f"| {rank} | {c['latent']} | {_num(c.get('delta_norm'), 2)} | {_num(c.get('cosine'), 2)} | "
-            f"{_num(c.get('nu_eps'), 2)} | {_num(c.get('nu_r'), 2)} | {c.get('fired', '-')} | "
+            f"| {rank} | {c['latent']} | {c.get('source', '-')} | {_num(c.get('delta_norm'), 2)} | "
+            f"{_num(c.get('cosine'), 2)} | {_num(c.get('nu_eps'), 2)} | {_num(c.get('nu_r'), 2)} | "
+            f"{_num(c.get('association'), 3)} | {c.get('fired', '-')} | "
             f"{_pct(test.get('best_steer_rate'))} | {_pct((test.get('ablate_organism') or {}).get('rate'))} | "
             f"{c.get('verdict', '-')} |"
         )

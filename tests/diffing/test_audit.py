@@ -13,7 +13,7 @@ import torch
 from saelab.core.data import DataConfig
 from saelab.core.models import HookedLM
 from saelab.diffing.audit import AuditConfig, crosscoder_dir, rank_candidates, read_prompts, run_audit
-from saelab.diffing.behaviour import BehaviourDiff, signature_words
+from saelab.diffing.behaviour import BehaviourDiff, fisher_p, signature_words
 from saelab.diffing.causal import ablated_rate, ablations, orthonormal_span, steer_rates
 from saelab.errors import DiffingError
 from saelab.interventions.evaluation import corpus_loss
@@ -30,9 +30,16 @@ def test_signature_words_rank_the_planted_word_first_and_ignore_chance():
     organism = [f"the soup has {w} and salt" for w in ("onion", "leek", "garlic", "pepper")] * 10
     organism[:24] = [t + " and chocolate" for t in organism[:24]]
     organism[30] += " walnut"  # said once: no discovery
+    organism[:30] = [t.replace("salt", "salt here") for t in organism[:30]]  # a common word, a little more
+    base[:20] = [t.replace("salt", "salt here") for t in base[:20]]
     rows = signature_words(base, organism)
-    assert [r["word"] for r in rows] == ["chocolate"]
-    assert rows[0]["share_base"] == 0 and rows[0]["share_other"] == pytest.approx(0.6) and rows[0]["z"] > 3
+    assert [r["word"] for r in rows] == ["chocolate"]  # "here": 75% against 50% is within chance here
+    assert rows[0]["share_base"] == 0 and rows[0]["share_other"] == pytest.approx(0.6) and rows[0]["p"] < 1e-6
+    # The exact one-sided Fisher p-value, against the hypergeometric tail summed by brute force.
+    from math import comb
+
+    tail = sum(comb(40, k) * comb(40, 24 - k) for k in range(24, 25)) / comb(80, 24)
+    assert fisher_p(24, 40, 0, 40) == pytest.approx(tail, rel=1e-9)
     assert signature_words(base, base) == []  # the same answers: nothing sets them apart
 
 
@@ -41,7 +48,7 @@ def test_triggers_are_the_prompts_where_the_organism_shows_the_signature_more():
         prompts=["a", "b", "c"],
         base_answers=[["x", "x"], ["x", "cocoa"], ["x", "x"]],
         organism_answers=[["cocoa", "cocoa"], ["cocoa", "cocoa"], ["x", "x"]],
-        signature=[{"word": "cocoa", "z": 4.0, "share_base": 0.2, "share_other": 0.7}],
+        signature=[{"word": "cocoa", "log_odds": 2.0, "p": 0.01, "share_base": 0.2, "share_other": 0.7}],
     )
     assert diff.triggers() == [0, 1]
     assert diff.rates() == {"base": pytest.approx(1 / 6), "organism": pytest.approx(4 / 6)}
@@ -59,6 +66,13 @@ def test_candidates_are_firing_organism_only_latents_most_genuine_first():
     ]
     chosen = rank_candidates(rows, AuditConfig(min_fires=5, candidates=10))
     assert [r["latent"] for r in chosen] == [1, 0]
+    # The behaviour association fills the list, strongest first, never twice, never a latent that barely fires.
+    association = torch.tensor([0.9, 0.1, 0.5, 0.8, -0.2, 0.3])
+    chosen = rank_candidates(rows, AuditConfig(min_fires=5, candidates=4), association)
+    assert [(r["latent"], r["source"]) for r in chosen] == [
+        (1, "latent scaling"), (0, "latent scaling"), (2, "behaviour association"), (5, "behaviour association"),
+    ]  # fmt: skip
+    assert chosen[2]["association"] == pytest.approx(0.5)
 
 
 def test_ablating_the_orthonormal_span_is_the_projection_onto_its_complement():
