@@ -8,6 +8,12 @@ Definitions follow SAELens / SAEBench so numbers compare:
 Excluded positions (the position-0 attention sink / BOS and special tokens) are left untouched when
 splicing and left out of every metric; the language-model losses are averaged over the predictions
 made at kept positions.
+
+Beside these, `saelens_*` and `saebench_*` keys are those tools' own definitions (their positions and
+aggregation; see `anchors`), for a plain SAE. `explained_variance_trimmed` leaves out the 0.1% of
+tokens with the largest norm: the pooled EV is otherwise decided by a handful of massive activations
+(secondary attention sinks, norm ~1,000-9,000 against a median of ~170), one of which can hold 40% of
+the total variance of 8,000 tokens; `variance_top_token_share` says how much the largest one holds.
 """
 
 from __future__ import annotations
@@ -21,6 +27,15 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from saelab.analysis.anchors import (
+    SAEBENCH_SPECIAL_ATTRS,
+    SAELENS_SPECIAL_ATTRS,
+    AnchorLosses,
+    AnchorSums,
+    kl_per_position,
+    special_keep,
+    token_losses,
+)
 from saelab.core.data import DataConfig
 from saelab.core.fileio import atomic_write_json
 from saelab.core.models import HookedLM
@@ -29,6 +44,7 @@ from saelab.dictionaries.transcoders import is_cross_layer
 from saelab.errors import DataError, DimensionMismatchError
 
 DENSE_THRESHOLD = 0.1
+TRIM_FRACTION = 0.001  # share of tokens, by largest norm, that `explained_variance_trimmed` leaves out
 
 
 @dataclass
@@ -37,12 +53,17 @@ class EvalConfig:
     ce_contexts: int = 128  # contexts run three times through the whole model for CE / KL
     batch_contexts: int = 16
     split: str = "eval"
+    anchor_ce: bool = False  # also CE / KL as SAELens and SAEBench define them (two more forwards per batch)
 
 
 class _Sums:
     """Running float64 sums, so metrics over any number of tokens need one pass and little memory."""
 
-    def __init__(self, d_sae: int, d_out: int):
+    def __init__(self, d_sae: int, d_out: int, trim: int = 1):
+        self.trim = trim  # the largest-norm tokens kept aside, whole, for the trimmed EV
+        self.top_sq = torch.zeros(0, dtype=torch.float64)
+        self.top_x = torch.zeros(0, d_out, dtype=torch.float64)
+        self.top_err = torch.zeros(0, dtype=torch.float64)
         self.n = 0
         self.sq_err = 0.0
         self.sum_x = torch.zeros(d_out, dtype=torch.float64)
@@ -56,9 +77,16 @@ class _Sums:
     def add(self, target: torch.Tensor, recon: torch.Tensor, latents: torch.Tensor) -> None:
         target, recon = target.double(), recon.double()
         self.n += target.shape[0]
-        self.sq_err += float((recon - target).pow(2).sum())
-        self.sum_x += target.sum(0)
-        self.sum_sq_x += float(target.pow(2).sum())
+        err = (recon - target).pow(2).sum(-1)
+        self.sq_err += float(err.sum())
+        self.sum_x += target.sum(0).cpu()
+        sq = target.pow(2).sum(-1)
+        self.sum_sq_x += float(sq.sum())
+        sq = torch.cat([self.top_sq, sq.cpu()])
+        top = sq.topk(min(self.trim, sq.shape[0])).indices
+        self.top_sq = sq[top]
+        self.top_x = torch.cat([self.top_x, target.cpu()])[top]
+        self.top_err = torch.cat([self.top_err, err.cpu()])[top]
         active = latents > 0
         self.l0 += float(active.sum())
         self.l1 += float(latents.abs().sum())
@@ -70,6 +98,14 @@ class _Sums:
         n = max(1, self.n)
         total_var = self.sum_sq_x - float(self.sum_x.pow(2).sum()) / n
         density = self.fires.double() / n
+        m = self.top_sq.shape[0]
+        rest_n = max(1, n - m)
+        rest_sum = self.sum_x - self.top_x.sum(0)
+        rest_var = self.sum_sq_x - float(self.top_sq.sum()) - float(rest_sum.pow(2).sum()) / rest_n
+        rest_err = self.sq_err - float(self.top_err.sum())
+        top_share = (
+            float((self.top_x - self.sum_x / n).pow(2).sum(-1).max()) / max(total_var, 1e-12) if m else 0.0
+        )
         return {
             "tokens": self.n,
             "l0": self.l0 / n,
@@ -78,6 +114,9 @@ class _Sums:
             "mse_per_token": self.sq_err / n,
             "explained_variance": 1 - self.sq_err / max(total_var, 1e-12),
             "fvu": self.sq_err / max(total_var, 1e-12),
+            "explained_variance_trimmed": 1 - rest_err / max(rest_var, 1e-12),
+            "trimmed_tokens": m,
+            "variance_top_token_share": top_share,
             "cosine_similarity": self.cos / n,
             "l2_ratio": self.l2_ratio / n,
             "dead_fraction": float((density == 0).double().mean()),
@@ -115,14 +154,28 @@ def _score(zero: float, with_sae: float, clean: float) -> float:
     return (zero - with_sae) / denominator if abs(denominator) > 1e-12 else math.nan
 
 
+def has_anchors(dictionary: Dictionary) -> bool:
+    """SAELens's and SAEBench's core evals score a plain SAE: one hook, read and reconstructed."""
+    dcfg = dictionary.cfg
+    return not dcfg.layers and (dcfg.output_hook_name or dcfg.hook_name) == dcfg.hook_name
+
+
 @torch.no_grad()
 def reconstruction_metrics(
     lm: HookedLM, dictionary: Dictionary, data: DataConfig, cfg: EvalConfig, progress=True
 ):
-    """L0, MSE, explained variance, cosine, density: captured with early exit, no logits needed."""
+    """L0, MSE, explained variance, cosine, density: captured with early exit, no logits needed.
+
+    For a plain SAE the same pass also gives the `saelens_*` / `saebench_*` metrics (`anchors`), over
+    whole batches of contexts as those tools read them."""
     dcfg = dictionary.cfg
     hooks = list(dict.fromkeys(dcfg.input_hooks + dcfg.output_hooks))
-    sums = _Sums(dcfg.d_sae, dcfg.out_dim * len(dcfg.output_hooks))
+    sums = _Sums(
+        dcfg.d_sae,
+        dcfg.out_dim * len(dcfg.output_hooks),
+        trim=max(1, math.ceil(TRIM_FRACTION * cfg.n_tokens)),
+    )
+    anchors = AnchorSums() if has_anchors(dictionary) else None
     n_contexts = math.ceil(cfg.n_tokens / max(1, data.context_size - 1)) + cfg.batch_contexts
     bar = tqdm(
         total=cfg.n_tokens,
@@ -135,33 +188,41 @@ def reconstruction_metrics(
     for input_ids, keep in _batches(lm, data, n_contexts, cfg.batch_contexts, cfg.split):
         acts = lm.capture(input_ids.to(lm.device), hooks)
         keep = keep.to(lm.device)
-        x, y = dictionary.training_inputs({hook: acts[hook][keep].float() for hook in hooks})
-        take = min(x.shape[0], cfg.n_tokens - sums.n)
-        x, y = x[:take], y[:take]
-        latents = dictionary.encode(x)
+        if anchors is None:
+            x, y = dictionary.training_inputs({hook: acts[hook][keep].float() for hook in hooks})
+            take = min(x.shape[0], cfg.n_tokens - sums.n)
+            x, y = x[:take], y[:take]
+            latents = dictionary.encode(x)
+            recon = dictionary.decode(latents)
+        else:
+            # One encode of every position that any of the three rules keeps, then each rule's share.
+            ids = input_ids.to(lm.device)
+            keep_lens = special_keep(ids, lm.tokenizer, SAELENS_SPECIAL_ATTRS)
+            keep_bench = special_keep(ids, lm.tokenizer, SAEBENCH_SPECIAL_ATTRS)
+            union = keep | keep_lens | keep_bench
+            x_all = acts[dcfg.hook_name][union].float()
+            latents_all = dictionary.encode(x_all)
+            recon_all = dictionary.decode(latents_all)
+            sel = keep_lens[union]
+            anchors.add_saelens(x_all[sel], recon_all[sel], latents_all[sel])
+            sel = keep_bench[union]
+            anchors.add_saebench(x_all[sel], recon_all[sel])
+            sel = keep[union]
+            take = min(int(sel.sum()), cfg.n_tokens - sums.n)
+            y = x_all[sel][:take]
+            latents, recon = latents_all[sel][:take], recon_all[sel][:take]
         # A cross-layer dictionary's [tokens, layers, d] outputs count as one vector per token.
-        sums.add(y.flatten(1), dictionary.decode(latents).flatten(1), latents)
+        sums.add(y.flatten(1), recon.flatten(1), latents)
         bar.update(take)
         if sums.n >= cfg.n_tokens:
             break
     bar.close()
     if sums.n == 0:
         raise DataError("the evaluation data gave no usable tokens; point --data at a non-empty source.")
-    return sums.metrics()
-
-
-def _token_losses(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
-    """Next-token cross-entropy per position [B, T-1]."""
-    return F.cross_entropy(
-        logits[:, :-1].flatten(0, 1).float(), input_ids[:, 1:].flatten(), reduction="none"
-    ).view(input_ids.shape[0], -1)
-
-
-def _kl(clean_logits: torch.Tensor, other_logits: torch.Tensor) -> torch.Tensor:
-    """KL(clean || other) per position [B, T]."""
-    p_log = clean_logits.float().log_softmax(-1)
-    q_log = other_logits.float().log_softmax(-1)
-    return (p_log.exp() * (p_log - q_log)).sum(-1)
+    metrics, density = sums.metrics()
+    if anchors is not None:
+        metrics.update(anchors.metrics())
+    return metrics, density
 
 
 @torch.no_grad()
@@ -174,6 +235,11 @@ def downstream_metrics(
     cross_layer = is_cross_layer(dictionary)
     totals = {"ce_clean": 0.0, "ce_sae": 0.0, "ce_zero": 0.0, "kl_sae": 0.0, "kl_zero": 0.0}
     count = 0
+    anchors = (
+        [AnchorLosses("saelens"), AnchorLosses("saebench")]
+        if cfg.anchor_ce and has_anchors(dictionary)
+        else []
+    )
     bar = tqdm(total=cfg.ce_contexts, desc="eval: CE/KL", unit="ctx", disable=not progress, leave=False)
     for input_ids, keep in _batches(lm, data, cfg.ce_contexts, cfg.batch_contexts, cfg.split):
         input_ids, keep = input_ids.to(lm.device), keep.to(lm.device)
@@ -199,23 +265,25 @@ def downstream_metrics(
                 clean_logits = lm.forward(input_ids)
             x = seen[in_hook]
 
-            def splice(value):
-                recon = dictionary(x[keep].float()).to(value.dtype)
+            def splice(value, where=keep):
+                recon = dictionary(x[where].float()).to(value.dtype)
                 out = value.clone()
-                out[keep] = recon
+                out[where] = recon
                 return out
 
             with lm.patch({out_hook: splice}):
                 sae_logits = lm.forward(input_ids)
             with lm.patch({out_hook: zero}):
                 zero_logits = lm.forward(input_ids)
+            if anchors:
+                _anchor_losses(lm, input_ids, keep, out_hook, splice, clean_logits, sae_logits, anchors)
         mask = keep[:, :-1].float()  # a prediction counts when it is made at a kept position
         n = float(mask.sum())
-        totals["ce_clean"] += float((_token_losses(clean_logits, input_ids) * mask).sum())
-        totals["ce_sae"] += float((_token_losses(sae_logits, input_ids) * mask).sum())
-        totals["ce_zero"] += float((_token_losses(zero_logits, input_ids) * mask).sum())
-        totals["kl_sae"] += float((_kl(clean_logits, sae_logits)[:, :-1] * mask).sum())
-        totals["kl_zero"] += float((_kl(clean_logits, zero_logits)[:, :-1] * mask).sum())
+        totals["ce_clean"] += float((token_losses(clean_logits, input_ids) * mask).sum())
+        totals["ce_sae"] += float((token_losses(sae_logits, input_ids) * mask).sum())
+        totals["ce_zero"] += float((token_losses(zero_logits, input_ids) * mask).sum())
+        totals["kl_sae"] += float((kl_per_position(clean_logits, sae_logits)[:, :-1] * mask).sum())
+        totals["kl_zero"] += float((kl_per_position(clean_logits, zero_logits)[:, :-1] * mask).sum())
         count += n
         bar.update(input_ids.shape[0])
     bar.close()
@@ -227,7 +295,26 @@ def downstream_metrics(
     out["ce_loss_score"] = _score(out["ce_zero"], out["ce_sae"], out["ce_clean"])
     out["kl_score"] = _score(out["kl_zero"], out["kl_sae"], 0.0)
     out["ce_tokens"] = int(count)
+    for anchor in anchors:
+        out.update(anchor.metrics())
     return out
+
+
+def _anchor_losses(lm, input_ids, keep, hook, splice, clean_logits, sae_logits, anchors) -> None:
+    """SAELens: splice where no structural special token is, zero every position; SAEBench (by
+    default): splice and zero every position. The clean run and saelab's own splice are reused."""
+    keep_lens = special_keep(input_ids, lm.tokenizer, SAELENS_SPECIAL_ATTRS)
+    keep_bench = special_keep(input_ids, lm.tokenizer, SAEBENCH_SPECIAL_ATTRS)
+    with lm.patch({hook: torch.zeros_like}):
+        zero_logits = lm.forward(input_ids)
+    if not torch.equal(keep_lens, keep):
+        with lm.patch({hook: lambda value: splice(value, keep_lens)}):
+            sae_logits = lm.forward(input_ids)
+    anchors[0].add(input_ids, keep_lens, clean_logits, sae_logits, zero_logits)
+    everywhere = torch.ones_like(keep)
+    with lm.patch({hook: lambda value: splice(value, everywhere)}):
+        bench_logits = lm.forward(input_ids)
+    anchors[1].add(input_ids, keep_bench, clean_logits, bench_logits, zero_logits)
 
 
 def cross_layer_splice(dictionary: Dictionary, keep: torch.Tensor) -> dict:
