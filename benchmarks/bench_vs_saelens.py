@@ -128,26 +128,33 @@ def main() -> None:
     parser.add_argument("--eval-tokens", type=int, default=16_384)
     parser.add_argument("--ce-contexts", type=int, default=32)
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--reuse", action="store_true", help="score the SAEs already trained under --out")
     args = parser.parse_args()
     out = args.out or Path(tempfile.mkdtemp(prefix="bench_vs_saelens_"))
     lm = load_model(dtype=torch.float32)
     proxy = HookedProxyLM(lm.model, lm.tokenizer, hook_names=[HF_HOOK])
     print(describe_machine("float32"))
 
-    times, folders = {}, {}
-    start = time.perf_counter()
-    folders["saelab"] = train_saelab(args.tokens, out / "saelab")
-    times["saelab"] = time.perf_counter() - start
-    start = time.perf_counter()
-    folders["SAELens"] = train_saelens(lm, proxy, args.tokens, out / "saelens")
-    times["SAELens"] = time.perf_counter() - start
+    times, folders = {"saelab": math.nan, "SAELens": math.nan}, {}
+    if args.reuse:
+        folders["saelab"] = next((out / "saelab" / "saes").iterdir())
+        folders["SAELens"] = out / "saelens"
+    else:
+        start = time.perf_counter()
+        folders["saelab"] = train_saelab(args.tokens, out / "saelab")
+        times["saelab"] = time.perf_counter() - start
+        start = time.perf_counter()
+        folders["SAELens"] = train_saelens(lm, proxy, args.tokens, out / "saelens")
+        times["SAELens"] = time.perf_counter() - start
 
-    # saelab evaluates whole batches of 16 contexts (127 kept tokens each) up to eval_tokens.
+    # Whole batches of 16 contexts for both evals: saelab stops in the batch where it reaches n_tokens
+    # of its own kept tokens, so ask for exactly the kept tokens of sv_batches batches.
     sv_batches = math.ceil(args.eval_tokens / (BATCH_CONTEXTS * (CTX - 1)))
     ce_batches = max(1, args.ce_contexts // BATCH_CONTEXTS)
     eval_ids = contexts(lm, "eval", sv_batches * BATCH_CONTEXTS)
+    kept = DataConfig(split="eval").masked_batches(lm.tokenizer, BATCH_CONTEXTS, max_contexts=len(eval_ids))
     cfg = EvalConfig(
-        n_tokens=sv_batches * BATCH_CONTEXTS * (CTX - 1),
+        n_tokens=sum(int(keep.sum()) for _, keep in kept),
         ce_contexts=ce_batches * BATCH_CONTEXTS,
         anchor_ce=True,
     )
