@@ -56,7 +56,7 @@ class AuditConfig:
     lr: float = 1e-3
     min_fires: int = 5  # a candidate must fire on at least this many harvested tokens
     candidates: int = 10
-    steer_multiples: tuple[float, ...] = (2.0, 4.0)  # x the latent's largest activation seen
+    steer_multiples: tuple[float, ...] = (1.0, 2.0, 3.0)  # x the latent's largest activation seen
     joint: int = 3  # the best candidates ablated together
     test_prompts: int = 16  # trigger prompts the causal tests answer
     test_new_tokens: int = 48
@@ -375,7 +375,7 @@ def _explain(ctx: AuditContext, crosscoder, latents: list[int]) -> dict:
 
 
 def _causal(ctx: AuditContext) -> None:
-    from saelab.diffing.causal import ablated_loss, ablated_rate, steer_rates
+    from saelab.diffing.causal import FLUENT_MARGIN, ablated_loss, ablated_rate, fluency, steer_rates
     from saelab.interventions.evaluation import corpus_loss
     from saelab.interventions.generation import generate
 
@@ -400,7 +400,10 @@ def _causal(ctx: AuditContext) -> None:
         max_new_tokens=cfg.test_new_tokens, temperature=0.7, batch_size=16, seed=cfg.seed + 7
     )
     rate = behaviour.rate
-    result["base_rate"] = rate(generate(ctx.base, prompts, (), gen))
+    plain = generate(ctx.base, prompts, (), gen)
+    result["base_rate"] = rate(plain)
+    result["base_fluency"] = fluency(ctx.base, prompts, plain, gen)
+    result["fluent_below"] = result["base_fluency"] + FLUENT_MARGIN
     result["organism_rate"] = rate(generate(ctx.organism, prompts, (), gen))
     corpus = DataConfig(source=cfg.corpus, split="eval")
     result["base_loss"] = corpus_loss(ctx.base, corpus, cfg.corpus_contexts)
@@ -419,7 +422,8 @@ def _causal(ctx: AuditContext) -> None:
                 ctx.organism, cfg.hook, decoder[latent : latent + 1], prompts, rate, gen
             ),
         }
-        row["best_steer_rate"] = max(s["rate"] for s in row["steer_base"])
+        fluent = [s["rate"] for s in row["steer_base"] if s["loss"] <= result["fluent_below"]]
+        row["best_steer_rate"] = max(fluent, default=0.0)  # fluent answers only
         result["candidates"].append(row)
         print(
             f"[audit]   latent {latent}: base steered {row['best_steer_rate']:.0%}, "

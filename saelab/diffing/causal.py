@@ -7,20 +7,26 @@ Two interventions, each measured by the behaviour rate of fresh answers to the t
 - **ablate in the organism**: project the directions out of the organism's activations at that hook
   (directional ablation of their span). If the latents are the behaviour, the organism stops showing it.
 
-Both report the price on ordinary text: the corpus loss under the same intervention.
+Steered answers count only while they stay fluent (their loss under the unsteered model within
+`FLUENT_MARGIN` nats of the unsteered answers'): at large strengths a model emits gibberish, which can
+hold any word. Ablations report their price on ordinary text: the corpus loss under the same edit.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 
 import torch
 
 from saelab.core.data import DataConfig
 from saelab.core.models import HookedLM
+from saelab.errors import DataError
 from saelab.interventions.evaluation import corpus_loss
-from saelab.interventions.generation import GenerationConfig, generate
+from saelab.interventions.generation import GenerationConfig, completion_loss, generate
 from saelab.interventions.hooks import Ablate, AddVector, Intervention
+
+FLUENT_MARGIN = 1.0  # nats per token above the unsteered answers' loss
 
 
 def orthonormal_span(directions: torch.Tensor) -> torch.Tensor:
@@ -36,6 +42,15 @@ def ablations(hook: str, directions: torch.Tensor) -> list[Intervention]:
     return [Ablate(hook, direction=v) for v in orthonormal_span(directions)]
 
 
+def fluency(lm: HookedLM, prompts: Sequence[str], texts: Sequence[str], cfg: GenerationConfig) -> float:
+    """Mean per-token loss of `texts` under the unsteered `lm` (nan when all are empty): steering that
+    wrecks the text scores high, and its behaviour rate counts for nothing (gibberish can hold any word)."""
+    try:
+        return completion_loss(lm, prompts, texts, chat=cfg.chat, batch_size=cfg.batch_size)
+    except DataError:
+        return math.nan
+
+
 def steer_rates(
     lm: HookedLM,
     hook: str,
@@ -45,11 +60,19 @@ def steer_rates(
     rate: Callable[[Sequence[str]], float],
     cfg: GenerationConfig,
 ) -> list[dict]:
-    """[{alpha, rate, samples}] of `lm` with `alpha * vector` added at `hook` (same seed at every alpha)."""
+    """[{alpha, rate, loss, samples}] of `lm` with `alpha * vector` added at `hook` (same seed at every
+    alpha); `loss` is the answers' fluency (`fluency`)."""
     out = []
     for alpha in alphas:
         texts = generate(lm, prompts, [AddVector(hook, vector=vector, alpha=float(alpha))], cfg)
-        out.append({"alpha": float(alpha), "rate": rate(texts), "samples": texts[:3]})
+        out.append(
+            {
+                "alpha": float(alpha),
+                "rate": rate(texts),
+                "loss": fluency(lm, prompts, texts, cfg),
+                "samples": texts[:3],
+            }
+        )
     return out
 
 

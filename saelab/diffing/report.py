@@ -201,7 +201,9 @@ def _markdown(data: dict, behaviour: dict, out: Path) -> str:
         lines += [
             f"Causal tests answer {len(causal.get('triggers', []))} trigger prompts with fresh samples: base "
             f"{_pct(causal.get('base_rate'))}, organism {_pct(causal.get('organism_rate'))}. Corpus loss: base "
-            f"{_num(causal.get('base_loss'))}, organism {_num(causal.get('organism_loss'))}.",
+            f"{_num(causal.get('base_loss'))}, organism {_num(causal.get('organism_loss'))}. A steered base counts "
+            f"only while its answers' loss under the unsteered base stays below {_num(causal.get('fluent_below'), 2)} "
+            "(its own answers' plus 1 nat).",
             "",
         ]
     lines += [
@@ -232,10 +234,13 @@ def _markdown(data: dict, behaviour: dict, out: Path) -> str:
             lines.append(f"- {example['value']:.2f}: {_quote(example['text'], 200)}")
         test = c.get("causal")
         if test:
-            steer = ", ".join(f"{s['alpha']:.1f} → {_pct(s['rate'])}" for s in test["steer_base"])
+            steer = ", ".join(
+                f"{s['alpha']:.1f} → {_pct(s['rate'])} (loss {_num(s.get('loss'), 2)})"
+                for s in test["steer_base"]
+            )
             ablate = test["ablate_organism"]
             lines.append(
-                f"- Base steered (strength → rate): {steer}. Organism with it removed: {_pct(ablate['rate'])}, "
+                f"- Base steered (strength → rate, fluency loss): {steer}. Organism with it removed: {_pct(ablate['rate'])}, "
                 f"corpus loss {_num(ablate.get('organism_loss'))}."
             )
             lines.append(f"- Steered base, first answer: {_quote(test['steer_base'][-1]['samples'][0])}")
