@@ -126,6 +126,9 @@ def _timed(ctx: AuditContext, name: str, done: Path, work):
     work()
     seconds = time.perf_counter() - started
     ctx.steps.append(Step(name, round(seconds, 1)))
+    record = ctx.out / "steps.json"  # each step's time when it ran, for reports written after a resume
+    times = json.loads(record.read_text()) if record.exists() else {}
+    atomic_write_json(record, times | {name: round(seconds, 1)})
     print(f"[audit] {name}: {seconds:.0f} s", flush=True)
 
 
