@@ -327,11 +327,12 @@ def _by_latent_scaling(rows: list[dict], cfg: AuditConfig) -> list[dict]:
 
 def _features(ctx: AuditContext) -> None:
     from saelab.analysis.features import AnalysisConfig, analyze
+    from saelab.core.activations import CacheInfo
     from saelab.diffing.paired import PairedModels
 
     crosscoder = _load_crosscoder(ctx)
     data = chat_data(ctx.out)
-    n_tokens = _count_tokens(data, ctx.base.tokenizer)
+    n_tokens = CacheInfo.read(ctx.out / "activations").n_tokens  # every token of the conversations
     analyze(
         PairedModels([ctx.base, ctx.organism]),
         crosscoder,
@@ -412,7 +413,7 @@ def _causal(ctx: AuditContext) -> None:
     result["base_loss"] = corpus_loss(ctx.base, corpus, cfg.corpus_contexts)
     result["organism_loss"] = corpus_loss(ctx.organism, corpus, cfg.corpus_contexts)
     decoder = crosscoder.decoder(1).detach().float().cpu()  # the organism's decoders, activation units
-    peaks = _peak_activations(ctx, crosscoder, [c["latent"] for c in candidates])
+    peaks = _peak_activations(ctx, [c["latent"] for c in candidates])
     for c in candidates:
         latent = c["latent"]
         peak = peaks[latent]
@@ -449,15 +450,13 @@ def _causal(ctx: AuditContext) -> None:
     atomic_write_json(ctx.out / "causal.json", result)
 
 
-@torch.no_grad()
-def _peak_activations(ctx: AuditContext, crosscoder, latents: list[int]) -> dict[int, float]:
-    """Each latent's largest activation on the harvested tokens (the unit steering strengths count in)."""
-    peak = torch.zeros(len(latents))
-    index = torch.tensor(latents)
-    for batch in _cache_batches(ctx, crosscoder):
-        x = crosscoder.training_inputs(batch)[0]
-        peak = torch.maximum(peak, crosscoder.encode(x)[:, index].float().amax(0))
-    return {latent: float(p) for latent, p in zip(latents, peak, strict=True)}
+def _peak_activations(ctx: AuditContext, latents: list[int]) -> dict[int, float]:
+    """Each latent's largest activation on the conversations (the unit steering strengths count in), as the
+    feature pass stored it."""
+    from saelab.analysis.store import FeatureStore
+
+    with FeatureStore(crosscoder_dir(ctx.out) / "features.db", create=False) as store:
+        return {latent: store.feature(latent)["max_act"] for latent in latents}
 
 
 def _graph(ctx: AuditContext) -> None:

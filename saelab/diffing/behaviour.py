@@ -12,6 +12,7 @@ tests measure.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from collections import Counter
@@ -164,4 +165,4 @@ def behaviour_diff(
 
 
 def _seeded(cfg: GenerationConfig, sample: int) -> GenerationConfig:
-    return GenerationConfig(**(cfg.to_dict() | {"seed": cfg.seed + 1000 * sample}))
+    return dataclasses.replace(cfg, seed=cfg.seed + 1000 * sample)
